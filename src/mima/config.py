@@ -1,0 +1,339 @@
+"""Frozen-dataclass configurations loaded from dicts, JSON, YAML and CLI overrides.
+
+Subclasses are `@dataclass(frozen=True)`, give every field `metadata={"help": ...}` and check relations between
+fields in `__post_init__`, raising [`~mima.errors.ConfigError`]:
+
+```python
+@dataclass(frozen=True)
+class ImmunizeConfig(Config):
+    steps: int = field(default=100, metadata={"help": "Optimisation steps."})
+    targets: tuple[str, ...] = field(default=("attn",), metadata={"help": "Module name patterns."})
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be positive, got {self.steps}")
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import json
+import os
+import types
+import typing
+import warnings
+from collections.abc import Mapping
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+from .utils.io import atomic_write_text
+
+C = TypeVar("C", bound="Config")
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
+"""Default reported by [`Config.help_table`] for fields without a default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base class of all mima configurations."""
+
+    def __post_init__(self) -> None:
+        """Validate relations between fields; subclasses override it and raise [`~mima.errors.ConfigError`]."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], *, strict: bool = True) -> C:
+        """Build a config from a mapping, recursively building nested configs and turning lists into tuples.
+
+        Args:
+            data (`Mapping[str, Any]`):
+                Field values; missing optional fields take their defaults.
+            strict (`bool`, defaults to `True`):
+                Raise on unknown keys. With `False` (reading an artifact written by a newer mima), unknown keys are
+                dropped with a warning.
+
+        Raises:
+            [`~mima.errors.ConfigError`]: On unknown keys (strict), missing required keys or ill-typed values.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}: {data!r}")
+        fields = _init_fields(cls)
+        hints = _type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                if strict:
+                    raise ConfigError(_unknown_key_message(cls, key))
+                warnings.warn(f"ignoring {_unknown_key_message(cls, key)}", UserWarning, stacklevel=2)
+                continue
+            kwargs[key] = _coerce(hints[key], value, _Where(cls, key, strict))
+        missing = [name for name, f in fields.items() if name not in kwargs and _has_no_default(f)]
+        if missing:
+            raise ConfigError(f"missing required key '{missing[0]}' in {cls.__name__}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the init fields: tuples become lists, nested configs dicts and paths strings."""
+        return {name: _to_jsonable(getattr(self, name)) for name in _init_fields(type(self))}
+
+    def save_json(self, path: str | os.PathLike[str]) -> None:
+        """Write [`~Config.to_dict`] to `path` as JSON (sorted keys, indent 2, trailing newline), atomically.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                Destination file.
+        """
+        atomic_write_text(path, json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls: type[C], path: str | os.PathLike[str]) -> C:
+        """Read a config written by [`~Config.save_json`], dropping unknown keys with a warning.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                JSON file to read.
+
+        Raises:
+            [`~mima.errors.ConfigError`]: If the file is missing, is not valid JSON or holds invalid values.
+        """
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"invalid JSON in {path}: {e}") from None
+        return cls.from_dict(data, strict=False)
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | os.PathLike[str], *, section: str | None = None) -> C:
+        """Read a config from a YAML file, rejecting unknown keys. An empty file yields the defaults.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                YAML file whose top level is a mapping.
+            section (`str`, *optional*):
+                Top-level key holding this config; other top-level keys are ignored. By default the whole file is
+                the config.
+
+        Raises:
+            [`~mima.errors.ConfigError`]: If the file is missing, is not valid YAML, is not a mapping, lacks
+                `section`, or holds invalid values.
+        """
+        text = _read_text(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML in {path}: {_yaml_error_line(e)}") from None
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"top level of {path} must be a mapping, got {type(data).__name__}")
+        if section is not None:
+            if section not in data:
+                keys = ", ".join(map(str, data)) or "(none)"
+                raise ConfigError(f"section '{section}' not found in {path}; top-level keys: {keys}")
+            data = {} if data[section] is None else data[section]
+            if not isinstance(data, Mapping):
+                raise ConfigError(f"section '{section}' of {path} must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(data, strict=True)
+
+    def with_overrides(self: C, **overrides: Any) -> C:
+        """Return a validated copy with `overrides` applied; precedence is CLI > YAML > defaults.
+
+        An override whose value is `None` counts as "not given" and is ignored, whereas falsy values such as `0`,
+        `False` and `""` are applied.
+
+        Args:
+            **overrides (`Any`):
+                Field values, typically parsed CLI options.
+
+        Raises:
+            [`~mima.errors.ConfigError`]: On unknown keys, ill-typed values or failed validation.
+        """
+        cls = type(self)
+        fields = _init_fields(cls)
+        hints = _type_hints(cls)
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in fields:
+                raise ConfigError(_unknown_key_message(cls, key))
+            changes[key] = _coerce(hints[key], value, _Where(cls, key, strict=True))
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help_table(cls) -> list[tuple[str, str, object]]:
+        """`(name, help, default)` for every init field, in declaration order; required fields show [`REQUIRED`]."""
+        rows = []
+        for name, f in _init_fields(cls).items():
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = REQUIRED
+            rows.append((name, f.metadata.get("help", ""), default))
+        return rows
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _has_no_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _unknown_key_message(cls: type, key: object) -> str:
+    valid = list(_init_fields(cls))
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid) or '(none)'}"
+    return f"unknown key '{key}' in {cls.__name__}; {hint}"
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+
+
+def _yaml_error_line(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+class _Where(typing.NamedTuple):
+    cls: type
+    key: str
+    strict: bool
+
+    def invalid(self, tp: Any, value: Any) -> ConfigError:
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        return ConfigError(f"invalid value {value!r} for '{self.key}' in {self.cls.__name__}; expected {name}")
+
+
+def _coerce(tp: Any, value: Any, where: _Where) -> Any:
+    """Check `value` against annotation `tp` and convert its JSON/YAML spelling to the field's type.
+
+    Annotations it does not understand (`Any`, callables, custom classes) let the value through unchanged.
+    """
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return _coerce_union(tp, value, where)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise where.invalid(f"one of {', '.join(map(repr, typing.get_args(tp)))}", value)
+        return value
+    if origin in (tuple, list):
+        return _coerce_sequence(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise where.invalid(tp, value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(key_tp, k, where): _coerce(value_tp, v, where) for k, v in value.items()}
+    return _coerce_plain(tp, value, where) if isinstance(tp, type) else value
+
+
+def _coerce_union(tp: Any, value: Any, where: _Where) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for option in args:
+        if option is type(None):
+            continue
+        try:
+            return _coerce(option, value, where)
+        except ConfigError:
+            continue
+    raise where.invalid(tp, value)
+
+
+def _coerce_sequence(tp: Any, value: Any, where: _Where) -> tuple[Any, ...] | list[Any]:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise where.invalid(tp, value)
+    if origin is tuple and args and args[-1] is not Ellipsis and args != ((),):
+        # Fixed-length tuple such as tuple[int, int].
+        if len(args) != len(value):
+            raise where.invalid(tp, value)
+        item_types = list(args)
+    else:
+        item_types = [args[0] if args else Any] * len(value)
+    items = [_coerce(item_tp, item, where) for item_tp, item in zip(item_types, value, strict=True)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_plain(tp: type, value: Any, where: _Where) -> Any:
+    if issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return tp.from_dict(value, strict=where.strict)
+        raise where.invalid(tp, value)
+    if issubclass(tp, PurePath) and isinstance(value, (str, PurePath)):
+        return tp(value)
+    if issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise where.invalid(tp, value) from None
+    if tp is float:
+        return _coerce_float(value, where)
+    if tp in _SCALARS or issubclass(tp, PurePath):
+        # bool is a subclass of int, but True is not a valid step count.
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise where.invalid(tp, value)
+    return value
+
+
+def _coerce_float(value: Any, where: _Where) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    # PyYAML reads exponent notation without a dot, e.g. 1e-4, as a string.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise where.invalid(float, value)
+
+
+_SCALARS = (bool, int, str)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(_to_jsonable(k)): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _to_jsonable(value.value)
+    return value

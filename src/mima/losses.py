@@ -1,0 +1,67 @@
+"""The one diffusion training loss, shared by pretraining, every attack and every immunizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from mima.errors import TrainingError
+
+# unet_call(noisy_latents, timesteps, encoder_hidden_states) -> model prediction; a callable so that
+# torch.func.functional_call, peft-wrapped UNets and plain modules all fit.
+UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def diffusion_loss(
+    unet_call: UNetCall,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prior_weight: float = 1.0,
+) -> torch.Tensor:
+    """Denoising MSE on freshly noised latents (epsilon- or v-prediction), with optional prior preservation.
+
+    Args:
+        unet_call (`UNetCall`): the denoiser.
+        scheduler (`SchedulerMixin`): supplies the noise schedule (`add_noise`, `get_velocity`) and prediction type.
+        latents (`torch.Tensor`): clean latents (B, C, H, W), already scaled by the VAE's scaling factor.
+        encoder_hidden_states (`torch.Tensor`): text conditioning (B, tokens, width).
+        generator (`torch.Generator`, *optional*): draws the noise and timesteps, for reproducibility.
+        prior (`tuple`, *optional*): (class latents, class hidden states) for DreamBooth prior preservation.
+        prior_weight (`float`, defaults to 1.0): weight of the prior term.
+    """
+    n_instance = latents.shape[0]
+    if prior is not None:
+        latents = torch.cat([latents, prior[0]])
+        encoder_hidden_states = torch.cat([encoder_hidden_states, prior[1]])
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else None)
+    noise = noise.to(device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+        device=generator.device if generator else None,
+    ).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise TrainingError(f"unsupported prediction_type '{prediction_type}'; expected 'epsilon' or 'v_prediction'")
+    prediction = unet_call(noisy, timesteps, encoder_hidden_states).float()
+    errors = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    loss = errors[:n_instance].mean()
+    if prior is not None:
+        loss = loss + prior_weight * errors[n_instance:].mean()
+    return loss
+
+
+def unet_caller(unet: torch.nn.Module) -> UNetCall:
+    """Adapt a diffusers UNet (or a peft-wrapped one) to the `UNetCall` signature."""
+    return lambda noisy, t, hidden: unet(noisy, t, encoder_hidden_states=hidden).sample

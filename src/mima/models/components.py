@@ -1,0 +1,87 @@
+"""The five parts of a Stable-Diffusion-style model, loaded from and saved as a diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from mima.errors import ModelError
+from mima.utils.io import atomic_directory
+
+TOY_MODEL_NAME = "toy"
+
+
+@dataclass
+class Components:
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of one model."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: SchedulerMixin
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path) -> Components:
+        """Load `model`: "toy" (the embedded default), a local diffusers pipeline folder, or a hub id.
+
+        Args:
+            model (`str` or `Path`): what to load. A hub id needs network access unless it is cached.
+        """
+        source = _resolve_model(model)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelError(f"cannot load a diffusers pipeline from '{model}': {str(e).splitlines()[0]}") from e
+        if len(pipe.tokenizer) == 0:
+            raise ModelError(f"the tokenizer of '{model}' is empty (a missing hub id read offline?)")
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
+
+    def to_pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline sharing these modules, with a DDIM sampler and no safety checker."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write a complete diffusers pipeline folder (safetensors), atomically."""
+        out_dir = Path(out_dir)
+        with atomic_directory(out_dir) as tmp:
+            self.to_pipeline().save_pretrained(tmp, safe_serialization=True)
+        return out_dir
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states (B, tokens, width) for `prompts`, padded to the tokenizer's max length."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents of images (B, 3, H, W) in [-1, 1]."""
+        posterior = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+
+
+def _resolve_model(model: str | Path) -> str:
+    if str(model) == TOY_MODEL_NAME:
+        from mima.models.toy import toy_model_dir
+
+        return str(toy_model_dir())
+    path = Path(model)
+    looks_local = path.exists() or str(model).startswith((".", "/", "~")) or os.sep * 2 in str(model)
+    if looks_local and not (path / "model_index.json").is_file():
+        raise ModelError(f"'{model}' is not a diffusers pipeline folder (no model_index.json in it)")
+    return str(path)

@@ -1,0 +1,67 @@
+"""Sampling images from a model, and saving them as image grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mima.models.components import Components
+
+DEFAULT_SAMPLING_STEPS = 25
+DEFAULT_GUIDANCE = 4.0
+
+
+@torch.no_grad()
+def sample_images(
+    components: Components,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    steps: int = DEFAULT_SAMPLING_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    batch_size: int = 32,
+    height: int | None = None,
+) -> np.ndarray:
+    """Generate one image per prompt with DDIM; image i's noise depends only on (seed, i), not on batching.
+
+    Returns uint8 (N, H, W, 3).
+    """
+    pipe = components.to_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = height or components.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        out = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+            height=size, width=size, output_type="np",
+        ).images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -> Image.Image:
+    """Tile uint8 images (N, H, W, 3) into one PIL image, `columns` wide (default: about square)."""
+    n, h, w, _ = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * h, columns * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    picture = Image.fromarray(grid)
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) -> Path:
+    """Save an image grid as PNG, upscaled so that 32-pixel toy images are visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, 128 // images.shape[1])
+    image_grid(images, columns, scale).save(path)
+    return path
