@@ -54,8 +54,9 @@ def diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise TrainingError(f"unsupported prediction_type '{prediction_type}'; expected 'epsilon' or 'v_prediction'")
-    prediction = unet_call(noisy, timesteps, encoder_hidden_states).float()
-    errors = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    prediction = unet_call(noisy, timesteps, encoder_hidden_states)
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # half-precision models: MSE in float32
+    errors = F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     loss = errors[:n_instance].mean()
     if prior is not None:
         loss = loss + prior_weight * errors[n_instance:].mean()

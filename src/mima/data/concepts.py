@@ -1,0 +1,139 @@
+"""Concept specs: what to protect (or attack), read from a YAML `concepts:` list or the authors' JSON list.
+
+An entry is `toy:<concept>` (images drawn from the toy world on demand) or a mapping with a name, a
+prompt, an image folder and optional class prompt and class images (generated with the base model when
+missing). Everything is validated before any heavy work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mima.data import toy_world
+from mima.data.image_folder import read_image_folder, write_image_folder
+from mima.errors import ConfigError, DataError
+
+TOY_PREFIX = "toy:"
+_SPEC_KEYS = ("name", "prompt", "prompts", "images", "class_prompt", "class_images")
+_AUTHORS_KEYS = {"instance_prompt": "prompt", "class_prompt": "class_prompt",
+                 "instance_data_dir": "images", "class_data_dir": "class_images"}
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept. `prompts` are all its phrasings (the first is the training prompt); `toy` names a toy concept."""
+
+    name: str
+    prompts: tuple[str, ...]
+    images: Path | None = None
+    class_prompt: str | None = None
+    class_images: Path | None = None
+    toy: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts[0]
+
+
+def toy_concept_spec(name: str) -> ConceptSpec:
+    """The spec of toy concept `name`; an unknown name is a ConfigError listing the nearest names."""
+    concepts = {c.name: c for c in toy_world.toy_concepts()}
+    if name not in concepts:
+        from difflib import get_close_matches
+
+        close = get_close_matches(name, concepts, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown toy concept '{name}'{hint} valid: {', '.join(concepts)}")
+    concept = concepts[name]
+    return ConceptSpec(name=name, prompts=concept.prompts, class_prompt=concept.class_prompt, toy=name)
+
+
+def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
+    """One entry of a concept list: `toy:<name>`, a folder path, or a mapping (ours or the authors' keys)."""
+    if isinstance(entry, str):
+        if entry.startswith(TOY_PREFIX):
+            return toy_concept_spec(entry[len(TOY_PREFIX) :])
+        folder = _resolve(entry, base_dir)
+        return ConceptSpec(name=folder.name, prompts=(f"a photo of {folder.name}",), images=folder)
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"a concept entry must be 'toy:<name>', a folder or a mapping; got {entry!r}")
+    entry = {_AUTHORS_KEYS.get(k, k): v for k, v in entry.items()}
+    unknown = set(entry) - set(_SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown concept key(s) {sorted(unknown)}; valid: {', '.join(_SPEC_KEYS)}")
+    prompts = tuple(entry.get("prompts") or ()) or ((entry["prompt"],) if entry.get("prompt") else ())
+    if entry.get("prompt") and entry["prompt"] not in prompts:
+        prompts = (entry["prompt"], *prompts)
+    if not prompts:
+        raise ConfigError(f"concept entry {dict(entry)} has no prompt")
+    images = entry.get("images")
+    return ConceptSpec(
+        name=str(entry.get("name") or (Path(images).name if images else prompts[0])),
+        prompts=prompts,
+        images=_resolve(images, base_dir) if images else None,
+        class_prompt=entry.get("class_prompt"),
+        class_images=_resolve(entry["class_images"], base_dir) if entry.get("class_images") else None,
+    )
+
+
+def load_concepts(source: str | Path | list[Any]) -> list[ConceptSpec]:
+    """Concepts from a YAML file (`concepts: [...]`), the authors' JSON list, or an in-memory list."""
+    if isinstance(source, list):
+        entries, base_dir = source, Path(".")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"concept file '{path}' does not exist")
+        entries, base_dir = _read_entries(path), path.parent
+    specs = [parse_concept(e, base_dir) for e in entries]
+    if not specs:
+        raise ConfigError(f"the concept list {source} is empty")
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"duplicate concept name(s) {duplicates}; every concept needs its own name")
+    return specs
+
+
+def materialize(spec: ConceptSpec, cache_dir: Path, n_images: int, seed: int = 0) -> ConceptSpec:
+    """Give a toy concept an image folder (generated once into `cache_dir/<name>`); others are returned as is."""
+    if spec.toy is None or spec.images is not None:
+        return spec
+    folder = cache_dir / spec.name
+    if not (folder / "metadata.csv").is_file():
+        images, prompts = toy_world.sample_concept_images(spec.toy, n_images, seed=seed)
+        write_image_folder(images, prompts, folder)
+    return replace(spec, images=folder)
+
+
+def validate_images(spec: ConceptSpec) -> None:
+    """Decode every image of the concept (and its class images, if given); DataError names the bad file."""
+    if spec.images is None:
+        raise DataError(f"concept '{spec.name}' has no image folder")
+    read_image_folder(spec.images)
+    if spec.class_images is not None and spec.class_images.exists():
+        read_image_folder(spec.class_images)
+
+
+def _read_entries(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse concept file '{path}': {str(e).splitlines()[0]}") from e
+    if isinstance(data, Mapping):
+        data = data.get("concepts")
+    if not isinstance(data, list):
+        raise ConfigError(f"concept file '{path}' must hold a list or a mapping with a 'concepts:' list")
+    return data
+
+
+def _resolve(path: str | Path, base_dir: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (base_dir / path)

@@ -1,0 +1,100 @@
+"""Concept images and prompts encoded once (frozen VAE and text encoder), then batched for training."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mima.data.concepts import ConceptSpec
+from mima.data.image_folder import read_image_folder, write_image_folder
+from mima.models.components import Components
+
+
+@dataclass
+class Batch:
+    """Latents (B, C, h, w), their text conditioning (B, T, d) and optional prior-preservation pair."""
+
+    latents: torch.Tensor
+    hidden: torch.Tensor
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class EncodedImages:
+    """VAE posterior (mean, std) and prompt hidden states of a set of images."""
+
+    mean: torch.Tensor  # (n, C, h, w), already scaled
+    std: torch.Tensor  # (n, C, h, w)
+    hidden: torch.Tensor  # (n, T, d)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator)
+        noise = torch.randn(self.mean[index].shape, generator=generator)
+        return self.mean[index] + self.std[index] * noise, self.hidden[index]
+
+
+@dataclass
+class EncodedConcept:
+    name: str
+    instance: EncodedImages
+    prior: EncodedImages | None
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        latents, hidden = self.instance.sample(batch_size, generator)
+        prior = self.prior.sample(batch_size, generator) if self.prior is not None else None
+        return Batch(latents, hidden, prior)
+
+
+def model_resolution(components: Components) -> int:
+    return components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+def to_pixels(images: list[Image.Image | np.ndarray], resolution: int) -> torch.Tensor:
+    """Center-crop to square, resize, and scale to [-1, 1]: (n, 3, resolution, resolution)."""
+    arrays = []
+    for image in images:
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        arrays.append(np.asarray(image))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_folder(components: Components, folder: Path, default_prompt: str) -> EncodedImages:
+    """Encode every image of `folder` with its metadata prompt (or `default_prompt`)."""
+    images, prompts = read_image_folder(folder)
+    pixels = to_pixels(images, model_resolution(components))
+    posterior = components.vae.encode(pixels.to(components.vae.device, components.vae.dtype)).latent_dist
+    scale = components.vae.config.scaling_factor
+    hidden = components.encode_prompts([p or default_prompt for p in prompts])
+    return EncodedImages(posterior.mean.cpu() * scale, posterior.std.cpu() * scale, hidden.cpu())
+
+
+def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Path, n_images: int) -> ConceptSpec:
+    """Generate the class images with the base model once, when the spec has a class prompt but no images."""
+    if spec.class_prompt is None or (spec.class_images is not None and spec.class_images.exists()):
+        return spec
+    from mima.sampling import sample_images
+
+    folder = cache_dir / ("class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-"))
+    if not (folder / "metadata.csv").is_file():
+        images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
+        write_image_folder(images, [spec.class_prompt] * n_images, folder)
+    return replace(spec, class_images=folder)
+
+
+def encode_concept(components: Components, spec: ConceptSpec, *, with_prior: bool) -> EncodedConcept:
+    """Encode a materialized concept (and its class images when `with_prior`)."""
+    instance = encode_folder(components, spec.images, spec.prompt)
+    prior = None
+    if with_prior and spec.class_images is not None:
+        prior = encode_folder(components, spec.class_images, spec.class_prompt or "")
+    return EncodedConcept(spec.name, instance, prior)

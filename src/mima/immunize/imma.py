@@ -1,0 +1,39 @@
+"""The imma-joint ablation (all concepts, one shared copy, no Merge) and IMMA (Zheng & Yeh, ECCV 2024)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from mima.data.concepts import ConceptSpec
+from mima.data.encoding import EncodedConcept
+from mima.functional import Params
+from mima.immunize.base import ConceptBatches, immunizers
+from mima.immunize.bilevel import BilevelImmunizer
+from mima.models.components import Components
+
+
+@immunizers.register("imma-joint")
+class IMMAJoint(BilevelImmunizer):
+    """One shared adapted copy trained on all concepts' losses at once; no per-concept copies, no Merge."""
+
+    def adapted_parameters(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[Params, dict[str, float]]:
+        adapted, loss = self.adapt(base, [lower for lower, _ in batches.values()], generator)
+        return adapted, {"lower/joint": loss}
+
+
+@immunizers.register("imma")
+class IMMA(IMMAJoint):
+    """Single-concept IMMA: protects only the FIRST concept (N = 1, Merge = identity)."""
+
+    def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
+        if len(concepts) > 1:
+            warnings.warn(f"imma protects one concept: immunizing '{concepts[0].name}' only", stacklevel=2)
+        super().prepare(components, specs, concepts)
+
+    def protected(self, batches: ConceptBatches) -> ConceptBatches:
+        first = next(iter(batches))
+        return {first: batches[first]}
