@@ -1,0 +1,125 @@
+"""Step time and peak memory of MIMA (second and first order) against plain fine-tuning, on the toy model.
+
+Each (method, N) is measured in its own subprocess so that peak memory (max RSS on CPU, max allocated on CUDA)
+belongs to that configuration alone. Prints a table of ratios measured in this one run:
+
+    python benchmarks/immunize_step.py [--model toy] [--concepts 1 2 3 5] [--steps 3] [--batch-size 4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+CONCEPTS = ("stripes", "checker", "dots", "circle", "star", "waves", "square", "heart")
+
+
+def _measure(model: str, method: str, n: int, steps: int, batch_size: int) -> dict[str, float]:
+    """Run in the child process: mean seconds per step (after one warm-up), Merge seconds, peak memory."""
+    import torch
+
+    from mima.data.concepts import toy_concept_spec
+    from mima.data.encoding import EncodedConcept, EncodedImages
+    from mima.immunize import ImmunizeConfig, immunizers
+    from mima.losses import diffusion_loss, unet_caller
+    from mima.models.components import Components
+    from mima.utils.device import peak_memory_bytes
+
+    components = Components.from_pretrained(model)
+    size = components.unet.config.sample_size
+    specs = [toy_concept_spec(name) for name in CONCEPTS[:n]]
+    g = torch.Generator().manual_seed(0)
+    concepts = [
+        EncodedConcept(s.name, EncodedImages(
+            torch.randn(8, 4, size, size, generator=g), torch.zeros(8, 4, size, size),
+            components.encode_prompts([s.prompt] * 8).detach()), None)
+        for s in specs
+    ]
+    if method == "finetune":
+        unet = components.unet
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+
+        def step() -> None:
+            latents, hidden = concepts[0].instance.sample(batch_size, g)
+            diffusion_loss(unet_caller(unet), components.scheduler, latents, hidden, generator=g).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        merge_seconds = []
+    else:
+        order = "second-order" if method == "mima-2nd" else "first-order"
+        immunizer = immunizers.get("mima")(ImmunizeConfig(order=order, prior_weight=0.0, caption_bank="toy"))
+        immunizer.prepare(components, specs, concepts)
+        params = immunizer.trainable_parameters()
+        optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+        merge_seconds = []
+        merge = immunizer.plan.merge
+
+        def timed_merge(*args):
+            start = time.perf_counter()
+            out = merge(*args)
+            merge_seconds.append(time.perf_counter() - start)
+            return out
+
+        immunizer.plan.merge = timed_merge
+
+        def step() -> None:
+            batches = {c.name: (c.batch(batch_size, g), c.batch(batch_size, g)) for c in concepts}
+            objective, _ = immunizer.objective(batches, g)
+            objective.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    step()  # warm-up
+    merge_seconds.clear()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    # The merge's forward time; its backward runs inside autograd and is not separable here.
+    merge = sum(merge_seconds) / steps if merge_seconds else 0.0
+    return {"step_s": seconds, "merge_s": merge, "peak_bytes": peak_memory_bytes("cpu") or 0}
+
+
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(json.dumps(_measure(args.model, args.child, args.n, args.steps, args.batch_size)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder")
+    parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 3, 5])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return _child(args)
+
+    def run(method: str, n: int) -> dict[str, float]:
+        command = [sys.executable, __file__, "--model", args.model, "--child", method, "--n", str(n), "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    plain = run("finetune", 1)
+    print(f"plain fine-tuning step (toy model, batch {args.batch_size}): {plain['step_s']:.3f} s, "
+          f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
+    print(f"{'N':>2} {'order':>12} {'step s':>8} {'/ N plain':>10} {'target':>7} {'merge %':>8} {'peak MiB':>9}")
+    for n in args.concepts:
+        for method, target in (("mima-2nd", 3.5), ("mima-1st", 2.0)):
+            r = run(method, n)
+            ratio = r["step_s"] / (n * plain["step_s"])
+            print(f"{n:>2} {method[5:]:>12} {r['step_s']:>8.3f} {ratio:>10.2f} {target:>7.1f} "
+                  f"{100 * r['merge_s'] / r['step_s']:>7.1f}% {r['peak_bytes'] / 2**20:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()

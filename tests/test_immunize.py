@@ -1,0 +1,188 @@
+"""`mima immunize` end to end on the tiny model: outputs, what changes, ascent, resume, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from mima.cli import main
+from mima.data.concepts import load_concepts
+from mima.errors import ConfigError, DataError, ModelError, TrainingError
+from mima.immunize import ImmunizationRun, ImmunizeConfig
+from mima.immunize import trainer as trainer_module
+from mima.utils.io import load_tensors
+
+FAST = dict(steps=2, save_every=1, n_images=4, n_class_images=2, batch_size=2, caption_bank="toy")
+
+
+def _unet_weights(model_dir):
+    return load_tensors(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _run(model_dir, out, concepts=("toy:stripes", "toy:star"), resume=False, **overrides):
+    config = ImmunizeConfig(**{**FAST, **overrides})
+    return ImmunizationRun(str(model_dir), load_concepts(list(concepts)), config, out).run(resume=resume)
+
+
+@pytest.mark.parametrize("setting", ["relearn", "personalize"])
+def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, tmp_path, capsys, setting):
+    out = tmp_path / "run"
+    code = main([
+        "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
+        "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--setting", setting,
+    ])
+    assert code == 0, capsys.readouterr().err
+    before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("attn2." in name for name in changed)
+    assert any(".to_q." in name for name in changed)  # the ascent moved S^u beyond the erased K/V
+    record = json.loads((out / "immunization.json").read_text())
+    assert record["config"]["setting"] == setting and len(record["log"]) == 2
+    assert {"upper/stripes", "upper/star", "lower/stripes", "lower/star", "prior"} <= set(record["log"][0])
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"]
+    assert not (out / "checkpoint").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
+    images = pipe("a painting in stripes style", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path):
+    import copy
+
+    from mima.data.concepts import toy_concept_spec
+    from mima.data.encoding import EncodedConcept, EncodedImages
+    from mima.immunize import immunizers
+
+    components = copy.deepcopy(tiny_components)
+    size = components.unet.config.sample_size
+    specs = [toy_concept_spec("stripes"), toy_concept_spec("dots")]
+    concepts = [
+        EncodedConcept(s.name, EncodedImages(
+            torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(i)), torch.zeros(4, 4, size, size),
+            components.encode_prompts([s.prompt] * 4).detach()), None)
+        for i, s in enumerate(specs)
+    ]
+    immunizer = immunizers.get("mima")(ImmunizeConfig(prior_weight=0.0, caption_bank="toy", outer_lr=1e-2))
+    immunizer.prepare(components, specs, concepts)
+
+    def upper_loss():
+        g = torch.Generator().manual_seed(0)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        return -immunizer.objective(batches, torch.Generator().manual_seed(1))[0].item()
+
+    start = upper_loss()
+    params = immunizer.trainable_parameters()
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2, weight_decay=0.0)
+    for _ in range(4):
+        g = torch.Generator().manual_seed(0)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        objective = immunizer.objective(batches, torch.Generator().manual_seed(1))[0]
+        optimizer.zero_grad()
+        objective.backward()
+        optimizer.step()
+    assert upper_loss() > start * 1.02
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    full = _run(tiny_model_dir, tmp_path / "full", steps=4, save_every=2)
+    original_step = trainer_module._Loop._outer_step
+
+    def crash_at_step_three(loop):
+        if loop.step == 2:
+            raise KeyboardInterrupt
+        return original_step(loop)
+
+    monkeypatch.setattr(trainer_module._Loop, "_outer_step", crash_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(trainer_module._Loop, "_outer_step", original_step)
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
+    resumed = _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2, resume=True)
+    expected, actual = _unet_weights(full), _unet_weights(resumed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    original_step = trainer_module._Loop._outer_step
+
+    def nan_after_first_checkpoint(loop):
+        if loop.step == 1:
+            monkeypatch.setattr(loop.immunizer, "objective", lambda *a: (torch.tensor(float("nan")), {}))
+        return original_step(loop)
+
+    monkeypatch.setattr(trainer_module._Loop, "_outer_step", nan_after_first_checkpoint)
+    with pytest.raises(TrainingError, match="non-finite objective nan at outer step 2"):
+        _run(tiny_model_dir, tmp_path / "run", steps=3, save_every=1)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == 1
+    assert load_tensors(checkpoint / "upper_params.safetensors")
+
+
+def _folder_concept(tmp_path, name="mine"):
+    from mima.data.image_folder import write_image_folder
+    from mima.data.toy_world import sample_concept_images
+
+    images, prompts = sample_concept_images("circle", 3, seed=0)
+    folder = tmp_path / name
+    write_image_folder(images, prompts, folder)
+    return {"name": name, "prompt": "a photo of a circle", "images": str(folder)}
+
+
+def test_bad_concept_inputs_fail_before_training(tiny_model_dir, tmp_path):
+    with pytest.raises(DataError, match="missing"):
+        _run(tiny_model_dir, tmp_path / "a", concepts=[{"name": "x", "prompt": "p", "images": str(tmp_path / "missing")}])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        _run(tiny_model_dir, tmp_path / "b", concepts=[{"name": "x", "prompt": "p", "images": str(tmp_path / "empty")}])
+    entry = _folder_concept(tmp_path)
+    (tmp_path / "mine" / "broken.png").write_bytes(b"not a png")
+    shutil.copy(tmp_path / "mine" / "metadata.csv", tmp_path / "metadata.bak")
+    with (tmp_path / "mine" / "metadata.csv").open("a") as f:
+        f.write("broken.png,a photo of a circle\n")
+    with pytest.raises(DataError, match="broken.png"):
+        _run(tiny_model_dir, tmp_path / "c", concepts=[entry])
+    with pytest.raises(ConfigError, match="duplicate concept name"):
+        load_concepts(["toy:stripes", "toy:stripes"])
+    with pytest.raises(ConfigError, match="empty"):
+        load_concepts([])
+    with pytest.raises(ConfigError, match="did you mean 'stripes'"):
+        load_concepts(["toy:stripe"])
+    with pytest.raises(ConfigError, match="did you mean 'mima'"):
+        _run(tiny_model_dir, tmp_path / "d", method="mimaa")
+
+
+def test_model_without_cross_attention_is_rejected(tiny_components, tmp_path, capsys):
+    import copy
+
+    components = copy.deepcopy(tiny_components)
+    components.unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8),
+        norm_num_groups=2, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+        mid_block_type=None, cross_attention_dim=8,
+    )
+    model_dir = components.save_pretrained(tmp_path / "no-xattn")
+    code = main(["immunize", "--model", str(model_dir), "--concepts", "toy:stripes", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("mima:")]
+    assert code == 2 and "Traceback" not in err
+    assert len(error_lines) == 1 and "no cross-attention" in error_lines[0]
+    with pytest.raises(ModelError):
+        _run(model_dir, tmp_path / "o2")
+
+
+def test_authors_json_concept_list(tmp_path):
+    entry = _folder_concept(tmp_path)
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps([{
+        "instance_prompt": entry["prompt"], "class_prompt": "a photo of an object",
+        "instance_data_dir": entry["images"], "class_data_dir": str(tmp_path / "class"),
+    }]))
+    (spec,) = load_concepts(path)
+    assert spec.prompt == "a photo of a circle" and spec.class_prompt == "a photo of an object"
+    assert spec.images == tmp_path / "mine" and spec.class_images == tmp_path / "class"
