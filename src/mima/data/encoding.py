@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,14 @@ class EncodedImages:
     mean: torch.Tensor  # (n, C, h, w), already scaled
     std: torch.Tensor  # (n, C, h, w)
     hidden: torch.Tensor  # (n, T, d)
+    prompts: list[str] = field(default_factory=list)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A random batch: latents drawn from the posterior, their hidden states and prompts."""
         index = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator)
         noise = torch.randn(self.mean[index].shape, generator=generator)
-        return self.mean[index] + self.std[index] * noise, self.hidden[index]
+        prompts = [self.prompts[i] for i in index] if self.prompts else []
+        return self.mean[index] + self.std[index] * noise, self.hidden[index], prompts
 
 
 @dataclass
@@ -45,8 +48,8 @@ class EncodedConcept:
     prior: EncodedImages | None
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        latents, hidden = self.instance.sample(batch_size, generator)
-        prior = self.prior.sample(batch_size, generator) if self.prior is not None else None
+        latents, hidden, _ = self.instance.sample(batch_size, generator)
+        prior = self.prior.sample(batch_size, generator)[:2] if self.prior is not None else None
         return Batch(latents, hidden, prior)
 
 
@@ -74,8 +77,9 @@ def encode_folder(components: Components, folder: Path, default_prompt: str) -> 
     pixels = to_pixels(images, model_resolution(components))
     posterior = components.vae.encode(pixels.to(components.vae.device, components.vae.dtype)).latent_dist
     scale = components.vae.config.scaling_factor
-    hidden = components.encode_prompts([p or default_prompt for p in prompts])
-    return EncodedImages(posterior.mean.cpu() * scale, posterior.std.cpu() * scale, hidden.cpu())
+    prompts = [p or default_prompt for p in prompts]
+    hidden = components.encode_prompts(prompts)
+    return EncodedImages(posterior.mean.cpu() * scale, posterior.std.cpu() * scale, hidden.cpu(), prompts)
 
 
 def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Path, n_images: int) -> ConceptSpec:

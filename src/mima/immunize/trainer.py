@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -25,13 +24,9 @@ from mima.immunize.erase import erase_targets
 from mima.models.components import TOY_MODEL_NAME, Components
 from mima.models.cross_attention import key_value_parameter_names
 from mima.utils.io import atomic_directory, atomic_write_text, load_tensors, load_torch_state, save_tensors
+from mima.utils.device import step_generator
 from mima.utils.io import save_torch_state
 from mima.utils.provenance import provenance
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of outer step `step`: batches, noise and timesteps depend only on (seed, step)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
 @dataclass

@@ -185,3 +185,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if "mps" in state and _mps_available():
         torch.mps.set_rng_state(state["mps"].cpu())
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of training step `step`: batches, noise and timesteps depend only on (seed, step),
+    so a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))

@@ -1,0 +1,80 @@
+"""Custom Diffusion (Kumari et al., CVPR 2023): tune cross-attention keys and values plus a modifier token.
+
+Loading an export: `load_custom_diffusion(pipe, DIR)`. diffusers 0.42's `pipe.unet.load_attn_procs(DIR, ...)`
+parses the file but installs the processors only when given `_pipeline`, and then rejects the partial set
+that safetensors files hold (self-attention entries are empty); this helper installs the full set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+from mima.attacks.base import Attack, attacks
+from mima.attacks.tokens import EMBEDDINGS_FILE, NewToken, with_token
+from mima.data.concepts import ConceptSpec
+from mima.models.components import Components
+from mima.models.cross_attention import cross_attention_modules
+from mima.utils.io import load_tensors
+
+WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def install_processors(unet: torch.nn.Module, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[torch.nn.Parameter]:
+    """Custom Diffusion processors on every attention layer: trainable K/V copies (initialised from `kv`, keyed by
+    cross-attention module path) where given, plain ones elsewhere, as diffusers' saver expects."""
+    plain = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+    processors, parameters = {name: plain for name in unet.attn_processors}, []
+    for path, (key, value) in kv.items():
+        processor = CustomDiffusionAttnProcessor(
+            train_kv=True, train_q_out=False, hidden_size=key.shape[0], cross_attention_dim=key.shape[1]
+        ).to(key)
+        processor.to_k_custom_diffusion.weight.data.copy_(key)
+        processor.to_v_custom_diffusion.weight.data.copy_(value)
+        processors[f"{path}.processor"] = processor
+        parameters += list(processor.parameters())
+    unet.set_attn_processor(processors)
+    return parameters
+
+
+def load_custom_diffusion(pipe: DiffusionPipeline, directory: str | Path) -> None:
+    """Install a custom-diffusion export (K/V processors and modifier token) into a plain diffusers pipeline."""
+    weights = load_tensors(Path(directory) / WEIGHTS_FILE)
+    paths = {key.split(".processor.")[0] for key in weights}
+    kv = {p: (weights[f"{p}.processor.to_k_custom_diffusion.weight"],
+              weights[f"{p}.processor.to_v_custom_diffusion.weight"]) for p in paths}
+    install_processors(pipe.unet, kv)
+    pipe.load_textual_inversion(directory, weight_name=EMBEDDINGS_FILE)
+
+
+@attacks.register("custom-diffusion")
+class CustomDiffusion(Attack):
+    default_lr = 1e-3  # the reference 1e-5 x batch scaling is for SD; raised for the toy model
+    default_steps = 200
+    uses_prior = True
+
+    def prepare(self, components: Components, concept: ConceptSpec) -> None:
+        self.components, self.concept = components, concept
+        for module in components.modules().values():
+            module.requires_grad_(False)
+        kv = {path: (a.to_k.weight, a.to_v.weight) for path, a in cross_attention_modules(components.unet).items()}
+        self.kv_parameters = install_processors(components.unet, kv)
+        init_word = (concept.class_prompt or "object").split()[-1]
+        self.new_token = NewToken(components, self.config.token or f"<new-{concept.name}>", init_word)
+
+    def prompt(self, prompt: str) -> str:
+        return with_token(prompt, self.concept.name, f"{self.new_token.token} {self.concept.name}")
+
+    def trains_text(self) -> bool:
+        return True
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.kv_parameters, self.new_token.vector]
+
+    def export(self, out_dir: Path) -> Path:
+        """Attention processors plus the modifier token: `load_custom_diffusion(pipe, out_dir)`."""
+        self.components.unet.save_attn_procs(out_dir, weight_name=WEIGHTS_FILE, safe_serialization=True)
+        return self.new_token.export(out_dir)

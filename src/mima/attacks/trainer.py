@@ -1,0 +1,147 @@
+"""The one fine-tuning loop every attack shares: data, AdamW, progress bar, checkpoints, evaluation samples.
+
+Output folder: `export/` (the artifact), `samples/step_<k>/` (evaluation images at step 0 and every
+checkpoint), `attack.json`, `checkpoint/` (while running), `data/` (materialized images).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mima.attacks.base import Attack, AttackConfig, attacks
+from mima.data.concepts import ConceptSpec, materialize, validate_images
+from mima.data.encoding import encode_folder, ensure_class_images
+from mima.data.image_folder import write_image_folder
+from mima.errors import ConfigError, TrainingError
+from mima.models.components import Components
+from mima.sampling import sample_images
+from mima.utils.io import atomic_directory, atomic_write_text, load_tensors, load_torch_state, save_tensors
+from mima.utils.device import seed_everything, step_generator
+from mima.utils.io import save_torch_state
+from mima.utils.provenance import provenance
+
+
+@dataclass
+class AttackRun:
+    """One `mima attack` run of `config.method` on `concept`, writing into `out_dir`."""
+
+    model: str
+    concept: ConceptSpec
+    config: AttackConfig
+    out_dir: Path
+
+    def run(self, resume: bool = False) -> Path:
+        started = time.time()
+        method = attacks.get(self.config.method)
+        config = self.config.with_overrides(
+            steps=self.config.steps or method.default_steps, lr=self.config.lr or method.default_lr,
+        )
+        config = config.with_overrides(save_every=config.save_every or max(1, config.steps // 4))
+        concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
+        validate_images(concept)
+        components = Components.from_pretrained(self.model)
+        seed_everything(config.seed)  # adapters (e.g. LoRA) draw their initial weights from the global RNG
+        attack = method(config)
+        if method.uses_prior and config.prior_weight > 0:
+            concept = ensure_class_images(components, concept, self.out_dir / "data", config.n_class_images)
+        attack.prepare(components, concept)
+        log = _Loop(attack, components, concept, config, self.out_dir).run(resume)
+        export_dir = attack.export(self.out_dir / "export")
+        record = {
+            "config": config.to_dict(), "model": self.model, "concept": concept.name, "prompts": list(concept.prompts),
+            "eval_prompts": _eval_prompts(concept, config), "log": log, "elapsed_s": time.time() - started,
+            **provenance(),
+        }
+        atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
+        return export_dir
+
+
+def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
+    return list(config.eval_prompts or concept.prompts[:1])
+
+
+class _Loop:
+    def __init__(self, attack: Attack, components: Components, concept: ConceptSpec, config: AttackConfig,
+                 out_dir: Path) -> None:
+        self.attack, self.components, self.concept, self.config, self.out_dir = attack, components, concept, config, out_dir
+        self.params = attack.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=1e-2)
+        self.instance = encode_folder(components, concept.images, concept.prompt)
+        self.prior = None
+        if attack.uses_prior and config.prior_weight > 0 and concept.class_images is not None:
+            self.prior = encode_folder(components, concept.class_images, concept.class_prompt or "")
+        self.step, self.log = 0, []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def run(self, resume: bool) -> list[dict[str, float]]:
+        if resume:
+            self._load_checkpoint()
+        elif self.checkpoint_dir.exists():
+            raise ConfigError(f"'{self.checkpoint_dir}' holds an unfinished run; pass --resume or use another --out")
+        if self.step == 0:
+            self._write_samples()
+        with tqdm(total=self.config.steps, initial=self.step, desc=f"attack ({self.config.method})") as bar:
+            while self.step < self.config.steps:
+                loss = self._train_step()
+                self.step += 1
+                self.log.append({"step": self.step, "loss": loss})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+                    self._write_samples()
+                    if self.step < self.config.steps:
+                        self._save_checkpoint()
+        return self.log
+
+    def _train_step(self) -> float:
+        generator = step_generator(self.config.seed, self.step)
+        latents, _, prompts = self.instance.sample(self.config.batch_size, generator)
+        prior = None
+        if self.prior is not None:
+            prior_latents, _, prior_prompts = self.prior.sample(self.config.batch_size, generator)
+            prior = (prior_latents, prior_prompts)
+        loss = self.attack.loss(latents, prompts, generator, prior)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss.item()} at attack step {self.step + 1}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def _write_samples(self) -> None:
+        prompts = _eval_prompts(self.concept, self.config)
+        eval_prompts = [prompts[i % len(prompts)] for i in range(self.config.eval_images)]
+        images = sample_images(
+            self.components, [self.attack.prompt(p) for p in eval_prompts], seed=self.config.seed,
+            steps=self.config.sampling_steps, guidance_scale=self.config.guidance_scale,
+        )
+        write_image_folder(images, eval_prompts, self.out_dir / "samples" / f"step_{self.step}")
+
+    def _save_checkpoint(self) -> None:
+        with atomic_directory(self.checkpoint_dir) as tmp:
+            save_tensors(tmp / "trainable.safetensors", {str(i): p.detach() for i, p in enumerate(self.params)})
+            save_torch_state(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "progress.json").write_text(json.dumps({"step": self.step, "log": self.log}))
+
+    def _load_checkpoint(self) -> None:
+        if not (self.checkpoint_dir / "progress.json").is_file():
+            raise ConfigError(f"--resume: no checkpoint in '{self.checkpoint_dir}'")
+        saved = load_tensors(self.checkpoint_dir / "trainable.safetensors")
+        with torch.no_grad():
+            for i, param in enumerate(self.params):
+                param.copy_(saved[str(i)])
+        self.optimizer.load_state_dict(load_torch_state(self.checkpoint_dir / "optimizer.pt"))
+        progress = json.loads((self.checkpoint_dir / "progress.json").read_text())
+        self.step, self.log = progress["step"], progress["log"]

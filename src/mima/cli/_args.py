@@ -1,0 +1,50 @@
+"""Argument types shared by the subcommand modules."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An `argparse` type accepting integers >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field of a `Config` dataclass, defaulting to None ("not given": YAML or default wins)."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None`: None is the field's own default
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        options: dict = {"default": None, "help": f"{f.metadata.get('help', '')} (default {f.default!r})"}
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is tuple:
+            options["nargs"] = "+"
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float, str):
+            options["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **given: object):
+    """Precedence CLI > YAML (`args.config`) > defaults; `given` are values the subcommand sets itself."""
+    import dataclasses
+
+    config = config_class.from_yaml(args.config) if getattr(args, "config", None) else config_class()
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
+    return config.with_overrides(**{**overrides, **{k: v for k, v in given.items() if v is not None}})

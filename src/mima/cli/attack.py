@@ -1,0 +1,33 @@
+"""`mima attack`: fine-tune a model on one concept with an adaptation method, sampling as it goes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mima.cli._args import add_config_arguments, config_from_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from mima.attacks.base import AttackConfig
+
+    parser = subparsers.add_parser("attack", help="adapt a model to one concept (DreamBooth, LoRA, TI, CD)")
+    parser.add_argument("--model", default="toy", help="'toy', a local diffusers folder or a hub id (default toy)")
+    parser.add_argument("--concept", required=True, help="toy:<concept>, an image folder, or a concept YAML file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (export/, samples/, attack.json)")
+    parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_config_arguments(parser, AttackConfig)
+    parser.set_defaults(func=_attack)
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from mima.attacks import AttackConfig, AttackRun
+    from mima.data.concepts import load_concepts
+
+    config = config_from_args(AttackConfig, args)
+    source = args.concept if Path(args.concept).suffix in (".yaml", ".yml", ".json") else [args.concept]
+    (concept, *rest) = load_concepts(source)
+    args.out.mkdir(parents=True, exist_ok=True)
+    export = AttackRun(args.model, concept, config, args.out).run(resume=args.resume)
+    print(f"attack artifact: {export}\nsamples: {args.out / 'samples'}\nrecord: {args.out / 'attack.json'}")
