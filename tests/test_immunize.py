@@ -135,11 +135,14 @@ def _folder_concept(tmp_path, name="mine"):
 
 
 def test_bad_concept_inputs_fail_before_training(tiny_model_dir, tmp_path):
+    def entry(folder):
+        return [{"name": "x", "prompt": "p", "images": str(tmp_path / folder)}]
+
     with pytest.raises(DataError, match="missing"):
-        _run(tiny_model_dir, tmp_path / "a", concepts=[{"name": "x", "prompt": "p", "images": str(tmp_path / "missing")}])
+        _run(tiny_model_dir, tmp_path / "a", concepts=entry("missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
-        _run(tiny_model_dir, tmp_path / "b", concepts=[{"name": "x", "prompt": "p", "images": str(tmp_path / "empty")}])
+        _run(tiny_model_dir, tmp_path / "b", concepts=entry("empty"))
     entry = _folder_concept(tmp_path)
     (tmp_path / "mine" / "broken.png").write_bytes(b"not a png")
     shutil.copy(tmp_path / "mine" / "metadata.csv", tmp_path / "metadata.bak")

@@ -87,13 +87,16 @@ def _hand_unrolled_gradient(immunizer, objective_batches, generator_seed, create
     generator = torch.Generator().manual_seed(generator_seed)
 
     def loss(params, batch):
-        call = lambda x, t, h: torch.func.functional_call(unet, params, (x, t), {"encoder_hidden_states": h}).sample
+        def call(x, t, h):
+            return torch.func.functional_call(unet, params, (x, t), {"encoder_hidden_states": h}).sample
+
         return diffusion_loss(call, scheduler, batch.latents, batch.hidden, generator=generator)
 
     copies = []
     for lower, _ in objective_batches.values():
         grads = torch.autograd.grad(loss(base, lower), list(base.values()), create_graph=create_graph)
-        copies.append({n: p - 0.5 * (g if create_graph else g.detach()) for (n, p), g in zip(base.items(), grads)})
+        step = [g if create_graph else g.detach() for g in grads]
+        copies.append({n: p - 0.5 * g for (n, p), g in zip(base.items(), step, strict=True)})
     merged = immunizer.plan.merge(base, copies)
     upper_losses = [loss(merged, up) for _, up in objective_batches.values()]
     objective = -torch.stack(upper_losses).mean()

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ConfigError
-from .utils.io import atomic_write_text
 
 C = TypeVar("C", bound="Config")
 
@@ -96,6 +95,8 @@ class Config:
             path (`str` or `os.PathLike`):
                 Destination file.
         """
+        from .utils.io import atomic_write_text  # imports torch: keep `mima.config` light for the CLI parser
+
         atomic_write_text(path, json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n")
 
     @classmethod

@@ -23,7 +23,9 @@ from mima.utils.io import load_tensors
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
 
-def install_processors(unet: torch.nn.Module, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[torch.nn.Parameter]:
+def install_processors(
+    unet: torch.nn.Module, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> list[torch.nn.Parameter]:
     """Custom Diffusion processors on every attention layer: trainable K/V copies (initialised from `kv`, keyed by
     cross-attention module path) where given, plain ones elsewhere, as diffusers' saver expects."""
     plain = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)

@@ -15,16 +15,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mima.attacks.base import Attack, AttackConfig, attacks
+from mima.attacks import attacks
+from mima.attacks.base import Attack
+from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.encoding import encode_folder, ensure_class_images
 from mima.data.image_folder import write_image_folder
 from mima.errors import ConfigError, TrainingError
 from mima.models.components import Components
 from mima.sampling import sample_images
-from mima.utils.io import atomic_directory, atomic_write_text, load_tensors, load_torch_state, save_tensors
 from mima.utils.device import seed_everything, step_generator
-from mima.utils.io import save_torch_state
+from mima.utils.io import (
+    atomic_directory,
+    atomic_write_text,
+    load_tensors,
+    load_torch_state,
+    save_tensors,
+    save_torch_state,
+)
 from mima.utils.provenance import provenance
 
 
@@ -71,7 +79,8 @@ def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
 class _Loop:
     def __init__(self, attack: Attack, components: Components, concept: ConceptSpec, config: AttackConfig,
                  out_dir: Path) -> None:
-        self.attack, self.components, self.concept, self.config, self.out_dir = attack, components, concept, config, out_dir
+        self.attack, self.components, self.concept = attack, components, concept
+        self.config, self.out_dir = config, out_dir
         self.params = attack.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=1e-2)
         self.instance = encode_folder(components, concept.images, concept.prompt)

@@ -9,7 +9,7 @@ from mima.cli._args import add_config_arguments, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mima.attacks.base import AttackConfig
+    from mima.attacks.config import AttackConfig
 
     parser = subparsers.add_parser("attack", help="adapt a model to one concept (DreamBooth, LoRA, TI, CD)")
     parser.add_argument("--model", default="toy", help="'toy', a local diffusers folder or a hub id (default toy)")

@@ -9,7 +9,7 @@ from mima.cli._args import add_config_arguments, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mima.immunize.base import ImmunizeConfig
+    from mima.immunize.config import ImmunizeConfig
 
     parser = subparsers.add_parser("immunize", help="immunize a model against fine-tuning on target concepts")
     parser.add_argument("--model", default="toy", help="'toy', a local diffusers folder or a hub id (default toy)")
@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _concept_source(text: str) -> str | list[str]:
-    return text if Path(text).suffix in (".yaml", ".yml", ".json") else [e.strip() for e in text.split(",") if e.strip()]
+    if Path(text).suffix in (".yaml", ".yml", ".json"):
+        return text
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
 
 
 def _immunize(args: argparse.Namespace) -> None:

@@ -77,45 +77,64 @@ def _rotate(x: np.ndarray, y: np.ndarray, angle: float) -> tuple[np.ndarray, np.
     return c * x + s * y, -s * x + c * y
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """Coordinates of one texture draw: the grid, its rotated copy, a frequency and a phase."""
+
+    x: np.ndarray
+    y: np.ndarray
+    xr: np.ndarray
+    yr: np.ndarray
+    freq: float
+    phase: float
+
+    def wave(self, coordinate: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        return np.sin(np.pi * self.freq * scale * coordinate + self.phase)
+
+
+def _rings(f: _Frame, rng: np.random.Generator) -> np.ndarray:
+    cx, cy = rng.uniform(-0.3, 0.3, size=2)
+    return f.wave(np.hypot(f.x - cx, f.y - cy), 1.2) > 0
+
+
+def _zigzag(f: _Frame, rng: np.random.Generator) -> np.ndarray:
+    tri = np.abs(((f.xr * f.freq + f.phase) % 2) - 1)
+    return np.sin(np.pi * f.freq * (f.yr + 0.5 * tri)) > 0
+
+
+def _speckle(f: _Frame, rng: np.random.Generator) -> np.ndarray:
+    coarse = rng.random((RESOLUTION // 2, RESOLUTION // 2)) < 0.35
+    return np.kron(coarse, np.ones((2 * _SUPERSAMPLE, 2 * _SUPERSAMPLE)))
+
+
+def _bricks(f: _Frame, rng: np.random.Generator) -> np.ndarray:
+    offset = (np.floor((f.yr + 1) * f.freq) % 2) * 0.5
+    mortar_y = ((f.yr + 1) * f.freq) % 1 < 0.18
+    mortar_x = ((f.xr + 1) * f.freq / 2 + offset) % 1 < 0.09
+    return ~(mortar_x | mortar_y)
+
+
+_PATTERNS = {
+    "stripes": lambda f, rng: f.wave(f.xr) > 0,
+    "checker": lambda f, rng: (np.floor(f.freq * (f.xr + 1)) + np.floor(f.freq * (f.yr + 1))) % 2,
+    "dots": lambda f, rng: (f.wave(f.xr) > 0.4) & (f.wave(f.yr) > 0.4),
+    "waves": lambda f, rng: np.sin(np.pi * f.freq * f.yr + 1.5 * np.sin(np.pi * 1.5 * f.xr) + f.phase) > 0,
+    "rings": _rings,
+    "zigzag": _zigzag,
+    "grid": lambda f, rng: (np.abs(f.wave(f.xr)) < 0.3) | (np.abs(f.wave(f.yr)) < 0.3),
+    "speckle": _speckle,
+    "plaid": lambda f, rng: 0.5 * (f.wave(f.xr) > 0.3) + 0.5 * (f.wave(f.yr) > 0.3),
+    "bricks": _bricks,
+}
+
+
 def _style_mask(name: str, rng: np.random.Generator) -> np.ndarray:
     """A float mask in [0, 1] selecting the second palette colour; random phase, scale and angle."""
     x, y = _grid()
     freq = rng.uniform(2.5, 3.5)
     phase = rng.uniform(0, 2 * np.pi)
     xr, yr = _rotate(x, y, rng.uniform(-0.35, 0.35))
-    if name == "stripes":
-        return (np.sin(np.pi * freq * xr + phase) > 0).astype(float)
-    if name == "checker":
-        return ((np.floor(freq * (xr + 1)) + np.floor(freq * (yr + 1))) % 2).astype(float)
-    if name == "dots":
-        cx, cy = np.sin(np.pi * freq * xr + phase), np.sin(np.pi * freq * yr + phase)
-        return ((cx > 0.4) & (cy > 0.4)).astype(float)
-    if name == "waves":
-        return (np.sin(np.pi * freq * yr + 1.5 * np.sin(np.pi * 1.5 * xr) + phase) > 0).astype(float)
-    if name == "rings":
-        cx, cy = rng.uniform(-0.3, 0.3, size=2)
-        return (np.sin(np.pi * freq * 1.2 * np.hypot(x - cx, y - cy) + phase) > 0).astype(float)
-    if name == "zigzag":
-        tri = np.abs(((xr * freq + phase) % 2) - 1)
-        return (np.sin(np.pi * freq * (yr + 0.5 * tri)) > 0).astype(float)
-    if name == "grid":
-        lines_x = np.abs(np.sin(np.pi * freq * xr + phase)) < 0.3
-        lines_y = np.abs(np.sin(np.pi * freq * yr + phase)) < 0.3
-        return (lines_x | lines_y).astype(float)
-    if name == "speckle":
-        coarse = rng.random((RESOLUTION // 2, RESOLUTION // 2)) < 0.35
-        return np.kron(coarse, np.ones((2 * _SUPERSAMPLE, 2 * _SUPERSAMPLE))).astype(float)
-    if name == "plaid":
-        band_x = np.sin(np.pi * freq * xr + phase) > 0.3
-        band_y = np.sin(np.pi * freq * yr + phase) > 0.3
-        return 0.5 * band_x + 0.5 * band_y
-    if name == "bricks":
-        rows = np.floor((yr + 1) * freq)
-        offset = (rows % 2) * 0.5
-        mortar_y = ((yr + 1) * freq) % 1 < 0.18
-        mortar_x = ((xr + 1) * freq / 2 + offset) % 1 < 0.09
-        return 1.0 - (mortar_x | mortar_y).astype(float)
-    raise KeyError(name)
+    return np.asarray(_PATTERNS[name](_Frame(x, y, xr, yr, freq, phase), rng), dtype=float)
 
 
 _POLYGONS = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
 from mima.data.encoding import EncodedConcept
-from mima.data.captions import load_caption_bank
-from mima.immunize.base import ImmunizeConfig, Immunizer, immunizers
+from mima.immunize.base import Immunizer, immunizers
+from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
 

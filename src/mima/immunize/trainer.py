@@ -17,15 +17,23 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from mima.data.concepts import ConceptSpec, materialize, validate_images
-from mima.data.encoding import ensure_class_images, encode_concept
+from mima.data.encoding import encode_concept, ensure_class_images
 from mima.errors import ConfigError, TrainingError
-from mima.immunize.base import ConceptBatches, ImmunizeConfig, Immunizer, immunizers
+from mima.immunize import immunizers
+from mima.immunize.base import ConceptBatches, Immunizer
+from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
 from mima.models.components import TOY_MODEL_NAME, Components
 from mima.models.cross_attention import key_value_parameter_names
-from mima.utils.io import atomic_directory, atomic_write_text, load_tensors, load_torch_state, save_tensors
 from mima.utils.device import step_generator
-from mima.utils.io import save_torch_state
+from mima.utils.io import (
+    atomic_directory,
+    atomic_write_text,
+    load_tensors,
+    load_torch_state,
+    save_tensors,
+    save_torch_state,
+)
 from mima.utils.provenance import provenance
 
 

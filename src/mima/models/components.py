@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from mima.errors import ModelError
 from mima.utils.io import atomic_directory
@@ -35,9 +37,12 @@ class Components:
             model (`str` or `Path`): what to load. A hub id needs network access unless it is cached.
         """
         source = _resolve_model(model)
+        # Per-component loading bars would bury mima's own progress bars; downloads keep theirs.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         try:
             pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a diffusers pipeline from '{model}': {str(e).splitlines()[0]}") from e
         if len(pipe.tokenizer) == 0:
             raise ModelError(f"the tokenizer of '{model}' is empty (a missing hub id read offline?)")

@@ -15,7 +15,9 @@ def cross_attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
     """Module path -> diffusers `Attention` for every cross-attention layer (the ones that read text)."""
     found = {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
     if not found:
-        raise ModelError(f"the model's {type(unet).__name__} has no cross-attention layers; mima needs a text-conditioned UNet")
+        raise ModelError(
+            f"the model's {type(unet).__name__} has no cross-attention layers; mima needs a text-conditioned UNet"
+        )
     return found
 
 

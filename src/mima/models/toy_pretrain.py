@@ -112,7 +112,8 @@ class ToyPretrainer:
         if self.step < self.cfg.vae_steps:
             rng, generator = _batch_rng(self.cfg, 1, self.step)
             pixels = images_to_tensor(sample_training_batch(self.cfg.vae_batch_size, rng, include_held_out=True)[0])
-            loss, optimizer, params = _vae_loss(self.comps, pixels, generator), self.vae_opt, self.comps.vae.parameters()
+            loss, optimizer = _vae_loss(self.comps, pixels, generator), self.vae_opt
+            params = self.comps.vae.parameters()
         else:
             if self.step == self.cfg.vae_steps:
                 self._calibrate_latent_scale()

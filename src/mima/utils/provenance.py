@@ -30,5 +30,5 @@ def provenance() -> dict[str, object]:
     return {
         "versions": {p: _version(p) for p in ("mima", "torch", "diffusers", "transformers", "peft", "accelerate")},
         "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

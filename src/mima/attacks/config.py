@@ -1,0 +1,39 @@
+"""AttackConfig: the settings of one attack run (light to import: the CLI builds its flags from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mima.config import Config
+from mima.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AttackConfig(Config):
+    """Settings of one attack run. None means "the method's own default" (see `mima ls attacks`)."""
+
+    method: str = field(default="lora", metadata={"help": "adaptation method (see `mima ls attacks`)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps (default: the method's budget)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's)"})
+    batch_size: int = field(default=4, metadata={"help": "images per step"})
+    save_every: int | None = field(default=None, metadata={"help": "checkpoint + evaluation-sample period"})
+    seed: int = field(default=0, metadata={"help": "seed of data, noise, timesteps and evaluation samples"})
+    eval_prompts: tuple[str, ...] = field(default=(), metadata={"help": "evaluation prompts (default: concept's)"})
+    eval_images: int = field(default=32, metadata={"help": "evaluation images per checkpoint"})
+    sampling_steps: int = field(default=25, metadata={"help": "DDIM steps of evaluation samples"})
+    guidance_scale: float = field(default=4.0, metadata={"help": "guidance of evaluation samples"})
+    rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
+    prior_weight: float = field(default=1.0, metadata={"help": "dreambooth: prior-preservation weight (0: off)"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "dreambooth: also tune the text encoder"})
+    token: str | None = field(default=None, metadata={"help": "new token (textual-inversion, custom-diffusion)"})
+    n_images: int = field(default=32, metadata={"help": "images generated per toy concept"})
+    n_class_images: int = field(default=32, metadata={"help": "class images for prior preservation"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "save_every", "lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name in ("batch_size", "eval_images", "sampling_steps", "rank", "n_images", "n_class_images"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

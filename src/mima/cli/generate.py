@@ -1,0 +1,41 @@
+"""`mima generate`: sample images of one prompt from a model into one grid image."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mima.cli._args import positive_int
+from mima.errors import ConfigError
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="sample N images of a prompt into one grid image")
+    parser.add_argument(
+        "--model", default="toy", help="'toy' (the shipped model, default), a local diffusers folder or a hub id"
+    )
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--n", type=positive_int, default=4, help="number of images (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; image i depends only on (seed, i) (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    parser.add_argument("--out", type=Path, required=True, help="output image, e.g. outputs/star.png")
+    parser.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.out.suffix.lower() not in _IMAGE_SUFFIXES:
+        raise ConfigError(f"--out '{args.out}' must end in one of {', '.join(_IMAGE_SUFFIXES)}")
+    # Fail on an unwritable destination before the model loads.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    from mima.models.components import Components
+    from mima.sampling import sample_images, save_grid
+
+    components = Components.from_pretrained(args.model)
+    images = sample_images(
+        components, [args.prompt] * args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
+    )
+    print(save_grid(images, args.out))

@@ -1,0 +1,76 @@
+"""`mima toy ...`: the toy world's concepts and images, and the shipped toy model."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import shutil
+from pathlib import Path
+
+from mima.cli import toy_pretrain
+from mima.cli._args import positive_int
+from mima.data.toy_world import toy_concepts
+from mima.errors import ConfigError, ModelError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    toy = subparsers.add_parser("toy", help="the toy world: concepts, images and the toy model")
+    commands = toy.add_subparsers(dest="toy_command", metavar="COMMAND", required=True)
+
+    concepts = commands.add_parser("concepts", help="list the toy concepts (styles and objects)")
+    concepts.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    concepts.set_defaults(func=_concepts)
+
+    images = commands.add_parser("images", help="write N images of one concept and a metadata.csv of prompts")
+    images.add_argument("concept", metavar="CONCEPT", help="a toy concept, see `mima toy concepts`")
+    images.add_argument("--n", type=positive_int, required=True, help="number of images")
+    images.add_argument("--out", type=Path, required=True, help="output folder")
+    images.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
+    images.set_defaults(func=_images)
+
+    export = commands.add_parser("export", help="copy the shipped toy model (a diffusers folder) to DIR")
+    export.add_argument("dir", metavar="DIR", type=Path, help="destination; must not exist or be empty")
+    export.set_defaults(func=_export)
+
+    toy_pretrain.register(commands)
+
+
+def _concepts(args: argparse.Namespace) -> None:
+    rows = [{**dataclasses.asdict(c), "prompts": list(c.prompts)} for c in toy_concepts()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'name':<10} {'family':<7} {'held-out':<9} prompts")
+    for row in rows:
+        held_out = "yes" if row["held_out"] else "no"
+        print(f"{row['name']:<10} {row['family']:<7} {held_out:<9} {' | '.join(row['prompts'])}")
+
+
+def _images(args: argparse.Namespace) -> None:
+    from mima.data.image_folder import write_image_folder
+    from mima.data.toy_world import sample_concept_images
+
+    _check_concept(args.concept)
+    images, prompts = sample_concept_images(args.concept, args.n, seed=args.seed)
+    print(write_image_folder(images, prompts, args.out))
+
+
+def _check_concept(name: str) -> None:
+    names = [c.name for c in toy_concepts()]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(names)}"
+        raise ConfigError(f"unknown toy concept '{name}'; {hint} (see `mima toy concepts`)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mima.models.toy import toy_model_dir
+
+    source = toy_model_dir()
+    if not (source / "model_index.json").is_file():
+        raise ModelError(f"the shipped toy model is missing from '{source}'; build one with `mima toy pretrain`")
+    if args.dir.exists() and not (args.dir.is_dir() and not any(args.dir.iterdir())):
+        raise ConfigError(f"'{args.dir}' already exists and is not an empty folder")
+    print(shutil.copytree(source, args.dir, dirs_exist_ok=True))

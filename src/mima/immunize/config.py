@@ -1,0 +1,49 @@
+"""ImmunizeConfig: the settings of one immunization run (light to import: the CLI builds its flags from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mima.config import Config
+from mima.errors import ConfigError
+
+Setting = Literal["relearn", "personalize"]
+
+
+@dataclass(frozen=True)
+class ImmunizeConfig(Config):
+    """Settings of one immunization run (method.md). Method-specific fields are ignored by other methods."""
+
+    method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
+    setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
+    steps: int = field(default=100, metadata={"help": "outer iterations K"})
+    outer_lr: float = field(default=1e-3, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
+    inner_lr: float = field(default=1e-1, metadata={"help": "alpha: SGD step size of the simulated attacker"})
+    inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
+    order: Literal["second-order", "first-order"] = field(
+        default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
+    )
+    lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
+    upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
+    prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
+    ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
+    caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
+    batch_size: int = field(default=4, metadata={"help": "images per concept per batch"})
+    n_images: int = field(default=32, metadata={"help": "images generated per toy concept"})
+    n_class_images: int = field(default=32, metadata={"help": "class images generated per class prompt"})
+    erase_preserve_weight: float = field(default=1.0, metadata={"help": "erase: weight of the preserved prompts"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of the upper step (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of data, noise and timesteps"})
+    save_every: int = field(default=25, metadata={"help": "checkpoint period in outer steps"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "accelerate precision"})
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "save_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
+            raise ConfigError("outer_lr, inner_lr and ridge must be positive")
+        if self.prior_weight < 0:
+            raise ConfigError(f"prior_weight must be >= 0, got {self.prior_weight}")

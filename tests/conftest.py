@@ -1,0 +1,30 @@
+"""Shared fixtures. The whole suite runs offline: nothing here or in a test may reach the network.
+
+The session fixtures are built once and shared by every test, so tests must not mutate them: a test that trains
+or edits weights takes `copy.deepcopy(tiny_components)` (or copies `tiny_model_dir`) first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before any test module imports huggingface_hub, which reads them once at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny, seeded, randomly initialised toy components (UNet channels (4, 8), cross-attention width 8)."""
+    from mima.models.toy import build_toy_components
+
+    return build_toy_components(tmp_path_factory.mktemp("tiny") / "tok", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_components` saved as a diffusers pipeline folder (read-only by convention)."""
+    return tiny_components.save_pretrained(tmp_path_factory.mktemp("tiny-model") / "model")
