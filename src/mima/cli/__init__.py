@@ -23,6 +23,7 @@ COMMANDS = (
     "immunize",
     "attack",
     "validate",
+    "benchmark",
 )
 
 # Raised when an output path cannot be created or written, e.g. `--out` under a file or in a read-only folder.

@@ -34,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("dir", metavar="DIR", type=Path, help="destination; must not exist or be empty")
     export.set_defaults(func=_export)
 
+    judge = commands.add_parser("judge", help="rate how well a model draws each toy concept (the toy judge)")
+    judge.add_argument("--model", default="toy", help="'toy' or a diffusers folder (default toy)")
+    judge.add_argument("--n", type=positive_int, default=32, help="samples per prompt (default 32)")
+    judge.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4.0)")
+    judge.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
+    judge.add_argument("--out", type=Path, help="also write the rates as JSON here")
+    judge.set_defaults(func=_judge)
+
     toy_pretrain.register(commands)
 
 
@@ -46,6 +54,22 @@ def _concepts(args: argparse.Namespace) -> None:
     for row in rows:
         held_out = "yes" if row["held_out"] else "no"
         print(f"{row['name']:<10} {row['family']:<7} {held_out:<9} {' | '.join(row['prompts'])}")
+
+
+def _judge(args: argparse.Namespace) -> None:
+    from mima.evaluate.toy_quality import concept_rates, summarize
+    from mima.models.components import Components
+    from mima.models.toy_judge import load_default_judge
+
+    rates = concept_rates(Components.from_pretrained(args.model), load_default_judge(), n=args.n,
+                          steps=args.steps, guidance_scale=args.guidance)
+    for group, values in rates.items():
+        print(f"{group}: " + ", ".join(f"{name} {100 * rate:.0f}%" for name, rate in values.items()))
+    for group, stats in summarize(rates).items():
+        print(f"{group}: mean {100 * stats['mean']:.1f}%, min {100 * stats['min']:.1f}%")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rates": rates, "summary": summarize(rates)}, indent=2, sort_keys=True))
 
 
 def _images(args: argparse.Namespace) -> None:

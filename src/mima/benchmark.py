@@ -1,0 +1,108 @@
+"""The main job: immunize with every method, attack every concept, evaluate, report. Resumable.
+
+Layout of the output folder:
+    models/<method>/            `mima immunize` output per method ("none": the base, erased in relearn)
+    attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
+    report/                     metrics.json, report.md, report.html, plots, grids
+A finished piece (a model with immunization.json, an attack with attack.json) is never redone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mima.config import Config
+from mima.errors import ConfigError
+
+PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig(Config):
+    """One benchmark: a setting, a model, target and non-target concepts, methods, attacks and encoders."""
+
+    model: str = field(default="toy", metadata={"help": "'toy', a diffusers folder or a hub id"})
+    setting: str = field(default="relearn", metadata={"help": "relearn (erase first) or personalize"})
+    targets: tuple[str, ...] = field(default=("toy:stripes", "toy:checker", "toy:dots"), metadata={"help": "protect"})
+    non_targets: tuple[str, ...] = field(default=("toy:waves",), metadata={"help": "must stay learnable"})
+    methods: tuple[str, ...] = field(default=("imma", "imma-joint", "mima"), metadata={"help": "immunizers"})
+    attacks: tuple[str, ...] = field(default=("lora",), metadata={"help": "adaptation methods"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "attack seeds"})
+    encoders: tuple[str, ...] = field(default=("efficientnet-lite0", "toy-judge"), metadata={"help": "features"})
+    immunize: dict = field(default_factory=dict, metadata={"help": "ImmunizeConfig overrides for every method"})
+    attack: dict = field(default_factory=dict, metadata={"help": "AttackConfig overrides for every attack"})
+    references: str = field(default="toy", metadata={"help": "'toy' or a folder with one subfolder per concept"})
+
+    def __post_init__(self) -> None:
+        if self.setting not in ("relearn", "personalize"):
+            raise ConfigError(f"setting must be 'relearn' or 'personalize', got '{self.setting}'")
+        if not self.targets:
+            raise ConfigError("a benchmark needs at least one target concept")
+        if "none" in self.methods:
+            raise ConfigError("'none' is always run as the un-immunized reference; do not list it in methods")
+
+    @classmethod
+    def preset(cls, name: str) -> BenchmarkConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
+        return cls.from_yaml(Path(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml")))
+
+
+@dataclass
+class Benchmark:
+    config: BenchmarkConfig
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self) -> Path:
+        from mima.data.concepts import load_concepts
+
+        targets = load_concepts(list(self.config.targets))
+        non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
+        load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
+        models = {m: self._timed("immunization", self._immunize, m, targets) for m in ("none", *self.config.methods)}
+        runs = {m: self._timed("attacks", self._attack_all, models[m], m, targets + non_targets) for m in models}
+        return self._timed("evaluation", self._report, runs, targets, non_targets)
+
+    def _timed(self, phase: str, function, *args):
+        started = time.time()
+        result = function(*args)
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.time() - started
+        return result
+
+    def _immunize(self, method: str, targets: list) -> Path:
+        from mima.immunize import ImmunizationRun, ImmunizeConfig
+
+        out = self.out_dir / "models" / method
+        if (out / "immunization.json").is_file():
+            return out / "model"
+        overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
+        config = ImmunizeConfig.from_dict(overrides)
+        resume = (out / "checkpoint" / "progress.json").is_file()
+        return ImmunizationRun(self.config.model, targets, config, out).run(resume=resume)
+
+    def _attack_all(self, model_dir: Path, method: str, concepts: list) -> dict[tuple[str, str, int], Path]:
+        from mima.attacks import AttackConfig, AttackRun
+
+        runs = {}
+        for attack in self.config.attacks:
+            for concept in concepts:
+                for seed in self.config.seeds:
+                    out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
+                    if not (out / "attack.json").is_file():
+                        config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+                        resume = (out / "checkpoint" / "progress.json").is_file()
+                        AttackRun(str(model_dir), concept, config, out).run(resume=resume)
+                    runs[(attack, concept.name, seed)] = out
+        return runs
+
+    def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
+        from mima.evaluate.benchmark_report import write_benchmark_report
+
+        return write_benchmark_report(
+            runs, targets=[c.name for c in targets], non_targets=[c.name for c in non_targets],
+            config=self.config, timings=self.timings, out_dir=self.out_dir / "report",
+        )

@@ -1,0 +1,159 @@
+"""The benchmark's report: every method against the un-immunized model, per attack, encoder and seed.
+
+Writes `metrics.json` (summary + every evaluation + timings + provenance), `report.md`, a self-contained
+`report.html` (images embedded), similarity-vs-step figures with one line per method, and sample grids with one
+row per method.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mima.data.image_folder import read_image_folder
+from mima.evaluate.evaluate import evaluate_runs, write_evaluation, write_toy_references
+from mima.evaluate.report import slug
+from mima.sampling import save_grid
+from mima.utils.io import atomic_write_text
+from mima.utils.provenance import provenance
+
+UNIMMUNIZED = "none"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _summarize(results: dict, targets: list[str], non_targets: list[str]) -> dict:
+    """method -> attack -> encoder -> {msgr, mrsgr, sgr{concept}, non_target_sgr{concept}}; percent, seed-averaged."""
+    summary: dict = {}
+    for method, by_attack in results.items():
+        for attack, by_seed in by_attack.items():
+            encoders = next(iter(by_seed.values()))["encoders"]
+            for encoder in encoders:
+                blocks = [r["encoders"][encoder] for r in by_seed.values()]
+
+                def concept_sgr(name: str, blocks: list = blocks) -> float | None:
+                    per_seed = [_mean(b["concepts"][name]["sgr"][1:]) for b in blocks]  # t >= 1
+                    value = _mean(per_seed)
+                    return None if value is None else 100 * value
+
+                summary.setdefault(method, {}).setdefault(attack, {})[encoder] = {
+                    "msgr": _mean([b["msgr"] for b in blocks]),
+                    "mrsgr": _mean([b["mrsgr"] for b in blocks]),
+                    "sgr": {name: concept_sgr(name) for name in targets},
+                    "non_target_sgr": {name: concept_sgr(name) for name in non_targets},
+                    "attack_success_rate_with": _mean([b.get("attack_success_rate") for b in blocks]),
+                }
+    return summary
+
+
+def _curve_figure(results: dict, attack: str, encoder: str, concepts: list[str], path: Path) -> Path:
+    """One panel per concept: S(t) of the attacked un-immunized model and of each immunized one (seed mean)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(3.6 * len(concepts), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, concept in enumerate(concepts):
+        axes = figure.add_subplot(1, len(concepts), i + 1)
+        first = True
+        for method, by_attack in results.items():
+            blocks = [r["encoders"][encoder]["concepts"][concept] for r in by_attack[attack].values()]
+            steps = blocks[0]["steps"]
+            if first:
+                axes.plot(steps, np.mean([b["s_without"] for b in blocks], axis=0), "k--", label=UNIMMUNIZED)
+                first = False
+            axes.plot(steps, np.mean([b["s_with"] for b in blocks], axis=0), "o-", label=method)
+        axes.set_title(concept + ("" if blocks[0]["target"] else " (non-target)"))
+        axes.set_xlabel(f"{attack} step")
+        axes.set_ylabel(f"similarity ({encoder})")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    return path
+
+
+def _sample_grid(runs: dict, attack: str, concept: str, seed: int, path: Path, n: int = 8) -> Path:
+    """Rows: the un-immunized model, then each method; columns: the last checkpoint's first `n` samples."""
+    rows = []
+    for method in runs:
+        samples = sorted((runs[method][(attack, concept, seed)] / "samples").iterdir(), key=lambda p: int(p.name[5:]))
+        images = read_image_folder(samples[-1])[0][:n]
+        rows += [np.asarray(image) for image in images]
+    return save_grid(np.stack(rows), path, columns=n)
+
+
+def _embed(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
+
+
+def _table(summary: dict) -> list[list[str]]:
+    rows = [["method", "attack", "encoder", "MSGR %", "MRSGR %", "mean non-target |SGR| %"]]
+    for method, by_attack in summary.items():
+        for attack, by_encoder in by_attack.items():
+            for encoder, s in by_encoder.items():
+                non_target = _mean([abs(v) for v in s["non_target_sgr"].values() if v is not None])
+                rows.append([method, attack, encoder, *(f"{v:.1f}" if v is not None else "n/a"
+                                                        for v in (s["msgr"], s["mrsgr"], non_target))])
+    return rows
+
+
+def write_benchmark_report(
+    runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, float], out_dir: Path
+) -> Path:
+    """Evaluate every (method, attack, seed) against the un-immunized runs and write the report folder."""
+    concepts = targets + non_targets
+    references = write_toy_references(concepts, out_dir / "references") if config.references == "toy" else {
+        c: Path(config.references) / c for c in concepts}
+    results: dict = {}
+    for method in config.methods:
+        for attack in config.attacks:
+            for seed in config.seeds:
+                pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)]) for c in concepts}
+                result = evaluate_runs(pairs, references, config.encoders, non_targets=non_targets)
+                write_evaluation(result, out_dir / "evaluations" / method / attack / f"seed{seed}")
+                results.setdefault(method, {}).setdefault(attack, {})[str(seed)] = result
+    summary = _summarize(results, targets, non_targets)
+    figures = [_curve_figure(results, a, e, concepts, out_dir / "figures" / f"similarity-{slug(a)}-{slug(e)}.png")
+               for a in config.attacks for e in config.encoders]
+    grids = [_sample_grid(runs, a, c, config.seeds[0], out_dir / "grids" / f"{slug(a)}-{slug(c)}.png")
+             for a in config.attacks for c in concepts]
+    record = {"summary": summary, "evaluations": results, "config": config.to_dict(), "timings_s": timings,
+              **provenance()}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _write_documents(summary, figures, grids, list(runs), timings, out_dir)
+    return out_dir
+
+
+def _write_documents(summary: dict, figures: list[Path], grids: list[Path], methods: list[str],
+                     timings: dict[str, float], out_dir: Path) -> None:
+    table = _table(summary)
+    legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "
+              "learnable (definitions: docs/metrics.md).")
+    time_line = "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    md = ["# mima benchmark report", "", legend, ""]
+    md += ["| " + " | ".join(row) + " |" for row in table[:1]] + ["|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    md += ["", time_line, "", "## Similarity vs attack steps"]
+    md += [f"![{f.stem}]({f.relative_to(out_dir)})" for f in figures]
+    md += ["", f"## Last-checkpoint samples (rows: {', '.join(methods)})"]
+    md += [f"![{g.stem}]({g.relative_to(out_dir)})" for g in grids]
+    atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
+    cells = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
+                    + "</tr>" for i, row in enumerate(table))
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>mima benchmark report</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #999;padding:4px 8px}</style></head><body>",
+            "<h1>mima benchmark report</h1>", f"<p>{legend}</p>", f"<table id='summary'>{cells}</table>",
+            f"<p>{time_line}</p>", "<h2>Similarity vs attack steps</h2>",
+            *(_embed(f) for f in figures), f"<h2>Last-checkpoint samples (rows: {', '.join(methods)})</h2>",
+            *(f"<h3>{g.stem}</h3>{_embed(g)}" for g in grids), "</body></html>"]
+    atomic_write_text(out_dir / "report.html", "\n".join(html))
