@@ -105,8 +105,8 @@ def main() -> None:
         return _child(args)
 
     def run(method: str, n: int) -> dict[str, float]:
-        command = [sys.executable, __file__, "--model", args.model, "--child", method, "--n", str(n), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        command = [sys.executable, __file__, "--model", args.model, "--child", method, "--n", str(n),
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
     plain = run("finetune", 1)

@@ -70,7 +70,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params.values(), config.grad_clip)
         optimizer.step()
         if step % args.every == 0:
-            rows.append({"step": step, **_fixed_upper_losses(immunizer, concepts, args.eval_batches, config.batch_size)})
+            losses = _fixed_upper_losses(immunizer, concepts, args.eval_batches, config.batch_size)
+            rows.append({"step": step, **losses})
             print(rows[-1])
     with open(args.out, "w") as f:
         json.dump({"config": config.to_dict(), "rows": rows}, f, indent=2)

@@ -149,7 +149,7 @@ def _write_documents(summary: dict, figures: list[Path], grids: list[Path], meth
     atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
     cells = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
                     + "</tr>" for i, row in enumerate(table))
-    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>mima benchmark report</title>"
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>mima benchmark report</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #999;padding:4px 8px}</style></head><body>",
             "<h1>mima benchmark report</h1>", f"<p>{legend}</p>", f"<table id='summary'>{cells}</table>",
