@@ -24,6 +24,8 @@ COMMANDS = (
     "attack",
     "validate",
     "benchmark",
+    "evaluate",
+    "ls",
 )
 
 # Raised when an output path cannot be created or written, e.g. `--out` under a file or in a read-only folder.

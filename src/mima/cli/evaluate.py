@@ -1,0 +1,54 @@
+"""`mima evaluate`: similarity curves, SGR, MSGR and MRSGR of attack runs without and with immunization."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_DEFAULT_ENCODERS = ["efficientnet-lite0", "toy-judge"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="compare attack runs without and with immunization (S, SGR, MSGR, MRSGR, plots)"
+    )
+    parser.add_argument(
+        "--without", nargs="+", type=Path, required=True, metavar="RUN",
+        help="`mima attack` run folders attacking the model WITHOUT immunization, one per concept",
+    )
+    parser.add_argument(
+        "--with", dest="with_runs", nargs="+", type=Path, required=True, metavar="RUN",
+        help="`mima attack` run folders attacking the IMMUNIZED model; paired with --without by concept",
+    )
+    parser.add_argument(
+        "--references", nargs="+", required=True, metavar="REF",
+        help="'toy' (generate 64 toy-world images per concept into OUT/references), a folder with one subfolder "
+        "per concept, and/or CONCEPT=DIR entries",
+    )
+    parser.add_argument(
+        "--encoder", nargs="+", default=_DEFAULT_ENCODERS, metavar="SPEC",
+        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--non-targets", nargs="+", default=[], metavar="CONCEPT",
+        help="concepts that were not immunized against (reported as non_target_sgr, excluded from MSGR)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, plots/, grids/)")
+    parser.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    pairs = pair_runs(args.without, args.with_runs)
+    references = resolve_references(args.references, list(pairs), args.out / "references")
+    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets)
+    path = write_evaluation(result, args.out)
+    for encoder, block in result["encoders"].items():
+        print(f"{encoder}: MSGR {_fmt(block['msgr'])}  MRSGR {_fmt(block['mrsgr'])}")
+    print(f"metrics: {path}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

@@ -1,0 +1,49 @@
+"""`mima ls`: list the registered immunizers, attacks, image encoders and metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+_KINDS = ("immunizers", "attacks", "encoders", "metrics")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ls", help="list registered immunizers, attacks, encoders and metrics")
+    parser.add_argument("kind", nargs="?", choices=_KINDS, help="what to list (default: everything)")
+    parser.set_defaults(func=_ls)
+
+
+def _ls(args: argparse.Namespace) -> None:
+    kinds = [args.kind] if args.kind else list(_KINDS)
+    for index, kind in enumerate(kinds):
+        if len(kinds) > 1:
+            print(("\n" if index else "") + f"{kind}:")
+        for line in _lines(kind):
+            print(("  " if len(kinds) > 1 else "") + line)
+
+
+def _lines(kind: str) -> list[str]:
+    if kind in ("immunizers", "attacks"):
+        if kind == "immunizers":
+            from mima.immunize import immunizers as registry
+        else:
+            from mima.attacks import attacks as registry
+        return [f"{name:<20} {_summary(registry.get(name))}" for name in registry.names()]
+    if kind == "encoders":
+        from mima.evaluate.encoders import encoders
+
+        return encoders.names()
+    from mima.evaluate.metrics import metrics
+
+    return [f"{name:<24} {'higher' if metrics.get(name).higher_is_better else 'lower'} is better"
+            for name in metrics.names()]
+
+
+def _summary(cls: type) -> str:
+    """First line of the class docstring, else of its module's docstring."""
+    import sys
+
+    for doc in (cls.__doc__, sys.modules[cls.__module__].__doc__):
+        if doc and doc.strip():
+            return doc.strip().splitlines()[0]
+    return ""
