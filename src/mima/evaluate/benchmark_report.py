@@ -31,7 +31,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _summarize(results: dict, targets: list[str], non_targets: list[str]) -> dict:
-    """method -> attack -> encoder -> {msgr, mrsgr, sgr{concept}, non_target_sgr{concept}}; percent, seed-averaged."""
+    """method -> attack -> encoder -> {msgr, mrsgr, sgr, non_target_sgr (percent), attack-success rate (fraction)},
+    averaged over seeds."""
     summary: dict = {}
     for method, by_attack in results.items():
         for attack, by_seed in by_attack.items():
@@ -86,9 +87,9 @@ def _sample_grid(runs: dict, attack: str, concept: str, seed: int, path: Path, n
     rows = []
     for method in runs:
         samples = sorted((runs[method][(attack, concept, seed)] / "samples").iterdir(), key=lambda p: int(p.name[5:]))
-        images = read_image_folder(samples[-1])[0][:n]
-        rows += [np.asarray(image) for image in images]
-    return save_grid(np.stack(rows), path, columns=n)
+        rows.append([np.asarray(image) for image in read_image_folder(samples[-1])[0][:n]])
+    columns = min(len(row) for row in rows)
+    return save_grid(np.stack([image for row in rows for image in row[:columns]]), path, columns=columns)
 
 
 def _embed(path: Path) -> str:
