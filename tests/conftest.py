@@ -28,3 +28,14 @@ def tiny_components(tmp_path_factory: pytest.TempPathFactory):
 def tiny_model_dir(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_components` saved as a diffusers pipeline folder (read-only by convention)."""
     return tiny_components.save_pretrained(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (small convolutions are faster, and timings less noisy, that way)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from mima.errors import ConfigError, ModelError
 from mima.evaluate.encoders import ImageEncoder, encoders, get_encoder, preprocess_images
 from mima.registry import UnknownNameError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy_images(style: str, n: int, seed: int) -> list[Image.Image]:

@@ -18,12 +18,7 @@ from mima.evaluate.toy_judge_encoder import ToyJudgeEncoder
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_run(folder: Path, concept: str, steps: dict[int, tuple[str, int]], method: str = "lora") -> Path:

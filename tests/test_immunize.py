@@ -121,7 +121,7 @@ def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_d
         _run(tiny_model_dir, tmp_path / "run", steps=3, save_every=1)
     checkpoint = tmp_path / "run" / "checkpoint"
     assert json.loads((checkpoint / "progress.json").read_text())["step"] == 1
-    assert load_tensors(checkpoint / "upper_params.safetensors")
+    assert load_tensors(checkpoint / "trainable.safetensors")
 
 
 def _folder_concept(tmp_path, name="mine"):

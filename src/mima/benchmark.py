@@ -75,17 +75,19 @@ class Benchmark:
 
     def _immunize(self, method: str, targets: list) -> Path:
         from mima.immunize import ImmunizationRun, ImmunizeConfig
+        from mima.utils.checkpoint import has_checkpoint
 
         out = self.out_dir / "models" / method
         if (out / "immunization.json").is_file():
             return out / "model"
         overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
         config = ImmunizeConfig.from_dict(overrides)
-        resume = (out / "checkpoint" / "progress.json").is_file()
+        resume = has_checkpoint(out / "checkpoint")
         return ImmunizationRun(self.config.model, targets, config, out).run(resume=resume)
 
     def _attack_all(self, model_dir: Path, method: str, concepts: list) -> dict[tuple[str, str, int], Path]:
         from mima.attacks import AttackConfig, AttackRun
+        from mima.utils.checkpoint import has_checkpoint
 
         runs = {}
         for attack in self.config.attacks:
@@ -94,7 +96,7 @@ class Benchmark:
                     out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                     if not (out / "attack.json").is_file():
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                        resume = (out / "checkpoint" / "progress.json").is_file()
+                        resume = has_checkpoint(out / "checkpoint")
                         AttackRun(str(model_dir), concept, config, out).run(resume=resume)
                     runs[(attack, concept.name, seed)] = out
         return runs

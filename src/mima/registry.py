@@ -150,3 +150,18 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ";"
         return f"unknown {self.kind} '{name}'{hint} valid: {', '.join(names) or '(none)'}"
+
+
+def lazy_package(package: str, exports: dict[str, str], method_modules: tuple[str, ...]) -> Callable[[str], object]:
+    """A module `__getattr__` for a family package: names resolve on first use, and reading any of them first
+    imports every method module (each registers itself), so that importing the package's config stays light."""
+    import importlib
+
+    def __getattr__(name: str) -> object:
+        if name not in exports:
+            raise AttributeError(f"module '{package}' has no attribute '{name}'")
+        for module in method_modules:
+            importlib.import_module(module)
+        return getattr(importlib.import_module(exports[name]), name)
+
+    return __getattr__

@@ -6,8 +6,7 @@ imports every method module, which registers itself.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mima.registry import lazy_package
 
 _METHOD_MODULES = (
     "mima.attacks.custom_diffusion", "mima.attacks.dreambooth", "mima.attacks.lora", "mima.attacks.textual_inversion",
@@ -21,9 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mima.attacks' has no attribute '{name}'")
-    for module in _METHOD_MODULES:
-        importlib.import_module(module)
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_package("mima.attacks", _EXPORTS, _METHOD_MODULES)

@@ -24,15 +24,9 @@ from mima.data.image_folder import write_image_folder
 from mima.errors import ConfigError, TrainingError
 from mima.models.components import Components
 from mima.sampling import sample_images
+from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from mima.utils.device import seed_everything, step_generator
-from mima.utils.io import (
-    atomic_directory,
-    atomic_write_text,
-    load_tensors,
-    load_torch_state,
-    save_tensors,
-    save_torch_state,
-)
+from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
 
@@ -95,8 +89,8 @@ class _Loop:
 
     def run(self, resume: bool) -> list[dict[str, float]]:
         if resume:
-            self._load_checkpoint()
-        elif self.checkpoint_dir.exists():
+            self.step, self.log = load_checkpoint(self.checkpoint_dir, self._named_params(), self.optimizer)
+        elif has_checkpoint(self.checkpoint_dir):
             raise ConfigError(f"'{self.checkpoint_dir}' holds an unfinished run; pass --resume or use another --out")
         if self.step == 0:
             self._write_samples()
@@ -110,7 +104,7 @@ class _Loop:
                 if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                     self._write_samples()
                     if self.step < self.config.steps:
-                        self._save_checkpoint()
+                        save_checkpoint(self.checkpoint_dir, self._named_params(), self.optimizer, self.step, self.log)
         return self.log
 
     def _train_step(self) -> float:
@@ -138,19 +132,5 @@ class _Loop:
         )
         write_image_folder(images, eval_prompts, self.out_dir / "samples" / f"step_{self.step}")
 
-    def _save_checkpoint(self) -> None:
-        with atomic_directory(self.checkpoint_dir) as tmp:
-            save_tensors(tmp / "trainable.safetensors", {str(i): p.detach() for i, p in enumerate(self.params)})
-            save_torch_state(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "progress.json").write_text(json.dumps({"step": self.step, "log": self.log}))
-
-    def _load_checkpoint(self) -> None:
-        if not (self.checkpoint_dir / "progress.json").is_file():
-            raise ConfigError(f"--resume: no checkpoint in '{self.checkpoint_dir}'")
-        saved = load_tensors(self.checkpoint_dir / "trainable.safetensors")
-        with torch.no_grad():
-            for i, param in enumerate(self.params):
-                param.copy_(saved[str(i)])
-        self.optimizer.load_state_dict(load_torch_state(self.checkpoint_dir / "optimizer.pt"))
-        progress = json.loads((self.checkpoint_dir / "progress.json").read_text())
-        self.step, self.log = progress["step"], progress["log"]
+    def _named_params(self) -> dict[str, torch.Tensor]:
+        return {str(i): p for i, p in enumerate(self.params)}

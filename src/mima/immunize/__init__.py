@@ -6,8 +6,7 @@ Names resolve lazily, so that `mima.immunize.config` imports without torch; read
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mima.registry import lazy_package
 
 _METHOD_MODULES = ("mima.immunize.erase", "mima.immunize.imma", "mima.immunize.mima")
 _EXPORTS = {
@@ -19,9 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mima.immunize' has no attribute '{name}'")
-    for module in _METHOD_MODULES:
-        importlib.import_module(module)
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_package("mima.immunize", _EXPORTS, _METHOD_MODULES)

@@ -25,15 +25,9 @@ from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
 from mima.models.components import TOY_MODEL_NAME, Components
 from mima.models.cross_attention import key_value_parameter_names
+from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from mima.utils.device import step_generator
-from mima.utils.io import (
-    atomic_directory,
-    atomic_write_text,
-    load_tensors,
-    load_torch_state,
-    save_tensors,
-    save_torch_state,
-)
+from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
 
@@ -102,8 +96,8 @@ class _Loop:
 
     def run(self, resume: bool) -> list[dict[str, float]]:
         if resume:
-            self._load_checkpoint()
-        elif (self.checkpoint_dir / "progress.json").exists():
+            self.step, self.log = load_checkpoint(self.checkpoint_dir, self.params, self.optimizer)
+        elif has_checkpoint(self.checkpoint_dir):
             raise ConfigError(f"'{self.checkpoint_dir}' holds an unfinished run; pass --resume or use another --out")
         with tqdm(total=self.config.steps, initial=self.step, desc=f"immunize ({self.config.method})") as bar:
             while self.step < self.config.steps:
@@ -113,7 +107,7 @@ class _Loop:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k != "objective"})
                 if self.step % self.config.save_every == 0 and self.step < self.config.steps:
-                    self._save_checkpoint()
+                    save_checkpoint(self.checkpoint_dir, self.params, self.optimizer, self.step, self.log)
         return self.log
 
     def _batches(self, generator: torch.Generator) -> ConceptBatches:
@@ -137,20 +131,3 @@ class _Loop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"objective": objective.item(), **logs}
-
-    def _save_checkpoint(self) -> None:
-        with atomic_directory(self.checkpoint_dir) as tmp:
-            save_tensors(tmp / "upper_params.safetensors", {k: v.detach() for k, v in self.params.items()})
-            save_torch_state(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "progress.json").write_text(json.dumps({"step": self.step, "log": self.log}))
-
-    def _load_checkpoint(self) -> None:
-        if not (self.checkpoint_dir / "progress.json").is_file():
-            raise ConfigError(f"--resume: no checkpoint in '{self.checkpoint_dir}'")
-        saved = load_tensors(self.checkpoint_dir / "upper_params.safetensors")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(saved[name])
-        self.optimizer.load_state_dict(load_torch_state(self.checkpoint_dir / "optimizer.pt"))
-        progress = json.loads((self.checkpoint_dir / "progress.json").read_text())
-        self.step, self.log = progress["step"], progress["log"]
