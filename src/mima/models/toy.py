@@ -1,6 +1,6 @@
 """The embedded toy model: a tiny Stable Diffusion for the toy world, and the tiny test fixture.
 
-`toy_architecture(size)` gives the configs of every component; `build_toy_components` instantiates them
+`toy_architecture(vocab_size, size)` gives the configs of every component; `build_toy_components` instantiates them
 (seeded, randomly initialised); `build_toy_tokenizer` makes a CLIP BPE tokenizer from the toy world's
 vocabulary. The pretrained weights ship inside the package (`TOY_MODEL_DIR`), made by `mima toy pretrain`.
 """
@@ -70,7 +70,7 @@ def build_toy_tokenizer(out_dir: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def toy_architecture(size: ToySize = "small", vocab_size: int = 1024) -> dict[str, dict]:
+def toy_architecture(vocab_size: int, size: ToySize = "small") -> dict[str, dict]:
     """Configs of the toy components. `small` is the shipped model; `tiny` is the test fixture."""
     width, channels, groups = {"small": (64, (32, 64), 8), "tiny": (8, (4, 8), 2)}[size]
     text = dict(
@@ -100,7 +100,7 @@ def toy_architecture(size: ToySize = "small", vocab_size: int = 1024) -> dict[st
 def build_toy_components(tokenizer_dir: Path, size: ToySize = "small", seed: int = 0) -> Components:
     """Randomly initialised toy components (seeded), with a freshly built toy tokenizer in `tokenizer_dir`."""
     tokenizer = build_toy_tokenizer(tokenizer_dir)
-    arch = toy_architecture(size, vocab_size=len(tokenizer))
+    arch = toy_architecture(len(tokenizer), size)
     arch["text_encoder"].update(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
