@@ -8,6 +8,7 @@ from a generator seeded by (seed, stage, step), so a resumed run sees exactly th
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,8 @@ def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path) -> Path:
     trainer = ToyPretrainer(cfg, out_dir)
     components = trainer.train()
     model_dir = components.save_pretrained(out_dir / "model")
+    for name in ("vocab.json", "merges.txt"):  # the classic CLIP BPE files, beside diffusers' tokenizer.json
+        shutil.copy(out_dir / "tokenizer-build" / name, model_dir / "tokenizer" / name)
     prompts = [c.prompts[0] for c in toy_concepts() for _ in range(4)]
     save_grid(sample_images(components, prompts, seed=cfg.seed), out_dir / "samples.png", columns=8)
     (out_dir / "pretrain_log.json").write_text(json.dumps(trainer.log))
