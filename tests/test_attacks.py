@@ -130,3 +130,18 @@ def test_bad_attack_inputs_are_one_line_errors(tiny_model_dir, tmp_path, capsys)
     assert code == 2 and "nope" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         AttackConfig(eval_images=0)
+
+
+def test_attack_sweep_runs_the_grid_and_skips_finished_runs(tiny_model_dir, tmp_path, capsys):
+    args = ["attack-sweep", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--methods", "lora",
+            "textual-inversion", "--budgets", "1", "2", "--lrs", "0.01", "--out", str(tmp_path),
+            "--n-images", "4", "--eval-images", "2", "--sampling-steps", "2", "--batch-size", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    records = sorted(tmp_path.glob("*/lr0.01/steps*/attack.json"))
+    assert [r.parent.relative_to(tmp_path).as_posix() for r in records] == [
+        "lora/lr0.01/steps1", "lora/lr0.01/steps2", "textual-inversion/lr0.01/steps1",
+        "textual-inversion/lr0.01/steps2"]
+    assert [json.loads(r.read_text())["config"]["steps"] for r in records] == [1, 2, 1, 2]
+    written = [r.stat().st_mtime_ns for r in records]
+    assert main(args) == 0
+    assert [r.stat().st_mtime_ns for r in records] == written

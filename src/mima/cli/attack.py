@@ -21,13 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_attack)
 
 
-def _attack(args: argparse.Namespace) -> None:
-    from mima.attacks import AttackConfig, AttackRun
+def concept_from_arg(text: str):
+    """The one concept of `--concept`: toy:<name>, an image folder, or the first entry of a concept file."""
     from mima.data.concepts import load_concepts
 
+    return load_concepts(text if Path(text).suffix in (".yaml", ".yml", ".json") else [text])[0]
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from mima.attacks import AttackConfig, AttackRun
+
     config = config_from_args(AttackConfig, args)
-    source = args.concept if Path(args.concept).suffix in (".yaml", ".yml", ".json") else [args.concept]
-    (concept, *rest) = load_concepts(source)
     args.out.mkdir(parents=True, exist_ok=True)
-    export = AttackRun(args.model, concept, config, args.out).run(resume=args.resume)
+    export = AttackRun(args.model, concept_from_arg(args.concept), config, args.out).run(resume=args.resume)
     print(f"attack artifact: {export}\nsamples: {args.out / 'samples'}\nrecord: {args.out / 'attack.json'}")

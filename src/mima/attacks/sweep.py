@@ -1,0 +1,30 @@
+"""A grid of attacks (methods x learning rates x step budgets) on one model and concept: the input to a
+worst-case report. Resumable: a finished run (with its attack.json) is skipped, an interrupted one resumed."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from mima.attacks import AttackConfig, AttackRun
+from mima.data.concepts import ConceptSpec
+from mima.utils.checkpoint import has_checkpoint
+
+
+def sweep_folder(out_dir: Path, method: str, lr: float | None, steps: int | None) -> Path:
+    return out_dir / method / f"lr{lr if lr is not None else 'default'}" / f"steps{steps or 'default'}"
+
+
+def run_sweep(
+    model: str, concept: ConceptSpec, base: AttackConfig, methods: list[str], lrs: list[float | None],
+    budgets: list[int | None], out_dir: Path,
+) -> list[Path]:
+    """Run every (method, lr, steps) not yet finished; returns every run folder of the grid."""
+    folders = []
+    for method, lr, steps in itertools.product(methods, lrs, budgets):
+        folder = sweep_folder(out_dir, method, lr, steps)
+        if not (folder / "attack.json").is_file():
+            config = base.with_overrides(method=method, lr=lr, steps=steps)
+            AttackRun(model, concept, config, folder).run(resume=has_checkpoint(folder / "checkpoint"))
+        folders.append(folder)
+    return folders
