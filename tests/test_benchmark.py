@@ -1,0 +1,42 @@
+"""`mima benchmark` end to end on the tiny model: every piece, the report, and a resumed re-run that redoes nothing."""
+
+import json
+
+import yaml
+
+from mima.benchmark import BenchmarkConfig
+from mima.cli import main
+
+
+def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capsys):
+    config = {
+        "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": ["toy:star"], "methods": ["mima"],
+        "attacks": ["lora"], "encoders": ["toy-judge"],
+        "immunize": {"steps": 1, "n_images": 4, "n_class_images": 2, "batch_size": 2},
+        "attack": {"steps": 2, "save_every": 1, "eval_images": 2, "sampling_steps": 2, "n_images": 4},
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    report = out / "report"
+    for name in ("report.html", "report.md", "metrics.json", "figures/similarity-lora-toy-judge.png",
+                 "grids/lora-stripes.png", "grids/lora-star.png"):
+        assert (report / name).is_file(), name
+    summary = json.loads((report / "metrics.json").read_text())["summary"]["mima"]["lora"]["toy-judge"]
+    assert set(summary) >= {"msgr", "mrsgr", "sgr", "non_target_sgr"}
+    assert set(summary["sgr"]) == {"stripes"} and set(summary["non_target_sgr"]) == {"star"}
+    html = (report / "report.html").read_text()
+    assert "<table id='summary'>" in html and html.count("data:image/png;base64,") == 3
+    runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
+    assert len(runs) == 6  # 2 models (none, mima) x 2 concepts attacked, and the 2 models
+    written = [r.stat().st_mtime_ns for r in runs]
+    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
+    assert [r.stat().st_mtime_ns for r in runs] == written
+    assert json.loads((report / "metrics.json").read_text())["summary"]["mima"]["lora"]["toy-judge"] == summary
+
+
+def test_presets_validate():
+    for name in ("toy-demo", "toy-demo-quick", "toy-full"):
+        config = BenchmarkConfig.preset(name)
+        assert config.model == "toy" and "mima" in config.methods and config.attack.get("eval_images", 32) >= 32
