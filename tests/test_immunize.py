@@ -43,7 +43,7 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     record = json.loads((out / "immunization.json").read_text())
     assert record["config"]["setting"] == setting and len(record["log"]) == 2
     assert {"upper/stripes", "upper/star", "lower/stripes", "lower/star", "prior"} <= set(record["log"][0])
-    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"]
+    assert record["versions"]["torch"] == torch.__version__ and record["elapsed_s"] > 0
     assert not (out / "checkpoint").exists()
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
     images = pipe("a painting in stripes style", num_inference_steps=2, output_type="np").images
