@@ -43,7 +43,7 @@ def _measure(model: str, method: str, n: int, steps: int, batch_size: int) -> di
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
         def step() -> None:
-            latents, hidden = concepts[0].instance.sample(batch_size, g)
+            latents, hidden, _ = concepts[0].instance.sample(batch_size, g)
             diffusion_loss(unet_caller(unet), components.scheduler, latents, hidden, generator=g).backward()
             optimizer.step()
             optimizer.zero_grad()

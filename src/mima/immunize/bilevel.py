@@ -23,7 +23,8 @@ class BilevelImmunizer(Immunizer):
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         self.unet, self.scheduler, self.concepts = components.unet, components.scheduler, concepts
-        use_differentiable_attention(self.unet)
+        if self.config.order == "second-order":  # only double backward needs the plain-math attention kernel
+            use_differentiable_attention(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
