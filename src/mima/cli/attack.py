@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def concept_from_arg(text: str):
     """The one concept of `--concept`: toy:<name>, an image folder, or the first entry of a concept file."""
-    from mima.data.concepts import load_concepts
+    from mima.data.concepts import load_concepts_arg
 
-    return load_concepts(text if Path(text).suffix in (".yaml", ".yml", ".json") else [text])[0]
+    return load_concepts_arg(text)[0]
 
 
 def _attack(args: argparse.Namespace) -> None:

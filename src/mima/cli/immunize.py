@@ -24,18 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_immunize)
 
 
-def _concept_source(text: str) -> str | list[str]:
-    if Path(text).suffix in (".yaml", ".yml", ".json"):
-        return text
-    return [entry.strip() for entry in text.split(",") if entry.strip()]
-
-
 def _immunize(args: argparse.Namespace) -> None:
-    from mima.data.concepts import load_concepts
+    from mima.data.concepts import load_concepts_arg
     from mima.immunize import ImmunizationRun, ImmunizeConfig
 
     config = config_from_args(ImmunizeConfig, args)
-    specs = load_concepts(_concept_source(args.concepts))
+    specs = load_concepts_arg(args.concepts)
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = ImmunizationRun(args.model, specs, config, args.out).run(resume=args.resume)
     print(f"immunized model: {model_dir}\nrecord: {args.out / 'immunization.json'}")

@@ -101,6 +101,13 @@ def load_concepts(source: str | Path | list[Any]) -> list[ConceptSpec]:
     return specs
 
 
+def load_concepts_arg(text: str) -> list[ConceptSpec]:
+    """Concepts from a command-line value: a concept file (.yaml/.yml/.json) or comma-separated entries."""
+    if Path(text).suffix in (".yaml", ".yml", ".json"):
+        return load_concepts(text)
+    return load_concepts([entry.strip() for entry in text.split(",") if entry.strip()])
+
+
 def materialize(spec: ConceptSpec, cache_dir: Path, n_images: int, seed: int = 0) -> ConceptSpec:
     """Give a toy concept an image folder (generated once into `cache_dir/<name>`); others are returned as is."""
     if spec.toy is None or spec.images is not None:
