@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from transformers import CLIPTokenizer
 
 from mima.data.toy_world import toy_concepts
-from mima.models.toy import MAX_PROMPT_TOKENS, toy_vocabulary
+from mima.models.toy import MAX_PROMPT_TOKENS, toy_vocabulary, train_bpe_merges
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +55,28 @@ def test_save_load_round_trip_gives_identical_ids(tokenizer, tmp_path):
 def test_shipped_pipeline_folder_tokenizer_matches(tokenizer, tiny_model_dir):
     reloaded = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     assert reloaded("a painting in checker style").input_ids == tokenizer("a painting in checker style").input_ids
+
+
+def test_build_is_identical_across_processes(tmp_path):
+    # Python's string hashing (hence set and dict order of pairs) changes with PYTHONHASHSEED.
+    script = "import sys, pathlib; from mima.models.toy import build_toy_tokenizer; build_toy_tokenizer(pathlib.Path(sys.argv[1]))"
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True, env=env)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+
+
+def test_bpe_merges_make_every_training_word_one_symbol():
+    merges = train_bpe_merges(["low", "lower", "newest", "widest"])
+    tokenizer = CLIPTokenizer(vocab=_vocab_for(merges), merges=merges)
+    assert [tokenizer.tokenize(w) for w in ("low", "lower", "newest", "widest")] == [
+        ["low</w>"], ["lower</w>"], ["newest</w>"], ["widest</w>"]
+    ]
+    assert merges[0] == ("e", "s")  # the most frequent pair; ("s", "t</w>") ties with it and sorts after
+
+
+def _vocab_for(merges: list[tuple[str, str]]) -> dict[str, int]:
+    symbols = sorted({c for pair in merges for part in pair for c in [part]} | {a + b for a, b in merges})
+    symbols += ["<|startoftext|>", "<|endoftext|>"]
+    return {s: i for i, s in enumerate(symbols)}

@@ -15,6 +15,7 @@ def register(toy_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint/, model/, samples.png")
     parser.add_argument("--config", type=Path, help="YAML file of ToyPretrainConfig fields (CLI options win)")
     parser.add_argument("--steps", type=positive_int, help="UNet + text encoder steps (stage 2)")
+    parser.add_argument("--focus-steps", type=int, help="object-focus steps (stage 3; 0 skips it)")
     parser.add_argument("--vae-steps", type=positive_int, help="VAE steps (stage 1)")
     parser.add_argument("--batch-size", type=positive_int, help="UNet batch size")
     parser.add_argument("--seed", type=int, help="seed of initialisation, data and noise")
@@ -30,7 +31,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     cfg = ToyPretrainConfig.from_yaml(args.config) if args.config else ToyPretrainConfig()
     cfg = cfg.with_overrides(
-        steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed, size=args.size
+        steps=args.steps, focus_steps=args.focus_steps, vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed, size=args.size
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -246,10 +246,12 @@ def concept_family(name: str) -> Family:
 
 
 def sample_training_batch(
-    batch_size: int, rng: np.random.Generator, *, include_held_out: bool = False, composition_share: float = 0.2
+    batch_size: int, rng: np.random.Generator, *, include_held_out: bool = False,
+    style_share: float = 0.4, composition_share: float = 0.2,
 ) -> tuple[np.ndarray, list[str], list[tuple[str | None, str | None]]]:
     """A mixed batch of styles, objects and compositions, for pretraining the toy model and its judge.
 
+    `style_share` of the images are styles alone, `composition_share` compositions, the rest objects alone.
     Returns images (B, 32, 32, 3) uint8, prompts and (style, object) labels.
     """
     styles = [s for s in STYLES if include_held_out or s not in HELD_OUT]
@@ -257,8 +259,8 @@ def sample_training_batch(
     images, prompts, labels = [], [], []
     for _ in range(batch_size):
         kind = rng.random()
-        style = styles[rng.integers(len(styles))] if kind < 0.4 + composition_share else None
-        obj = objects[rng.integers(len(objects))] if kind >= 0.4 else None
+        style = styles[rng.integers(len(styles))] if kind < style_share + composition_share else None
+        obj = objects[rng.integers(len(objects))] if kind >= style_share else None
         images.append(render(style, obj, rng))
         prompts.append(prompt_for(style, obj, rng))
         labels.append((style, obj))

@@ -8,13 +8,14 @@ vocabulary. The pretrained weights ship inside the package (`TOY_MODEL_DIR`), ma
 from __future__ import annotations
 
 import json
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from mima.data import toy_world
@@ -47,27 +48,54 @@ def toy_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if tuple(symbols[i:i + 2]) == pair:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
+def train_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, until every word is one symbol.
+
+    Ties are broken by the pair itself, so the merges (hence every token id) are the same on every run; the
+    `tokenizers` trainer breaks them in hash order, which changes from process to process.
+    """
+    segmented = [[*word[:-1], word[-1] + "</w>"] for word in words]
+    merges = []
+    while counts := Counter(pair for symbols in segmented for pair in zip(symbols, symbols[1:], strict=False)):
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        segmented = [_merge_pair(symbols, best) for symbols in segmented]
+    return merges
+
+
 def build_toy_tokenizer(out_dir: Path) -> CLIPTokenizer:
-    """Train a CLIP-format BPE (vocab.json + merges.txt) whose merges make every toy word a single token."""
-    words = toy_vocabulary()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
-    bpe.train_from_iterator(words, trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
+    """A CLIP-format BPE (vocab.json + merges.txt) whose merges make every toy word a single token."""
+    merges = train_bpe_merges(toy_vocabulary())
     # CLIP's vocabulary starts with the 256 byte symbols, alone and word-final, so any text is encodable.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     vocab_list += [left + right for left, right in merges]
     vocab_list += list(_SPECIAL_TOKENS)
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
-    (out_dir / "merges.txt").write_text("\n".join(merge_lines) + "\n")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=MAX_PROMPT_TOKENS)
-    tokenizer.save_pretrained(out_dir)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, out_dir: Path) -> None:
+    """`save_pretrained`, plus the classic CLIP BPE files (vocab.json, merges.txt) beside tokenizer.json."""
+    tokenizer.save_pretrained(out_dir)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (out_dir / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    merge_lines = ["#version: 0.2"] + [" ".join(pair) for pair in bpe["merges"]]
+    (out_dir / "merges.txt").write_text("\n".join(merge_lines) + "\n")
 
 
 def toy_architecture(vocab_size: int, size: ToySize = "small") -> dict[str, dict]:

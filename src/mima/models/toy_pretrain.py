@@ -1,14 +1,14 @@
 """The recipe that trains the embedded toy model from scratch: `mima toy pretrain`.
 
 Stage 1 trains the VAE on toy-world images; stage 2 trains the UNet and text encoder jointly with the
-shared diffusion loss (10 % empty prompts for classifier-free guidance, EMA weights). Batches are drawn
+shared diffusion loss (10 % empty prompts for classifier-free guidance, EMA weights); stage 3 continues with a
+fresh cosine cycle on batches that are mostly objects, the concepts a small UNet learns last. Batches are drawn
 from a generator seeded by (seed, stage, step), so a resumed run sees exactly the data it would have seen.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from mima.data.toy_world import sample_training_batch
 from mima.errors import ConfigError, TrainingError
 from mima.losses import diffusion_loss, unet_caller
 from mima.models.components import Components
-from mima.models.toy import build_toy_components
+from mima.models.toy import build_toy_components, save_tokenizer
 from mima.utils.io import atomic_directory, load_torch_state, save_torch_state
 
 
@@ -40,6 +40,9 @@ class ToyPretrainConfig(Config):
     warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps of stage 2"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "share of empty prompts (for guidance)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the UNet and text encoder"})
+    focus_steps: int = field(default=6000, metadata={"help": "object-focus steps (stage 3; 0 skips it)"})
+    focus_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of stage 3 (cosine decay)"})
+    focus_style_share: float = field(default=0.1, metadata={"help": "share of style-only images in stage 3"})
     save_every: int = field(default=500, metadata={"help": "checkpoint period in steps"})
     size: str = field(default="small", metadata={"help": "architecture: 'small' (shipped) or 'tiny' (tests)"})
 
@@ -47,6 +50,8 @@ class ToyPretrainConfig(Config):
         super().__post_init__()
         if min(self.vae_steps, self.steps, self.batch_size, self.vae_batch_size, self.save_every) <= 0:
             raise ConfigError("steps, batch sizes and save_every must be positive")
+        if self.focus_steps < 0 or not 0 <= self.focus_style_share <= 0.8:
+            raise ConfigError("focus_steps must be >= 0 and focus_style_share in [0, 0.8]")
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -65,9 +70,10 @@ def _vae_loss(comps: Components, pixels: torch.Tensor, generator: torch.Generato
     return torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
 
 
-def _unet_loss(comps: Components, cfg: ToyPretrainConfig, step: int) -> torch.Tensor:
-    rng, generator = _batch_rng(cfg, 2, step)
-    images, prompts, _ = sample_training_batch(cfg.batch_size, rng)
+def _unet_loss(comps: Components, cfg: ToyPretrainConfig, stage: int, step: int) -> torch.Tensor:
+    rng, generator = _batch_rng(cfg, stage, step)
+    style_share = cfg.focus_style_share if stage == 3 else 0.4
+    images, prompts, _ = sample_training_batch(cfg.batch_size, rng, style_share=style_share)
     prompts = ["" if rng.random() < cfg.prompt_dropout else p for p in prompts]
     with torch.no_grad():
         latents = comps.encode_images(images_to_tensor(images), generator)
@@ -76,7 +82,7 @@ def _unet_loss(comps: Components, cfg: ToyPretrainConfig, step: int) -> torch.Te
 
 
 class ToyPretrainer:
-    """Two-stage pretraining with atomic checkpoints (`out_dir/checkpoint`) and resume."""
+    """Three-stage pretraining with atomic checkpoints (`out_dir/checkpoint`) and resume."""
 
     def __init__(self, cfg: ToyPretrainConfig, out_dir: Path) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
@@ -92,19 +98,28 @@ class ToyPretrainer:
 
     @property
     def total_steps(self) -> int:
+        return self.cfg.vae_steps + self.cfg.steps + self.cfg.focus_steps
+
+    @property
+    def focus_start(self) -> int:
         return self.cfg.vae_steps + self.cfg.steps
+
+    def _stage(self) -> str:
+        return "vae" if self.step < self.cfg.vae_steps else "unet" if self.step < self.focus_start else "focus"
 
     def train(self) -> Components:
         self._maybe_resume()
         started = time.time()
         with tqdm(total=self.total_steps, initial=self.step, desc="pretrain toy") as bar:
             while self.step < self.total_steps:
+                stage = self._stage()
                 loss = self._train_step()
                 self.step += 1
                 self.log.append({"step": self.step, "loss": loss})
                 bar.update(1)
-                bar.set_postfix(stage="vae" if self.step <= self.cfg.vae_steps else "unet", loss=f"{loss:.4f}")
-                if self.step % self.cfg.save_every == 0 or self.step in (self.cfg.vae_steps, self.total_steps):
+                bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
+                if self.step % self.cfg.save_every == 0 or self.step in (self.cfg.vae_steps, self.focus_start,
+                                                                         self.total_steps):
                     self._save_checkpoint()
         self.log.append({"elapsed_s": time.time() - started})
         return self.final_components()
@@ -118,7 +133,10 @@ class ToyPretrainer:
         else:
             if self.step == self.cfg.vae_steps:
                 self._calibrate_latent_scale()
-            loss, optimizer, params = _unet_loss(self.comps, self.cfg, self.step), self.opt, self.unet_params
+            if self.step == self.focus_start:
+                self._start_focus_stage()
+            stage = 3 if self.step >= self.focus_start else 2
+            loss, optimizer, params = _unet_loss(self.comps, self.cfg, stage, self.step), self.opt, self.unet_params
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at pretraining step {self.step}")
         loss.backward()
@@ -129,6 +147,14 @@ class ToyPretrainer:
             self.lr_schedule.step()
             self.ema.step(self.unet_params)
         return loss.item()
+
+    def _start_focus_stage(self) -> None:
+        """Restart the learning-rate schedule: a warm-up and cosine decay from `focus_lr` over stage 3."""
+        for group in self.opt.param_groups:
+            group["initial_lr"] = group["lr"] = self.cfg.focus_lr
+        self.lr_schedule = get_scheduler(
+            "cosine", self.opt, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.focus_steps
+        )
 
     @torch.no_grad()
     def _calibrate_latent_scale(self) -> None:
@@ -161,16 +187,19 @@ class ToyPretrainer:
         if not (ckpt / "progress.json").is_file():
             return
         saved = Components.from_pretrained(ckpt / "model")
+        self.comps.tokenizer = saved.tokenizer  # the ids the text encoder was trained with
         for name, module in self.comps.modules().items():
             module.load_state_dict(saved.modules()[name].state_dict())
         self.comps.vae.register_to_config(scaling_factor=saved.vae.config.scaling_factor)
+        progress = json.loads((ckpt / "progress.json").read_text())
+        self.step, self.log = progress["step"], progress["log"]
+        if self.step > self.focus_start:
+            self._start_focus_stage()
         state = load_torch_state(ckpt / "training_state.pt")
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.opt.load_state_dict(state["opt"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.ema.load_state_dict(state["ema"])
-        progress = json.loads((ckpt / "progress.json").read_text())
-        self.step, self.log = progress["step"], progress["log"]
 
 
 def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path) -> Path:
@@ -184,8 +213,7 @@ def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path) -> Path:
     trainer = ToyPretrainer(cfg, out_dir)
     components = trainer.train()
     model_dir = components.save_pretrained(out_dir / "model")
-    for name in ("vocab.json", "merges.txt"):  # the classic CLIP BPE files, beside diffusers' tokenizer.json
-        shutil.copy(out_dir / "tokenizer-build" / name, model_dir / "tokenizer" / name)
+    save_tokenizer(components.tokenizer, model_dir / "tokenizer")
     prompts = [c.prompts[0] for c in toy_concepts() for _ in range(4)]
     save_grid(sample_images(components, prompts, seed=cfg.seed), out_dir / "samples.png", columns=8)
     (out_dir / "pretrain_log.json").write_text(json.dumps(trainer.log))
