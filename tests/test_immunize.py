@@ -189,3 +189,43 @@ def test_authors_json_concept_list(tmp_path):
     (spec,) = load_concepts(path)
     assert spec.prompt == "a photo of a circle" and spec.class_prompt == "a photo of an object"
     assert spec.images == tmp_path / "mine" and spec.class_images == tmp_path / "class"
+
+
+def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components):
+    import copy
+
+    from mima.data.concepts import toy_concept_spec
+    from mima.data.encoding import Batch, EncodedConcept, EncodedImages
+    from mima.immunize import immunizers
+
+    components = copy.deepcopy(tiny_components)
+    size = components.unet.config.sample_size
+
+    def images(seed: int, prompt: str) -> EncodedImages:
+        latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(seed))
+        return EncodedImages(latents, torch.zeros_like(latents), components.encode_prompts([prompt] * 4).detach())
+
+    spec = toy_concept_spec("stripes")
+    concept = EncodedConcept(spec.name, images(0, spec.prompt), images(1, "a painting"))
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, inner_lr=0.5, caption_bank="toy")
+    immunizer = immunizers.get("imma-joint")(config)
+    immunizer.prepare(components, [spec], [concept])
+    g = torch.Generator().manual_seed(0)
+    batches = {spec.name: (concept.batch(2, g), concept.batch(2, g))}
+    lower, upper = batches[spec.name]
+
+    base = immunizer.base_parameters()
+    g = torch.Generator().manual_seed(1)
+    names = immunizer.lower_names
+    grads = torch.autograd.grad(immunizer.loss(base, Batch(*lower.prior), g), [base[n] for n in names])
+    adapted = {**base, **{n: base[n] - 0.5 * grad for n, grad in zip(names, grads, strict=True)}}
+    by_hand = immunizer.loss(adapted, Batch(*upper.prior), g)
+    retain = immunizer.retain_loss(immunizer.base_parameters(), batches, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(retain, by_hand)
+
+    without = immunizer.objective(batches, torch.Generator().manual_seed(2))[0]
+    immunizer.config = config.with_overrides(retain_weight=3.0)
+    with_retain, logs = immunizer.objective(batches, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(with_retain - without, 3.0 * torch.tensor(logs["retain"]), rtol=1e-5, atol=1e-6)
+    with_retain.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())

@@ -84,6 +84,10 @@ class BilevelImmunizer(Immunizer):
             prior = self.prior_loss(base, batches, generator)
             objective = objective + self.config.prior_weight * prior
             logs["prior"] = prior.item()
+        if self.config.retain_weight > 0:
+            retain = self.retain_loss(base, batches, generator)
+            objective = objective + self.config.retain_weight * retain
+            logs["retain"] = retain.item()
         return objective, logs
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
@@ -92,3 +96,15 @@ class BilevelImmunizer(Immunizer):
             self.loss(base, Batch(*up.prior), generator) for _, up in batches.values() if up.prior is not None
         ]
         return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """Learnability of other concepts: after the simulated attacker adapts on class images, they still denoise.
+
+        Without it the ascent may make the model fragile to ANY fine-tuning, which is not concept-specific.
+        """
+        pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
+        if not pairs:
+            return torch.zeros(())
+        adapted, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], generator)
+        adapted = {**base, **adapted}
+        return torch.stack([self.loss(adapted, Batch(*upper), generator) for _, upper in pairs]).mean()

@@ -27,6 +27,9 @@ class ImmunizeConfig(Config):
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
+    retain_weight: float = field(
+        default=0.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
+    )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
     batch_size: int = field(default=4, metadata={"help": "images per concept per batch"})
@@ -45,5 +48,11 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        if self.prior_weight < 0:
-            raise ConfigError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.prior_weight < 0 or self.retain_weight < 0:
+            raise ConfigError(f"prior_weight and retain_weight must be >= 0, got {self.prior_weight}, "
+                              f"{self.retain_weight}")
+
+    @property
+    def uses_class_images(self) -> bool:
+        """Whether the objective needs class images (prior preservation or retain term)."""
+        return self.prior_weight > 0 or self.retain_weight > 0

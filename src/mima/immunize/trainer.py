@@ -50,7 +50,7 @@ class ImmunizationRun:
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
-        encoded = [encode_concept(components, s, with_prior=config.prior_weight > 0) for s in specs]
+        encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         log: list[dict[str, float]] = []
         if immunizer.iterative:
@@ -74,7 +74,7 @@ class ImmunizationRun:
         specs = [materialize(s, data_dir, config.n_images, seed=config.seed + i) for i, s in enumerate(self.specs)]
         for spec in specs:
             validate_images(spec)
-        if config.prior_weight > 0:
+        if config.uses_class_images:
             specs = [ensure_class_images(components, s, data_dir, config.n_class_images) for s in specs]
         return specs
 

@@ -1,0 +1,150 @@
+"""The efficacy study behind docs/efficacy.md: `mima benchmark` over variants of the immunization settings.
+
+A study YAML names a base benchmark (any `BenchmarkConfig` fields), the seeds, and variants that override the
+base's `immunize` settings (or any other field). Each (variant, seed) is one benchmark folder,
+`OUT/<variant>/seed<k>`; the seed sets both the immunization's and the attacks' seed. The un-immunized
+reference (`none`) does not depend on the variant's immunization settings, so it is computed once per
+(seed, setting, targets) and hard-linked into the other folders. Everything resumes like `mima benchmark`.
+
+    python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--threads 1]
+
+Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
+per-seed values) of MSGR, every target's SGR, the non-target SGR and the non-target judge rate before any
+attack (immunized vs base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from statistics import mean
+
+import yaml
+
+from mima.benchmark import Benchmark, BenchmarkConfig
+
+REFERENCE = "none"
+
+
+def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
+    immunize = {**base.get("immunize", {}), **overrides.get("immunize", {}), "seed": seed}
+    fields = {**base, **{k: v for k, v in overrides.items() if k != "immunize"}, "immunize": immunize}
+    return BenchmarkConfig.from_dict({**fields, "seeds": [seed]})
+
+
+def _reference_key(config: BenchmarkConfig) -> str:
+    return json.dumps([config.model, config.setting, config.targets, config.non_targets, config.attacks,
+                       config.attack, config.immunize.get("seed"), config.immunize.get("n_images")])
+
+
+def _link_reference(source: Path, target: Path) -> None:
+    """Hard-link a finished `none` model and its attacks into another benchmark folder."""
+    for part in ("models", "attacks"):
+        if (source / part / REFERENCE).is_dir() and not (target / part / REFERENCE).exists():
+            (target / part).mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source / part / REFERENCE, target / part / REFERENCE, copy_function=os.link)
+
+
+def run_study(study: dict, out: Path, only: list[str] | None) -> None:
+    references: dict[str, Path] = {}
+    for name, overrides in study["variants"].items():
+        if only and name not in only:
+            continue
+        for seed in study["seeds"]:
+            config = variant_config(study["base"], overrides or {}, seed)
+            folder = out / name / f"seed{seed}"
+            key = _reference_key(config)
+            if key in references:
+                _link_reference(references[key], folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            config.save_json(folder / "benchmark_config.json")
+            Benchmark(config, folder).run()
+            references.setdefault(key, folder)
+
+
+def collect(study: dict, out: Path) -> dict:
+    """Every finished (variant, seed) report of the study: {variant: {seed: metrics.json}}."""
+    results: dict = {}
+    for name in study["variants"]:
+        for seed in study["seeds"]:
+            metrics = out / name / f"seed{seed}" / "report" / "metrics.json"
+            if metrics.is_file():
+                results.setdefault(name, {})[seed] = json.loads(metrics.read_text())
+    return results
+
+
+def _judge_rate_before_attack(evaluation: dict, concept: str) -> tuple[float, float] | None:
+    """(immunized, base) toy-judge rate of the concept's own prompt before any attack step."""
+    entry = evaluation["encoders"].get("toy-judge", {}).get("concepts", {}).get(concept)
+    if not entry or entry.get("asr_with") is None:
+        return None
+    return entry["asr_with"][0], entry["asr_without"][0]
+
+
+def summarize(results: dict) -> dict:
+    """Per variant, method, attack and encoder: seed means of MSGR, per-target SGR, non-target SGR and judge rate."""
+    table: dict = {}
+    for variant, by_seed in results.items():
+        for seed, record in by_seed.items():
+            for method, by_attack in record["summary"].items():
+                for attack, by_encoder in by_attack.items():
+                    evaluation = record["evaluations"][method][attack][str(seed)]
+                    for encoder, metrics in by_encoder.items():
+                        row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
+                            encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {}})
+                        row["msgr"].append(metrics["msgr"])
+                        for concept, value in metrics["sgr"].items():
+                            row["sgr"].setdefault(concept, []).append(value)
+                        for concept, value in metrics["non_target_sgr"].items():
+                            row["non_target_sgr"].setdefault(concept, []).append(value)
+                            rates = _judge_rate_before_attack(evaluation, concept)
+                            if encoder == "toy-judge" and rates is not None:
+                                row["non_target_judge"].setdefault(concept, []).append(rates)
+    return table
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{mean(values):.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+
+
+def write_summary(table: dict, out: Path) -> None:
+    lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
+             " non-target judge rate before attack (immunized / base) |", "|" + "---|" * 9]
+    for variant, by_method in table.items():
+        for method, by_attack in by_method.items():
+            for attack, by_encoder in by_attack.items():
+                for encoder, row in by_encoder.items():
+                    targets = ", ".join(f"{c} {_fmt(v)}" for c, v in row["sgr"].items())
+                    worst = min(mean(v) for v in row["sgr"].values())
+                    others = ", ".join(f"{c} {_fmt(v)}" for c, v in row["non_target_sgr"].items())
+                    judge = ", ".join(
+                        f"{c} {100 * mean(i for i, _ in v):.0f} / {100 * mean(b for _, b in v):.0f}"
+                        for c, v in row["non_target_judge"].items())
+                    lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
+                                 f"{worst:.1f} | {targets} | {others} | {judge} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="study YAML: base, seeds, variants")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", nargs="+", help="run only these variants (the summary covers what exists)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    study = yaml.safe_load(args.study.read_text())
+    run_study(study, args.out, args.only)
+    write_summary(summarize(collect(study, args.out)), args.out)
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
