@@ -17,9 +17,9 @@ class ImmunizeConfig(Config):
 
     method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
-    steps: int = field(default=100, metadata={"help": "outer iterations K"})
-    outer_lr: float = field(default=1e-3, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
-    inner_lr: float = field(default=1e-1, metadata={"help": "alpha: SGD step size of the simulated attacker"})
+    steps: int = field(default=40, metadata={"help": "outer iterations K"})
+    outer_lr: float = field(default=5e-4, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
+    inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
     order: Literal["second-order", "first-order"] = field(
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
@@ -28,7 +28,7 @@ class ImmunizeConfig(Config):
     upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(
-        default=0.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
+        default=1.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
