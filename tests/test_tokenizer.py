@@ -59,7 +59,8 @@ def test_shipped_pipeline_folder_tokenizer_matches(tokenizer, tiny_model_dir):
 
 def test_build_is_identical_across_processes(tmp_path):
     # Python's string hashing (hence set and dict order of pairs) changes with PYTHONHASHSEED.
-    script = "import sys, pathlib; from mima.models.toy import build_toy_tokenizer; build_toy_tokenizer(pathlib.Path(sys.argv[1]))"
+    script = ("import sys, pathlib; from mima.models.toy import build_toy_tokenizer; "
+              "build_toy_tokenizer(pathlib.Path(sys.argv[1]))")
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True, env=env)

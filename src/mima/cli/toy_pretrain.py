@@ -31,7 +31,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     cfg = ToyPretrainConfig.from_yaml(args.config) if args.config else ToyPretrainConfig()
     cfg = cfg.with_overrides(
-        steps=args.steps, focus_steps=args.focus_steps, vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed, size=args.size
+        steps=args.steps, focus_steps=args.focus_steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
+        seed=args.seed, size=args.size,
     )
     if args.threads:
         torch.set_num_threads(args.threads)
