@@ -127,6 +127,39 @@ def write_summary(table: dict, out: Path) -> None:
                                  f"{worst:.1f} | {targets} | {others} | {judge} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
+    plot_summary(table, out / "summary.png")
+
+
+def plot_summary(table: dict, path: Path) -> None:
+    """Grouped bars: MSGR and non-target |SGR| per variant and method, one panel per encoder (first attack)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoders = sorted({e for v in table.values() for m in v.values() for a in m.values() for e in a})
+    methods = sorted({m for v in table.values() for m in v})
+    fig, axes = plt.subplots(2, len(encoders), figsize=(6 * len(encoders), 7), squeeze=False)
+    width = 0.8 / len(methods)
+    for col, encoder in enumerate(encoders):
+        for i, method in enumerate(methods):
+            rows = [next(iter(by_method[method].values())).get(encoder) if method in by_method else None
+                    for by_method in table.values()]
+            x = [j + i * width for j in range(len(table))]
+            msgr = [mean(r["msgr"]) if r else 0 for r in rows]
+            leak = [max(abs(mean(v)) for v in r["non_target_sgr"].values()) if r and r["non_target_sgr"] else 0
+                    for r in rows]
+            axes[0][col].bar(x, msgr, width, label=method)
+            axes[1][col].bar(x, leak, width, label=method)
+        for row, title in enumerate(("MSGR (higher: stronger)", "max non-target |SGR| (near 0: preserved)")):
+            axes[row][col].set_title(f"{encoder}: {title}")
+            axes[row][col].set_xticks([j + 0.4 - width / 2 for j in range(len(table))], list(table), rotation=30,
+                                      ha="right", fontsize=8)
+        axes[1][col].axhline(5, color="gray", linestyle="--", linewidth=1)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
