@@ -6,7 +6,7 @@ base's `immunize` settings (or any other field). Each (variant, seed) is one ben
 reference (`none`) does not depend on the variant's immunization settings, so it is computed once per
 (seed, setting, targets) and hard-linked into the other folders. Everything resumes like `mima benchmark`.
 
-    python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--threads 1]
+    python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...] [--threads 1]
 
 Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
 per-seed values) of MSGR, every target's SGR, the non-target SGR and the non-target judge rate before any
@@ -48,12 +48,12 @@ def _link_reference(source: Path, target: Path) -> None:
             shutil.copytree(source / part / REFERENCE, target / part / REFERENCE, copy_function=os.link)
 
 
-def run_study(study: dict, out: Path, only: list[str] | None) -> None:
+def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] | None) -> None:
     references: dict[str, Path] = {}
     for name, overrides in study["variants"].items():
         if only and name not in only:
             continue
-        for seed in study["seeds"]:
+        for seed in seeds or study["seeds"]:
             config = variant_config(study["base"], overrides or {}, seed)
             folder = out / name / f"seed{seed}"
             key = _reference_key(config)
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="study YAML: base, seeds, variants")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="+", help="run only these variants (the summary covers what exists)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the study's seeds")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -174,7 +175,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     study = yaml.safe_load(args.study.read_text())
-    run_study(study, args.out, args.only)
+    run_study(study, args.out, args.only, args.seeds)
     write_summary(summarize(collect(study, args.out)), args.out)
     print((args.out / "summary.md").read_text())
 
