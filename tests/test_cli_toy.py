@@ -137,7 +137,7 @@ def test_toy_pretrain_tiny_run_loads_and_keeps_precedence(tmp_path, monkeypatch,
 
     monkeypatch.setattr(mima.sampling, "sample_images", functools.partial(mima.sampling.sample_images, steps=1))
     config = tmp_path / "pretrain.yaml"
-    config.write_text("vae_steps: 2\nvae_batch_size: 2\nsteps: 50\nwarmup_steps: 1\n")
+    config.write_text("vae_steps: 2\nvae_batch_size: 2\nsteps: 50\nfocus_steps: 2\nwarmup_steps: 1\n")
     argv = ["toy", "pretrain", "--out", str(tmp_path / "run"), "--config", str(config), "--size", "tiny"]
     threads = torch.get_num_threads()
     try:
@@ -147,7 +147,8 @@ def test_toy_pretrain_tiny_run_loads_and_keeps_precedence(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert f"model: {tmp_path / 'run' / 'model'}" in out
     saved = json.loads((tmp_path / "run" / "pretrain_config.json").read_text())
-    assert (saved["steps"], saved["vae_steps"], saved["batch_size"], saved["size"]) == (2, 2, 2, "tiny")
+    assert (saved["steps"], saved["vae_steps"], saved["focus_steps"], saved["batch_size"], saved["size"]) == (
+        2, 2, 2, 2, "tiny")
     assert (tmp_path / "run" / "samples.png").is_file()
 
     from mima.models.components import Components
