@@ -37,6 +37,13 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
 
 
 def test_presets_validate():
-    for name in ("toy-demo", "toy-demo-quick", "toy-full"):
+    from mima.benchmark import PRESETS
+    from mima.data.toy_world import HELD_OUT
+
+    for name in PRESETS:
         config = BenchmarkConfig.preset(name)
         assert config.model == "toy" and "mima" in config.methods and config.attack.get("eval_images", 32) >= 32
+    full = [BenchmarkConfig.preset(name) for name in ("toy-full", "toy-full-personalize")]
+    assert {c.setting for c in full} == {"relearn", "personalize"}
+    assert all(len(c.attacks) == 4 for c in full)
+    assert all(t.removeprefix("toy:") in HELD_OUT for t in full[1].targets)

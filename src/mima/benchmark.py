@@ -17,7 +17,7 @@ from pathlib import Path
 from mima.config import Config
 from mima.errors import ConfigError
 
-PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
+PRESETS = ("toy-demo", "toy-demo-quick", "toy-full", "toy-full-personalize")
 
 
 @dataclass(frozen=True)
