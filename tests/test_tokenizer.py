@@ -74,10 +74,10 @@ def test_bpe_merges_make_every_training_word_one_symbol():
     assert [tokenizer.tokenize(w) for w in ("low", "lower", "newest", "widest")] == [
         ["low</w>"], ["lower</w>"], ["newest</w>"], ["widest</w>"]
     ]
-    assert merges[0] == ("e", "s")  # the most frequent pair; ("s", "t</w>") ties with it and sorts after
+    assert merges[0] == ("e", "s")  # ("l", "o") and ("s", "t</w>") are as frequent and sort after it
 
 
 def _vocab_for(merges: list[tuple[str, str]]) -> dict[str, int]:
-    symbols = sorted({c for pair in merges for part in pair for c in [part]} | {a + b for a, b in merges})
+    symbols = sorted({part for pair in merges for part in pair} | {a + b for a, b in merges})
     symbols += ["<|startoftext|>", "<|endoftext|>"]
     return {s: i for i, s in enumerate(symbols)}
