@@ -2,9 +2,11 @@
 
 A study YAML names a base benchmark (any `BenchmarkConfig` fields), the seeds, and variants that override the
 base's `immunize` settings (or any other field). Each (variant, seed) is one benchmark folder,
-`OUT/<variant>/seed<k>`; the seed sets both the immunization's and the attacks' seed. The un-immunized
-reference (`none`) does not depend on the variant's immunization settings, so it is computed once per
-(seed, setting, targets) and hard-linked into the other folders. Everything resumes like `mima benchmark`.
+`OUT/<variant>/seed<k>`; the seed sets both the immunization's and the attacks' seed. A finished piece is
+never computed twice: before a benchmark runs, every immunized model and attack that another folder under OUT
+finished with the same settings is hard-linked into it (the un-immunized reference `none` depends only on the
+model, setting, targets and seed, so every variant shares it; a variant that changes only the attacks reuses
+the immunized models). Everything resumes like `mima benchmark`.
 
     python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...] [--threads 1]
 
@@ -35,34 +37,76 @@ def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
     return BenchmarkConfig.from_dict({**fields, "seeds": [seed]})
 
 
-def _reference_key(config: BenchmarkConfig) -> str:
-    return json.dumps([config.model, config.setting, config.targets, config.non_targets, config.attacks,
-                       config.attack, config.immunize.get("seed"), config.immunize.get("n_images")])
+def _model_key(config: BenchmarkConfig, method: str) -> str:
+    """What decides an immunized model. The `none` reference (erased in relearn) ignores the bilevel settings."""
+    from mima.immunize import ImmunizeConfig
+
+    immunize = ImmunizeConfig.from_dict({**config.immunize, "method": method, "setting": config.setting}).to_dict()
+    if method == REFERENCE:
+        immunize = {k: immunize[k] for k in ("seed", "n_images", "caption_bank", "erase_preserve_weight")}
+    return json.dumps([config.model, config.setting, list(config.targets), method, immunize], sort_keys=True)
 
 
-def _link_reference(source: Path, target: Path) -> None:
-    """Hard-link a finished `none` model and its attacks into another benchmark folder."""
-    for part in ("models", "attacks"):
-        if (source / part / REFERENCE).is_dir() and not (target / part / REFERENCE).exists():
-            (target / part).mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source / part / REFERENCE, target / part / REFERENCE, copy_function=os.link)
+def _attack_key(config: BenchmarkConfig) -> str:
+    from mima.attacks import AttackConfig
+
+    return json.dumps(AttackConfig.from_dict(config.attack).to_dict(), sort_keys=True)
+
+
+def finished_pieces(out: Path) -> dict[tuple, Path]:
+    """Every finished model and attack under OUT, by what decides it: {(model key,) or (model key, attack
+    settings, attack, concept, seed): folder}."""
+    pieces: dict[tuple, Path] = {}
+    for config_path in sorted(out.glob("*/seed*/benchmark_config.json")):
+        folder = config_path.parent
+        config = BenchmarkConfig.load_json(config_path)
+        for model in sorted((folder / "models").glob("*/immunization.json")):
+            method = model.parent.name
+            key = _model_key(config, method)
+            pieces.setdefault((key,), model.parent)
+            for attack in sorted((folder / "attacks" / method).glob("*/*/seed*/attack.json")):
+                run = attack.parent
+                piece = (key, _attack_key(config), run.parent.parent.name, run.parent.name, run.name)
+                pieces.setdefault(piece, run)
+    return pieces
+
+
+def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Path]) -> int:
+    """Hard-link into `folder` every finished piece it needs and lacks; returns how many were linked."""
+    from mima.data.concepts import load_concepts
+
+    concept_names = [c.name for c in load_concepts(list(config.targets + config.non_targets))]
+    linked = 0
+    for method in (REFERENCE, *config.methods):
+        key = _model_key(config, method)
+        wanted = {(key,): folder / "models" / method}
+        for attack in config.attacks:
+            for name in concept_names:
+                for seed in config.seeds:
+                    wanted[(key, _attack_key(config), attack, name, f"seed{seed}")] = (
+                        folder / "attacks" / method / attack / name / f"seed{seed}")
+        for piece, target in wanted.items():
+            source = pieces.get(piece)
+            if source is not None and source != target and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(source, target, copy_function=os.link)
+                linked += 1
+    return linked
 
 
 def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] | None) -> None:
-    references: dict[str, Path] = {}
     for name, overrides in study["variants"].items():
         if only and name not in only:
             continue
         for seed in seeds or study["seeds"]:
             config = variant_config(study["base"], overrides or {}, seed)
             folder = out / name / f"seed{seed}"
-            key = _reference_key(config)
-            if key in references:
-                _link_reference(references[key], folder)
+            linked = link_finished(config, folder, finished_pieces(out))
+            if linked:
+                print(f"{name}/seed{seed}: reusing {linked} finished models and attacks")
             folder.mkdir(parents=True, exist_ok=True)
             config.save_json(folder / "benchmark_config.json")
             Benchmark(config, folder).run()
-            references.setdefault(key, folder)
 
 
 def collect(study: dict, out: Path) -> dict:

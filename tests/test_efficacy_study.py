@@ -1,0 +1,76 @@
+"""benchmarks/efficacy_study.py reuses a finished model or attack only where every setting that decides it matches."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from mima.benchmark import BenchmarkConfig
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("efficacy_study", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BASE = {"targets": ["toy:stripes"], "non_targets": ["toy:waves"], "methods": ["mima"], "attacks": ["lora"],
+        "attack": {"steps": 30}}
+
+
+def _finished_benchmark(study, folder: Path, overrides: dict) -> None:
+    """A benchmark folder whose `none` and `mima` models and their LoRA attacks on both concepts are finished."""
+    config = study.variant_config(BASE, overrides, seed=0)
+    folder.mkdir(parents=True)
+    config.save_json(folder / "benchmark_config.json")
+    for method in ("none", "mima"):
+        (folder / "models" / method).mkdir(parents=True)
+        (folder / "models" / method / "immunization.json").write_text(method)
+        for concept in ("stripes", "waves"):
+            run = folder / "attacks" / method / "lora" / concept / "seed0"
+            run.mkdir(parents=True)
+            (run / "attack.json").write_text(f"{method} {concept}")
+
+
+def _linked(study, out: Path, overrides: dict, seed: int = 0) -> set[str]:
+    folder = out / "new" / f"seed{seed}"
+    config = study.variant_config(BASE, overrides, seed)
+    study.link_finished(config, folder, study.finished_pieces(out))
+    return {str(p.parent.relative_to(folder)) for p in folder.rglob("*.json")}
+
+
+def test_a_variant_of_the_attacks_only_reuses_the_immunized_models(study, tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    linked = _linked(study, tmp_path, {"attack": {"steps": 60}})
+    assert linked == {"models/none", "models/mima"}
+    source = tmp_path / "defaults" / "seed0" / "models" / "mima" / "immunization.json"
+    assert os.stat(tmp_path / "new" / "seed0" / "models" / "mima" / "immunization.json").st_ino == os.stat(source).st_ino
+
+
+def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    linked = _linked(study, tmp_path, {"immunize": {"retain_weight": 0.0}})
+    assert linked == {"models/none", "attacks/none/lora/stripes/seed0", "attacks/none/lora/waves/seed0"}
+
+
+def test_identical_settings_reuse_everything_and_another_seed_nothing(study, tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    assert len(_linked(study, tmp_path, {"immunize": {"retain_weight": 1.0}})) == 6  # the default, spelled out
+    assert _linked(study, tmp_path, {}, seed=1) == set()
+
+
+def test_other_targets_share_nothing(study, tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    assert _linked(study, tmp_path, {"targets": ["toy:checker"]}) == set()
+
+
+def test_variant_config_merges_immunize_overrides_and_sets_the_seed(study):
+    config = study.variant_config({**BASE, "immunize": {"steps": 5}}, {"immunize": {"ridge": 0.1}}, seed=3)
+    assert isinstance(config, BenchmarkConfig)
+    assert config.immunize == {"steps": 5, "ridge": 0.1, "seed": 3}
+    assert config.seeds == (3,)
