@@ -37,13 +37,54 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
 
 
 def test_presets_validate():
-    from mima.benchmark import PRESETS
+    from mima.benchmark import PRESETS, load_preset
     from mima.data.toy_world import HELD_OUT
 
     for name in PRESETS:
-        config = BenchmarkConfig.preset(name)
-        assert config.model == "toy" and "mima" in config.methods and config.attack.get("eval_images", 32) >= 32
-    full = [BenchmarkConfig.preset(name) for name in ("toy-full", "toy-full-personalize")]
-    assert {c.setting for c in full} == {"relearn", "personalize"}
-    assert all(len(c.attacks) == 4 for c in full)
-    assert all(t.removeprefix("toy:") in HELD_OUT for t in full[1].targets)
+        for config in load_preset(name).values():
+            assert config.model == "toy" and "mima" in config.methods and config.attack.get("eval_images", 32) >= 32
+    full = load_preset("toy-full")
+    assert {part: c.setting for part, c in full.items()} == {"relearn": "relearn", "personalize": "personalize"}
+    assert all(len(c.attacks) == 4 and len(c.seeds) >= 2 for c in full.values())
+    assert all(t.removeprefix("toy:") in HELD_OUT for t in full["personalize"].targets)
+    assert not any(t.removeprefix("toy:") in HELD_OUT for t in full["relearn"].targets)
+
+
+SUITE = """
+suite: [first, second]
+first: &first
+  targets: [toy:stripes]
+  methods: [mima]
+second:
+  <<: *first
+  setting: personalize
+  targets: [toy:plaid]
+"""
+
+
+def test_a_suite_runs_each_part_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    from mima.benchmark import Benchmark
+
+    ran = []
+
+    def fake_run(self):
+        ran.append((self.out_dir.name, self.config.setting, self.config.targets, self.config.methods))
+        return self.out_dir / "report"
+
+    monkeypatch.setattr(Benchmark, "run", fake_run)
+    path = tmp_path / "suite.yaml"
+    path.write_text(SUITE)
+    assert main(["benchmark", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert ran == [("first", "relearn", ("toy:stripes",), ("mima",)),
+                   ("second", "personalize", ("toy:plaid",), ("mima",))]
+    assert BenchmarkConfig.load_json(tmp_path / "out" / "second" / "benchmark_config.json").setting == "personalize"
+    assert "second: report:" in capsys.readouterr().out
+
+
+def test_a_bad_suite_is_one_clear_error(tmp_path, capsys):
+    for text, message in (("suite: []\n", "non-empty list"), ("suite: [first]\n", "section 'first' not found"),
+                          ("suite: [a]\na: {colour: red}\n", "colour")):
+        path = tmp_path / "suite.yaml"
+        path.write_text(text)
+        assert main(["benchmark", "--config", str(path), "--out", str(tmp_path / "out")]) != 0
+        assert message in capsys.readouterr().err

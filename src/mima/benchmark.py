@@ -4,6 +4,7 @@ Layout of the output folder:
     models/<method>/            `mima immunize` output per method ("none": the base, erased in relearn)
     attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
     report/                     metrics.json, report.md, report.html, plots, grids
+A suite (a YAML listing several benchmarks under `suite:`) runs part P into OUT/P with that layout.
 A finished piece (a model with immunization.json, an attack with attack.json) is never redone.
 """
 
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from mima.config import Config
 from mima.errors import ConfigError
 
-PRESETS = ("toy-demo", "toy-demo-quick", "toy-full", "toy-full-personalize")
+PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,30 @@ class BenchmarkConfig(Config):
         if "none" in self.methods:
             raise ConfigError("'none' is always run as the un-immunized reference; do not list it in methods")
 
-    @classmethod
-    def preset(cls, name: str) -> BenchmarkConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
-        return cls.from_yaml(Path(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml")))
+
+def load_benchmarks(path: str | Path) -> dict[str, BenchmarkConfig]:
+    """The benchmarks of a YAML file: `{"": config}` for one benchmark, or a suite's parts by name.
+
+    A suite names its parts in a top-level list `suite:`; each part is a top-level section holding one
+    benchmark's fields (YAML merge keys, `<<: *anchor`, share fields between parts).
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None  # from_yaml names the problem
+    if not isinstance(data, dict) or "suite" not in data:
+        return {"": BenchmarkConfig.from_yaml(path)}
+    parts = data["suite"]
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ConfigError(f"'suite' in {path} must be a non-empty list of section names")
+    return {part: BenchmarkConfig.from_yaml(path, section=part) for part in parts}
+
+
+def load_preset(name: str) -> dict[str, BenchmarkConfig]:
+    """A shipped benchmark (`PRESETS`), as `load_benchmarks` returns it."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
+    return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
 @dataclass

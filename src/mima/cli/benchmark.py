@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bench = subparsers.add_parser("benchmark", help="immunize -> attack -> evaluate -> report, for every method")
     source = bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="benchmark YAML (see mima/assets/presets/*.yaml)")
+    source.add_argument("--config", type=Path, help="benchmark or suite YAML (see mima/assets/presets/*.yaml)")
     source.add_argument("--preset", choices=PRESETS, help="a shipped benchmark")
     bench.add_argument("--out", type=Path, required=True, help="output folder; re-running resumes it")
     bench.set_defaults(func=_benchmark)
@@ -23,24 +23,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
 
-def _run(config, out: Path) -> None:
+def _run(benchmarks: dict, out: Path) -> None:
+    """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
     from mima.benchmark import Benchmark
 
-    started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_json(out / "benchmark_config.json")
-    report = Benchmark(config, out).run()
-    print(f"report: {report / 'report.html'} (also report.md, metrics.json) in {time.time() - started:.0f} s")
+    for part, config in benchmarks.items():
+        started = time.time()
+        folder = out / part
+        folder.mkdir(parents=True, exist_ok=True)
+        config.save_json(folder / "benchmark_config.json")
+        report = Benchmark(config, folder).run()
+        name = f"{part}: " if part else ""
+        print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {time.time() - started:.0f} s")
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from mima.benchmark import BenchmarkConfig
+    from mima.benchmark import load_benchmarks, load_preset
 
-    _run(BenchmarkConfig.preset(args.preset) if args.preset else BenchmarkConfig.from_yaml(args.config), args.out)
+    _run(load_preset(args.preset) if args.preset else load_benchmarks(args.config), args.out)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mima.benchmark import BenchmarkConfig
+    from mima.benchmark import load_preset
 
     preset = "toy-demo-quick" if args.quick else "toy-demo"
-    _run(BenchmarkConfig.preset(preset), args.out / ("quick" if args.quick else ""))
+    _run(load_preset(preset), args.out / ("quick" if args.quick else ""))
