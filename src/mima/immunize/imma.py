@@ -16,7 +16,10 @@ from mima.models.components import Components
 
 @immunizers.register("imma-joint")
 class IMMAJoint(BilevelImmunizer):
-    """One shared adapted copy trained on all concepts' losses at once; no per-concept copies, no Merge."""
+    """One shared adapted copy trained on the mean of all concepts' losses; no per-concept copies, no Merge.
+
+    The mean (not the sum) keeps the simulated attacker's step size equal to MIMA's, so the two differ only in Merge.
+    """
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
