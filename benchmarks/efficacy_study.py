@@ -11,8 +11,8 @@ the immunized models). Everything resumes like `mima benchmark`.
     python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...] [--threads 1]
 
 Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
-per-seed values) of MSGR, every target's SGR, the non-target SGR and the non-target judge rate before any
-attack (immunized vs base).
+per-seed values) of MSGR, every target's SGR, the non-target SGR, and the toy judge's rates before any attack
+(immunized vs base model) on the non-targets (do they stay?) and on the targets (do they stay erased?).
 """
 
 from __future__ import annotations
@@ -138,10 +138,14 @@ def summarize(results: dict) -> dict:
                     evaluation = record["evaluations"][method][attack][str(seed)]
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
-                            encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {}})
+                            encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {},
+                                      "target_judge": {}})
                         row["msgr"].append(metrics["msgr"])
                         for concept, value in metrics["sgr"].items():
                             row["sgr"].setdefault(concept, []).append(value)
+                            rates = _judge_rate_before_attack(evaluation, concept)
+                            if encoder == "toy-judge" and rates is not None:
+                                row["target_judge"].setdefault(concept, []).append(rates)
                         for concept, value in metrics["non_target_sgr"].items():
                             row["non_target_sgr"].setdefault(concept, []).append(value)
                             rates = _judge_rate_before_attack(evaluation, concept)
@@ -154,9 +158,19 @@ def _fmt(values: list[float]) -> str:
     return f"{mean(values):.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
 
 
+def _rates(by_concept: dict) -> str:
+    """Judge rates before attack as "concept immunized / base", per seed when there are several."""
+    def pair(values: list) -> str:
+        return " / ".join(f"{100 * mean(v[i] for v in values):.0f}" for i in (0, 1))
+
+    return ", ".join(f"{c} {pair(v)}" + (f" ({'; '.join(pair([x]) for x in v)})" if len(v) > 1 else "")
+                     for c, v in by_concept.items())
+
+
 def write_summary(table: dict, out: Path) -> None:
     lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
-             " non-target judge rate before attack (immunized / base) |", "|" + "---|" * 9]
+             " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |",
+             "|" + "---|" * 10]
     for variant, by_method in table.items():
         for method, by_attack in by_method.items():
             for attack, by_encoder in by_attack.items():
@@ -164,11 +178,9 @@ def write_summary(table: dict, out: Path) -> None:
                     targets = ", ".join(f"{c} {_fmt(v)}" for c, v in row["sgr"].items())
                     worst = min(mean(v) for v in row["sgr"].values())
                     others = ", ".join(f"{c} {_fmt(v)}" for c, v in row["non_target_sgr"].items())
-                    judge = ", ".join(
-                        f"{c} {100 * mean(i for i, _ in v):.0f} / {100 * mean(b for _, b in v):.0f}"
-                        for c, v in row["non_target_judge"].items())
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
-                                 f"{worst:.1f} | {targets} | {others} | {judge} |")
+                                 f"{worst:.1f} | {targets} | {others} | {_rates(row['non_target_judge'])} | "
+                                 f"{_rates(row['target_judge'])} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     plot_summary(table, out / "summary.png")
