@@ -88,28 +88,12 @@ class BilevelImmunizer(Immunizer):
             retain = self.retain_loss(base, batches, generator)
             objective = objective + self.config.retain_weight * retain
             logs["retain"] = retain.item()
-        if self.config.keeps_erased:
-            erased = self.keep_erased_loss(base, batches, generator)
-            objective = objective + self.config.keep_erased_weight * erased
-            logs["erased"] = erased.item()
         return objective, logs
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Utility preservation: the released (un-adapted) model keeps denoising class images."""
         losses = [
             self.loss(base, Batch(*up.prior), generator) for _, up in batches.values() if up.prior is not None
-        ]
-        return torch.stack(losses).mean() if losses else torch.zeros(())
-
-    def keep_erased_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """The erasure stays: the released model denoises class images under the TARGET's prompt.
-
-        The ascent may otherwise move the cross-attention keys and values back and undo the erasure, so that the
-        released model draws a target with no attack at all.
-        """
-        losses = [
-            self.loss(base, Batch(up.prior[0], up.hidden), generator)
-            for _, up in batches.values() if up.prior is not None
         ]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 

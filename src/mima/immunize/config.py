@@ -30,9 +30,6 @@ class ImmunizeConfig(Config):
     retain_weight: float = field(
         default=1.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
-    keep_erased_weight: float = field(
-        default=0.0, metadata={"help": "relearn: weight of the term that keeps the erased targets erased (0: off)"}
-    )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
     batch_size: int = field(default=4, metadata={"help": "images per concept per batch"})
@@ -51,17 +48,11 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        weights = {n: getattr(self, n) for n in ("prior_weight", "retain_weight", "keep_erased_weight")}
-        negative = [f"{n} {w}" for n, w in weights.items() if w < 0]
-        if negative:
-            raise ConfigError(f"term weights must be >= 0, got {', '.join(negative)}")
+        if self.prior_weight < 0 or self.retain_weight < 0:
+            raise ConfigError(f"prior_weight and retain_weight must be >= 0, got {self.prior_weight}, "
+                              f"{self.retain_weight}")
 
     @property
     def uses_class_images(self) -> bool:
-        """Whether the objective needs class images (prior preservation, retain or keep-erased term)."""
-        return self.prior_weight > 0 or self.retain_weight > 0 or self.keeps_erased
-
-    @property
-    def keeps_erased(self) -> bool:
-        """Whether the objective has the keep-erased term (relearn only: personalize erases nothing)."""
-        return self.setting == "relearn" and self.keep_erased_weight > 0
+        """Whether the objective needs class images (prior preservation or retain term)."""
+        return self.prior_weight > 0 or self.retain_weight > 0
