@@ -2,7 +2,8 @@
 
 Loading an export: `load_custom_diffusion(pipe, DIR)`. diffusers 0.42's `pipe.unet.load_attn_procs(DIR, ...)`
 parses the file but installs the processors only when given `_pipeline`, and then rejects the partial set
-that safetensors files hold (self-attention entries are empty); this helper installs the full set.
+that the file holds (cross-attention K/V only, as diffusers' own saver writes it); this helper installs the
+full set.
 """
 
 from __future__ import annotations
@@ -18,28 +19,27 @@ from mima.attacks.tokens import EMBEDDINGS_FILE, NewToken, with_token
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
-from mima.utils.io import load_tensors
+from mima.utils.io import load_tensors, save_tensors
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 
 
 def install_processors(
     unet: torch.nn.Module, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> list[torch.nn.Parameter]:
+) -> dict[str, CustomDiffusionAttnProcessor]:
     """Custom Diffusion processors on every attention layer: trainable K/V copies (initialised from `kv`, keyed by
-    cross-attention module path) where given, plain ones elsewhere, as diffusers' saver expects."""
+    cross-attention module path) where given, plain ones elsewhere. Returns the trainable ones by module path."""
     plain = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
-    processors, parameters = {name: plain for name in unet.attn_processors}, []
+    processors, trainable = {name: plain for name in unet.attn_processors}, {}
     for path, (key, value) in kv.items():
         processor = CustomDiffusionAttnProcessor(
             train_kv=True, train_q_out=False, hidden_size=key.shape[0], cross_attention_dim=key.shape[1]
         ).to(key)
         processor.to_k_custom_diffusion.weight.data.copy_(key)
         processor.to_v_custom_diffusion.weight.data.copy_(value)
-        processors[f"{path}.processor"] = processor
-        parameters += list(processor.parameters())
+        processors[f"{path}.processor"] = trainable[path] = processor
     unet.set_attn_processor(processors)
-    return parameters
+    return trainable
 
 
 def load_custom_diffusion(pipe: DiffusionPipeline, directory: str | Path) -> None:
@@ -63,7 +63,7 @@ class CustomDiffusion(Attack):
         for module in components.modules().values():
             module.requires_grad_(False)
         kv = {path: (a.to_k.weight, a.to_v.weight) for path, a in cross_attention_modules(components.unet).items()}
-        self.kv_parameters = install_processors(components.unet, kv)
+        self.processors = install_processors(components.unet, kv)
         init_word = (concept.class_prompt or "object").split()[-1]
         self.new_token = NewToken(components, self.config.token or f"<new-{concept.name}>", init_word)
 
@@ -74,9 +74,13 @@ class CustomDiffusion(Attack):
         return True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.kv_parameters, self.new_token.vector]
+        return [*(p for processor in self.processors.values() for p in processor.parameters()), self.new_token.vector]
 
     def export(self, out_dir: Path) -> Path:
-        """Attention processors plus the modifier token: `load_custom_diffusion(pipe, out_dir)`."""
-        self.components.unet.save_attn_procs(out_dir, weight_name=WEIGHTS_FILE, safe_serialization=True)
+        """The K/V processors, in the file layout of diffusers' `save_attn_procs`, plus the modifier token:
+        `load_custom_diffusion(pipe, out_dir)`."""
+        weights = {f"{path}.processor.{name}": tensor
+                   for path, processor in self.processors.items() for name, tensor in processor.state_dict().items()}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_tensors(Path(out_dir) / WEIGHTS_FILE, weights)
         return self.new_token.export(out_dir)
