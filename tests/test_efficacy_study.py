@@ -74,3 +74,26 @@ def test_variant_config_merges_immunize_overrides_and_sets_the_seed(study):
     assert isinstance(config, BenchmarkConfig)
     assert config.immunize == {"steps": 5, "ridge": 0.1, "seed": 3}
     assert config.seeds == (3,)
+
+
+def _metrics(msgr: float, stripes_sgr: float, rate_before: float) -> dict:
+    """A benchmark's metrics.json, cut down to what the study summary reads."""
+    concepts = {"stripes": {"asr_with": [rate_before, 1.0], "asr_without": [0.0, 1.0]},
+                "waves": {"asr_with": [0.9, 1.0], "asr_without": [1.0, 1.0]}}
+    return {"summary": {"mima": {"lora": {"toy-judge": {
+                "msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}}}},
+            "evaluations": {"mima": {"lora": {"0": {"encoders": {"toy-judge": {"concepts": concepts}}},
+                                              "1": {"encoders": {"toy-judge": {"concepts": concepts}}}}}}}
+
+
+def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp_path):
+    table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}})
+    row = table["defaults"]["mima"]["lora"]["toy-judge"]
+    assert row["msgr"] == [20.0, 30.0] and row["sgr"] == {"stripes": [10.0, 30.0]}
+    assert row["target_judge"] == {"stripes": [(0.0, 0.0), (0.5, 0.0)]}
+    assert row["non_target_judge"] == {"waves": [(0.9, 1.0), (0.9, 1.0)]}
+    study.write_summary(table, tmp_path)
+    line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| defaults |" in line)
+    assert "| 25.0 (20.0, 30.0) | 20.0 |" in line  # the mean MSGR, per seed, and the weakest target's mean SGR
+    assert "waves 90 / 100" in line and "stripes 25 / 0 (0 / 0; 50 / 0)" in line
+    assert (tmp_path / "summary.png").stat().st_size > 0
