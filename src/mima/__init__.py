@@ -1,4 +1,4 @@
-"""mima: multi-concept model immunization of text-to-image diffusion models (MIMA, IMMA), with attacks and evaluation."""
+"""mima: multi-concept immunization of text-to-image diffusion models (MIMA, IMMA), with attacks and evaluation."""
 
 import logging
 

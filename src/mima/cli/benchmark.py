@@ -34,7 +34,8 @@ def _run(benchmarks: dict, out: Path) -> None:
         config.save_json(folder / "benchmark_config.json")
         report = Benchmark(config, folder).run()
         name = f"{part}: " if part else ""
-        print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {time.time() - started:.0f} s")
+        elapsed = time.time() - started
+        print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")
 
 
 def _benchmark(args: argparse.Namespace) -> None:
