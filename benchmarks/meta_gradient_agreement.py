@@ -65,7 +65,7 @@ def main() -> None:
             immunizer.prepare(components, specs, concepts)
             grads[method] = [[_meta_gradient(immunizer, concepts, k, noise, config.batch_size) for noise in (0, 1)]
                              for k in range(args.batches)]
-        between = [cos(m[0], j[0], dim=0).item() for m, j in zip(grads["mima"], grads["imma-joint"])]
+        between = [cos(m[0], j[0], dim=0).item() for m, j in zip(grads["mima"], grads["imma-joint"], strict=True)]
         floor = [cos(m[0], m[1], dim=0).item() for m in grads["mima"]]
         rows.append({"attacker": attacker, "cos_mima_vs_joint": sum(between) / len(between),
                      "cos_noise_floor": sum(floor) / len(floor), "per_batch": between})
