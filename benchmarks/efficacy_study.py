@@ -76,14 +76,14 @@ def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Pat
     from mima.data.concepts import load_concepts
 
     concept_names = [c.name for c in load_concepts(list(config.targets + config.non_targets))]
-    linked = 0
+    attack_settings, linked = _attack_key(config), 0
     for method in (REFERENCE, *config.methods):
         key = _model_key(config, method)
         wanted = {(key,): folder / "models" / method}
         for attack in config.attacks:
             for name in concept_names:
                 for seed in config.seeds:
-                    wanted[(key, _attack_key(config), attack, name, f"seed{seed}")] = (
+                    wanted[(key, attack_settings, attack, name, f"seed{seed}")] = (
                         folder / "attacks" / method / attack / name / f"seed{seed}")
         for piece, target in wanted.items():
             source = pieces.get(piece)
@@ -141,16 +141,12 @@ def summarize(results: dict) -> dict:
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {},
                                       "target_judge": {}})
                         row["msgr"].append(metrics["msgr"])
-                        for concept, value in metrics["sgr"].items():
-                            row["sgr"].setdefault(concept, []).append(value)
-                            rates = _judge_rate_before_attack(evaluation, concept)
-                            if encoder == "toy-judge" and rates is not None:
-                                row["target_judge"].setdefault(concept, []).append(rates)
-                        for concept, value in metrics["non_target_sgr"].items():
-                            row["non_target_sgr"].setdefault(concept, []).append(value)
-                            rates = _judge_rate_before_attack(evaluation, concept)
-                            if encoder == "toy-judge" and rates is not None:
-                                row["non_target_judge"].setdefault(concept, []).append(rates)
+                        for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
+                            for concept, value in metrics[sgr_key].items():
+                                row[sgr_key].setdefault(concept, []).append(value)
+                                rates = _judge_rate_before_attack(evaluation, concept)
+                                if encoder == "toy-judge" and rates is not None:
+                                    row[judge_key].setdefault(concept, []).append(rates)
     return table
 
 
