@@ -120,22 +120,21 @@ def collect(study: dict, out: Path) -> dict:
     return results
 
 
-def _judge_rate_before_attack(evaluation: dict, concept: str) -> tuple[float, float] | None:
-    """(immunized, base) toy-judge rate of the concept's own prompt before any attack step."""
-    entry = evaluation["encoders"].get("toy-judge", {}).get("concepts", {}).get(concept)
-    if not entry or entry.get("asr_with") is None:
-        return None
-    return entry["asr_with"][0], entry["asr_without"][0]
+def _judge_rate_before_attack(record: dict, method: str, concept: str) -> tuple[float, float] | None:
+    """(immunized, base) toy-judge rate of the concept's own prompt before any attack step (the report's
+    `before_attack`, absent when every attack of the benchmark rewrites the prompt)."""
+    models = record.get("before_attack", {}).get("models", {})
+    rates = [models.get(m, {}).get("toy-judge", {}).get(concept, {}).get("success_rate") for m in (method, "none")]
+    return None if None in rates else (rates[0], rates[1])
 
 
 def summarize(results: dict) -> dict:
     """Per variant, method, attack and encoder: seed means of MSGR, per-target SGR, non-target SGR and judge rate."""
     table: dict = {}
     for variant, by_seed in results.items():
-        for seed, record in by_seed.items():
+        for record in by_seed.values():
             for method, by_attack in record["summary"].items():
                 for attack, by_encoder in by_attack.items():
-                    evaluation = record["evaluations"][method][attack][str(seed)]
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {},
@@ -144,7 +143,7 @@ def summarize(results: dict) -> dict:
                         for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
                             for concept, value in metrics[sgr_key].items():
                                 row[sgr_key].setdefault(concept, []).append(value)
-                                rates = _judge_rate_before_attack(evaluation, concept)
+                                rates = _judge_rate_before_attack(record, method, concept)
                                 if encoder == "toy-judge" and rates is not None:
                                     row[judge_key].setdefault(concept, []).append(rates)
     return table

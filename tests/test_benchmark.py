@@ -28,6 +28,14 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     assert set(summary["sgr"]) == {"stripes"} and set(summary["non_target_sgr"]) == {"star"}
     html = (report / "report.html").read_text()
     assert "<table id='summary'>" in html and html.count("data:image/png;base64,") == 3
+    record = json.loads((report / "metrics.json").read_text())
+    before = record["before_attack"]
+    assert before["attack"] == "lora" and set(before["models"]) == {"none", "mima"}
+    star = record["evaluations"]["mima"]["lora"]["0"]["encoders"]["toy-judge"]["concepts"]["star"]
+    assert before["models"]["mima"]["toy-judge"]["star"] == {"similarity": star["s_with"][0],
+                                                            "success_rate": star["asr_with"][0]}
+    assert before["models"]["none"]["toy-judge"]["star"]["similarity"] == star["s_without"][0]
+    assert "<table id='before-attack'>" in html and "star (non-target)" in (report / "report.md").read_text()
     runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
     assert len(runs) == 6  # 2 models (none, mima) x 2 concepts attacked, and the 2 models
     written = [r.stat().st_mtime_ns for r in runs]
@@ -88,3 +96,26 @@ def test_a_bad_suite_is_one_clear_error(tmp_path, capsys):
         path.write_text(text)
         assert main(["benchmark", "--config", str(path), "--out", str(tmp_path / "out")]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_before_attack_skips_attacks_that_rewrite_the_prompt():
+    from mima.attacks import attacks
+    from mima.evaluate.benchmark_report import _before_attack
+
+    assert not attacks.get("lora").rewrites_prompts() and not attacks.get("dreambooth").rewrites_prompts()
+    assert attacks.get("textual-inversion").rewrites_prompts() and attacks.get("custom-diffusion").rewrites_prompts()
+
+    def block(s_with: float, rate: float) -> dict:
+        return {"s_with": [s_with, 0.9], "s_without": [0.8, 0.9], "asr_with": [rate, 1.0], "asr_without": [1.0, 1.0]}
+
+    def result(s_with: float, rate: float) -> dict:
+        return {"encoders": {"toy-judge": {"concepts": {"waves": block(s_with, rate)}}}}
+
+    results = {"mima": {"textual-inversion": {"0": result(0.1, 0.0)},
+                        "lora": {"0": result(0.6, 0.5), "1": result(0.7, 0.75)}}}
+    assert _before_attack(results, ["textual-inversion"], ["waves"]) == {}
+    before = _before_attack(results, ["textual-inversion", "lora"], ["waves"])
+    assert before["attack"] == "lora"
+    waves = before["models"]["mima"]["toy-judge"]["waves"]
+    assert abs(waves["similarity"] - 0.65) < 1e-12 and abs(waves["success_rate"] - 0.625) < 1e-12
+    assert before["models"]["none"]["toy-judge"]["waves"] == {"similarity": 0.8, "success_rate": 1.0}

@@ -79,12 +79,12 @@ def test_variant_config_merges_immunize_overrides_and_sets_the_seed(study):
 
 def _metrics(msgr: float, stripes_sgr: float, rate_before: float) -> dict:
     """A benchmark's metrics.json, cut down to what the study summary reads."""
-    concepts = {"stripes": {"asr_with": [rate_before, 1.0], "asr_without": [0.0, 1.0]},
-                "waves": {"asr_with": [0.9, 1.0], "asr_without": [1.0, 1.0]}}
+    def judge(stripes: float, waves: float) -> dict:
+        return {"toy-judge": {"stripes": {"success_rate": stripes}, "waves": {"success_rate": waves}}}
+
     return {"summary": {"mima": {"lora": {"toy-judge": {
                 "msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}}}},
-            "evaluations": {"mima": {"lora": {"0": {"encoders": {"toy-judge": {"concepts": concepts}}},
-                                              "1": {"encoders": {"toy-judge": {"concepts": concepts}}}}}}}
+            "before_attack": {"attack": "lora", "models": {"mima": judge(rate_before, 0.9), "none": judge(0.0, 1.0)}}}
 
 
 def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp_path):

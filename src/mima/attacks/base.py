@@ -45,6 +45,11 @@ class Attack(ABC):
         """How this method refers to the concept in a prompt (token methods substitute their new token)."""
         return prompt
 
+    @classmethod
+    def rewrites_prompts(cls) -> bool:
+        """Whether `prompt` changes prompts, so that the samples at step 0 are not the model's own drawing."""
+        return cls.prompt is not Attack.prompt
+
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text conditioning of `prompts` (differentiable where the method trains the text side)."""
         with torch.set_grad_enabled(self.trains_text()):

@@ -55,6 +55,32 @@ def _summarize(results: dict, targets: list[str], non_targets: list[str]) -> dic
     return summary
 
 
+def _before_attack(results: dict, attacks: list[str], concepts: list[str]) -> dict:
+    """Each model's own samples of each concept's prompt before any attack step, seed means:
+    `{"attack": a, "models": {model: {encoder: {concept: {"similarity", "success_rate"}}}}}`.
+
+    Read from step 0 of the first attack that keeps prompts as they are (a token method's step 0 draws its new
+    token instead); `{}` when every attack rewrites prompts.
+    """
+    from mima.attacks import attacks as registry
+
+    plain = [a for a in attacks if not registry.get(a).rewrites_prompts()]
+    if not plain:
+        return {}
+    models: dict = {}
+    for method, by_attack in results.items():
+        runs = list(by_attack[plain[0]].values())
+        for encoder in runs[0]["encoders"]:
+            for concept in concepts:
+                blocks = [r["encoders"][encoder]["concepts"][concept] for r in runs]
+                for model, side in ((UNIMMUNIZED, "without"), (method, "with")):
+                    rates = [b[f"asr_{side}"][0] if b[f"asr_{side}"] else None for b in blocks]
+                    models.setdefault(model, {}).setdefault(encoder, {})[concept] = {
+                        "similarity": _mean([b[f"s_{side}"][0] for b in blocks]), "success_rate": _mean(rates),
+                    }
+    return {"attack": plain[0], "models": models}
+
+
 def _curve_figure(results: dict, attack: str, encoder: str, concepts: list[str], path: Path) -> Path:
     """One panel per concept: S(t) of the attacked un-immunized model and of each immunized one (seed mean)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -107,6 +133,22 @@ def _table(summary: dict) -> list[list[str]]:
     return rows
 
 
+def _before_attack_table(before: dict, concepts: list[str], non_targets: list[str]) -> list[list[str]]:
+    """Rows (encoder, concept), columns the models: similarity to the references, and the judge's rate if known."""
+    models = list(before["models"])
+    rows = [["encoder", "concept", *models]]
+    for encoder in before["models"][models[0]]:
+        for concept in concepts:
+            cells = []
+            for model in models:
+                entry = before["models"][model][encoder][concept]
+                cell = "n/a" if entry["similarity"] is None else f"{entry['similarity']:.3f}"
+                cells.append(cell + (f" ({100 * entry['success_rate']:.0f} %)" if entry["success_rate"] is not None
+                                     else ""))
+            rows.append([encoder, concept + (" (non-target)" if concept in non_targets else ""), *cells])
+    return rows
+
+
 def write_benchmark_report(
     runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, float], out_dir: Path
 ) -> Path:
@@ -127,34 +169,51 @@ def write_benchmark_report(
                for a in config.attacks for e in config.encoders]
     grids = [_sample_grid(runs, a, c, config.seeds[0], out_dir / "grids" / f"{slug(a)}-{slug(c)}.png")
              for a in config.attacks for c in concepts]
-    record = {"summary": summary, "evaluations": results, "config": config.to_dict(), "timings_s": timings,
-              **provenance()}
+    before = _before_attack(results, list(config.attacks), concepts)
+    record = {"summary": summary, "before_attack": before, "evaluations": results, "config": config.to_dict(),
+              "timings_s": timings, **provenance()}
     atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _write_documents(summary, figures, grids, list(runs), timings, out_dir)
+    before_table = _before_attack_table(before, concepts, non_targets) if before else None
+    _write_documents(summary, before_table, figures, grids, list(runs), timings, out_dir)
     return out_dir
 
 
-def _write_documents(summary: dict, figures: list[Path], grids: list[Path], methods: list[str],
-                     timings: dict[str, float], out_dir: Path) -> None:
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return [lines[0], "|" + "---|" * len(rows[0]), *lines[1:]]
+
+
+def _html_table(rows: list[list[str]], table_id: str) -> str:
+    cells = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
+                    + "</tr>" for i, row in enumerate(rows))
+    return f"<table id='{table_id}'>{cells}</table>"
+
+
+def _write_documents(summary: dict, before_table: list[list[str]] | None, figures: list[Path], grids: list[Path],
+                     methods: list[str], timings: dict[str, float], out_dir: Path) -> None:
     table = _table(summary)
     legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "
               "learnable (definitions: docs/metrics.md).")
+    before_legend = ("Each model's own samples of each concept's prompt, before any attack step: similarity to the "
+                     "references (judge's rate). Non-targets should match `none`; targets should be low.")
+    if before_table is None:
+        before_legend = ("Not measured: every attack rewrites the prompt with a new token, so its step 0 is not "
+                         "the model's own drawing.")
     time_line = "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    md = ["# mima benchmark report", "", legend, ""]
-    md += ["| " + " | ".join(row) + " |" for row in table[:1]] + ["|" + "---|" * len(table[0])]
-    md += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    md += ["", time_line, "", "## Similarity vs attack steps"]
+    md = ["# mima benchmark report", "", legend, "", *_markdown_table(table), "", time_line, "",
+          "## Before any attack", "", before_legend, ""]
+    md += _markdown_table(before_table) if before_table else []
+    md += ["", "## Similarity vs attack steps"]
     md += [f"![{f.stem}]({f.relative_to(out_dir)})" for f in figures]
     md += ["", f"## Last-checkpoint samples (rows: {', '.join(methods)})"]
     md += [f"![{g.stem}]({g.relative_to(out_dir)})" for g in grids]
     atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")
-    cells = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
-                    + "</tr>" for i, row in enumerate(table))
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>mima benchmark report</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #999;padding:4px 8px}</style></head><body>",
-            "<h1>mima benchmark report</h1>", f"<p>{legend}</p>", f"<table id='summary'>{cells}</table>",
-            f"<p>{time_line}</p>", "<h2>Similarity vs attack steps</h2>",
+            "<h1>mima benchmark report</h1>", f"<p>{legend}</p>", _html_table(table, "summary"),
+            f"<p>{time_line}</p>", "<h2>Before any attack</h2>", f"<p>{before_legend}</p>",
+            _html_table(before_table, "before-attack") if before_table else "", "<h2>Similarity vs attack steps</h2>",
             *(_embed(f) for f in figures), f"<h2>Last-checkpoint samples (rows: {', '.join(methods)})</h2>",
             *(f"<h3>{g.stem}</h3>{_embed(g)}" for g in grids), "</body></html>"]
     atomic_write_text(out_dir / "report.html", "\n".join(html))
