@@ -36,12 +36,17 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
                                                             "success_rate": star["asr_with"][0]}
     assert before["models"]["none"]["toy-judge"]["star"]["similarity"] == star["s_without"][0]
     assert "<table id='before-attack'>" in html and "star (non-target)" in (report / "report.md").read_text()
+    recorded = record["timings_s"]["recorded by the pieces"]
+    elapsed = [json.loads((out / f"models/{m}/immunization.json").read_text())["elapsed_s"] for m in ("none", "mima")]
+    assert recorded["immunization"] == sum(elapsed) and recorded["attacks"] > 0
     runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
     assert len(runs) == 6  # 2 models (none, mima) x 2 concepts attacked, and the 2 models
     written = [r.stat().st_mtime_ns for r in runs]
     assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
     assert [r.stat().st_mtime_ns for r in runs] == written
-    assert json.loads((report / "metrics.json").read_text())["summary"]["mima"]["lora"]["toy-judge"] == summary
+    rerun = json.loads((report / "metrics.json").read_text())
+    assert rerun["summary"]["mima"]["lora"]["toy-judge"] == summary
+    assert rerun["timings_s"]["recorded by the pieces"] == recorded  # the pieces' own times survive a resumed run
 
 
 def test_presets_validate():

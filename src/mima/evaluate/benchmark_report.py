@@ -150,7 +150,8 @@ def _before_attack_table(before: dict, concepts: list[str], non_targets: list[st
 
 
 def write_benchmark_report(
-    runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, float], out_dir: Path
+    runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, dict[str, float]],
+    out_dir: Path
 ) -> Path:
     """Evaluate every (method, attack, seed) against the un-immunized runs and write the report folder."""
     concepts = targets + non_targets
@@ -190,7 +191,7 @@ def _html_table(rows: list[list[str]], table_id: str) -> str:
 
 
 def _write_documents(summary: dict, before_table: list[list[str]] | None, figures: list[Path], grids: list[Path],
-                     methods: list[str], timings: dict[str, float], out_dir: Path) -> None:
+                     methods: list[str], timings: dict[str, dict[str, float]], out_dir: Path) -> None:
     table = _table(summary)
     legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "
               "learnable (definitions: docs/metrics.md).")
@@ -199,7 +200,9 @@ def _write_documents(summary: dict, before_table: list[list[str]] | None, figure
     if before_table is None:
         before_legend = ("Not measured: every attack rewrites the prompt with a new token, so its step 0 is not "
                          "the model's own drawing.")
-    time_line = "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    time_line = "Time (s). " + "; ".join(
+        f"{kind}: " + ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in phases.items())
+        for kind, phases in timings.items())
     md = ["# mima benchmark report", "", legend, "", *_markdown_table(table), "", time_line, "",
           "## Before any attack", "", before_legend, ""]
     md += _markdown_table(before_table) if before_table else []
