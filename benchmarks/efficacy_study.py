@@ -8,7 +8,8 @@ finished with the same settings is hard-linked into it (the un-immunized referen
 model, setting, targets and seed, so every variant shares it; a variant that changes only the attacks reuses
 the immunized models). Everything resumes like `mima benchmark`.
 
-    python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...] [--threads 1]
+    python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...]
+                                        [--threads 1] [--jobs 2]
 
 Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
 per-seed values) of MSGR, every target's SGR, the non-target SGR, and the toy judge's rates before any attack
@@ -94,7 +95,7 @@ def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Pat
     return linked
 
 
-def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] | None) -> None:
+def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] | None, jobs: int = 1) -> None:
     for name, overrides in study["variants"].items():
         if only and name not in only:
             continue
@@ -106,7 +107,7 @@ def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] |
                 print(f"{name}/seed{seed}: reusing {linked} finished models and attacks")
             folder.mkdir(parents=True, exist_ok=True)
             config.save_json(folder / "benchmark_config.json")
-            Benchmark(config, folder).run()
+            Benchmark(config, folder, jobs=jobs).run()
 
 
 def collect(study: dict, out: Path) -> dict:
@@ -220,13 +221,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these variants (the summary covers what exists)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the study's seeds")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--jobs", type=int, default=1, help="attack runs at a time (worker processes)")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     study = yaml.safe_load(args.study.read_text())
-    run_study(study, args.out, args.only, args.seeds)
+    run_study(study, args.out, args.only, args.seeds, args.jobs)
     write_summary(summarize(collect(study, args.out)), args.out)
     print((args.out / "summary.md").read_text())
 

@@ -2,13 +2,17 @@
 
 import json
 
+import numpy as np
+import pytest
 import yaml
 
 from mima.benchmark import BenchmarkConfig
 from mima.cli import main
+from mima.data.image_folder import read_image_folder
 
 
 def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capsys):
+    """Attacks first run as two parallel jobs; a serial re-run of one piece reproduces it exactly."""
     config = {
         "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": ["toy:star"], "methods": ["mima"],
         "attacks": ["lora"], "encoders": ["toy-judge"],
@@ -18,7 +22,7 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["benchmark", "--config", str(path), "--out", str(out), "--jobs", "2"]) == 0, capsys.readouterr().err
     report = out / "report"
     for name in ("report.html", "report.md", "metrics.json", "figures/similarity-lora-toy-judge.png",
                  "grids/lora-stripes.png", "grids/lora-star.png"):
@@ -47,6 +51,26 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     rerun = json.loads((report / "metrics.json").read_text())
     assert rerun["summary"]["mima"]["lora"]["toy-judge"] == summary
     assert rerun["timings_s"]["recorded by the pieces"] == recorded  # the pieces' own times survive a resumed run
+    piece = out / "attacks/mima/lora/star/seed0"
+    parallel = piece.rename(tmp_path / "parallel")
+    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
+    for step in ("step_0", "step_2"):
+        serial_images, parallel_images = (read_image_folder(run / "samples" / step)[0] for run in (piece, parallel))
+        assert [np.asarray(i).tolist() for i in serial_images] == [np.asarray(i).tolist() for i in parallel_images]
+
+
+def test_a_failing_parallel_piece_is_raised_and_the_rest_dropped(tmp_path):
+    from mima.attacks import AttackConfig
+    from mima.benchmark import AttackPiece, run_pieces
+    from mima.data.concepts import load_concepts
+    from mima.errors import ModelError
+
+    concept = load_concepts(["toy:star"])[0]
+    config = AttackConfig.from_dict({"method": "lora", "steps": 1, "n_images": 2})
+    pieces = [AttackPiece(str(tmp_path / "no-model"), concept, config, tmp_path / f"run{i}") for i in range(2)]
+    with pytest.raises(ModelError, match="no-model"):
+        run_pieces(pieces, jobs=2)
+    assert not any((tmp_path / f"run{i}" / "attack.json").exists() for i in range(2))
 
 
 def test_presets_validate():

@@ -11,15 +11,23 @@ A finished piece (a model with immunization.json, an attack with attack.json) is
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mima.config import Config
 from mima.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mima.attacks import AttackConfig
+    from mima.data.concepts import ConceptSpec
 
 PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
@@ -74,10 +82,60 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
     return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
+@dataclass(frozen=True)
+class AttackPiece:
+    """One attack run of a benchmark; resumes its own checkpoint."""
+
+    model_dir: str
+    concept: ConceptSpec
+    config: AttackConfig
+    out: Path
+
+    def run(self) -> None:
+        from mima.attacks import AttackRun
+        from mima.utils.checkpoint import has_checkpoint
+
+        resume = has_checkpoint(self.out / "checkpoint")
+        AttackRun(self.model_dir, self.concept, self.config, self.out).run(resume=resume)
+
+
+def _quiet_worker(threads: int) -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # the parent's bar counts pieces; before tqdm is first imported here
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_pieces(pieces: list[AttackPiece], jobs: int = 1) -> None:
+    """Run the pieces, `jobs` at a time in worker processes that share this process's torch threads.
+
+    The first failure is raised once the pieces already running have finished (each writes its output atomically);
+    pieces not started yet are dropped, and a re-run resumes them.
+    """
+    if jobs <= 1 or len(pieces) <= 1:
+        for piece in pieces:
+            piece.run()
+        return
+    import torch
+    from tqdm import tqdm
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(piece.run) for piece in pieces]
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"attacks ({jobs} jobs)"):
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 @dataclass
 class Benchmark:
     config: BenchmarkConfig
     out_dir: Path
+    jobs: int = 1
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self) -> Path:
@@ -87,7 +145,7 @@ class Benchmark:
         non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
         models = {m: self._timed("immunization", self._immunize, m, targets) for m in ("none", *self.config.methods)}
-        runs = {m: self._timed("attacks", self._attack_all, models[m], m, targets + non_targets) for m in models}
+        runs = self._timed("attacks", self._attack_all, models, targets + non_targets)
         return self._timed("evaluation", self._report, runs, targets, non_targets)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
@@ -115,20 +173,21 @@ class Benchmark:
         resume = has_checkpoint(out / "checkpoint")
         return ImmunizationRun(self.config.model, targets, config, out).run(resume=resume)
 
-    def _attack_all(self, model_dir: Path, method: str, concepts: list) -> dict[tuple[str, str, int], Path]:
-        from mima.attacks import AttackConfig, AttackRun
-        from mima.utils.checkpoint import has_checkpoint
+    def _attack_all(self, models: dict[str, Path], concepts: list) -> dict[str, dict[tuple[str, str, int], Path]]:
+        from mima.attacks import AttackConfig
 
-        runs = {}
-        for attack in self.config.attacks:
-            for concept in concepts:
-                for seed in self.config.seeds:
-                    out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
-                    if not (out / "attack.json").is_file():
-                        config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                        resume = has_checkpoint(out / "checkpoint")
-                        AttackRun(str(model_dir), concept, config, out).run(resume=resume)
-                    runs[(attack, concept.name, seed)] = out
+        runs: dict = {}
+        todo = []
+        for method, model_dir in models.items():
+            for attack in self.config.attacks:
+                for concept in concepts:
+                    for seed in self.config.seeds:
+                        out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
+                        runs.setdefault(method, {})[(attack, concept.name, seed)] = out
+                        if not (out / "attack.json").is_file():
+                            config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+                            todo.append(AttackPiece(str(model_dir), concept, config, out))
+        run_pieces(todo, self.jobs)
         return runs
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:

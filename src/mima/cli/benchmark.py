@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from mima.cli._args import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from mima.benchmark import PRESETS
@@ -15,15 +17,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--config", type=Path, help="benchmark or suite YAML (see mima/assets/presets/*.yaml)")
     source.add_argument("--preset", choices=PRESETS, help="a shipped benchmark")
     bench.add_argument("--out", type=Path, required=True, help="output folder; re-running resumes it")
+    _add_jobs(bench)
     bench.set_defaults(func=_benchmark)
 
     demo = subparsers.add_parser("demo", help="the end-to-end demo on the toy model (the README's main command)")
     demo.add_argument("--quick", action="store_true", help="a few-minute smoke run of the same path")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    _add_jobs(demo)
     demo.set_defaults(func=_demo)
 
 
-def _run(benchmarks: dict, out: Path) -> None:
+def _add_jobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="attack runs at a time, in worker processes sharing the CPU threads (default 1)")
+
+
+def _run(benchmarks: dict, out: Path, jobs: int) -> None:
     """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
     from mima.benchmark import Benchmark
 
@@ -32,7 +41,7 @@ def _run(benchmarks: dict, out: Path) -> None:
         folder = out / part
         folder.mkdir(parents=True, exist_ok=True)
         config.save_json(folder / "benchmark_config.json")
-        report = Benchmark(config, folder).run()
+        report = Benchmark(config, folder, jobs=jobs).run()
         name = f"{part}: " if part else ""
         elapsed = time.time() - started
         print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")
@@ -41,11 +50,11 @@ def _run(benchmarks: dict, out: Path) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from mima.benchmark import load_benchmarks, load_preset
 
-    _run(load_preset(args.preset) if args.preset else load_benchmarks(args.config), args.out)
+    _run(load_preset(args.preset) if args.preset else load_benchmarks(args.config), args.out, args.jobs)
 
 
 def _demo(args: argparse.Namespace) -> None:
     from mima.benchmark import load_preset
 
     preset = "toy-demo-quick" if args.quick else "toy-demo"
-    _run(load_preset(preset), args.out / ("quick" if args.quick else ""))
+    _run(load_preset(preset), args.out / ("quick" if args.quick else ""), args.jobs)
