@@ -129,3 +129,18 @@ def test_merge_plan_is_identity_when_nothing_adapted(setup):
     kv = set(key_value_parameter_names(components.unet))
     for name in base:
         torch.testing.assert_close(merged[name], base[name], rtol=0, atol=1e-10 if name in kv else 0)
+
+
+def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients():
+    from mima.functional import sgd_step
+
+    def step(w: torch.Tensor, max_norm: float) -> dict[str, torch.Tensor]:
+        loss = (torch.sin(w) * w).sum() + (w**4).sum()
+        return sgd_step({"w": w}, loss, lr=0.5, order="second-order", max_norm=max_norm)
+
+    w = torch.tensor([0.9, -1.3, 2.0], dtype=torch.float64, requires_grad=True)
+    clipped, free = step(w, 1.0)["w"], step(w, 0.0)["w"]
+    assert abs((w - clipped).norm().item() - 0.5) < 1e-12  # the gradient (norm > 30) is scaled to norm 1
+    assert (w - free).norm().item() > 10
+    assert torch.allclose(step(w, 1e6)["w"], free)  # a clip above the norm changes nothing
+    assert torch.autograd.gradcheck(lambda v: (step(v, 1.0)["w"] ** 2).sum(), (w,))

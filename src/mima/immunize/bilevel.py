@@ -58,7 +58,7 @@ class BilevelImmunizer(Immunizer):
         losses = []
         for _ in range(self.config.inner_steps):
             loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
-            lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order)
+            lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
             losses.append(loss.item())
         return lower, losses[0]
 

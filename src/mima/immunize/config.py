@@ -21,6 +21,9 @@ class ImmunizeConfig(Config):
     outer_lr: float = field(default=5e-4, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
+    inner_clip: float = field(
+        default=0.0, metadata={"help": "max gradient norm of the simulated attacker's step, as attacks clip (0: off)"}
+    )
     order: Literal["second-order", "first-order"] = field(
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
     )
@@ -48,6 +51,8 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
+        if self.inner_clip < 0:
+            raise ConfigError(f"inner_clip must be >= 0 (0: off), got {self.inner_clip}")
         if self.prior_weight < 0 or self.retain_weight < 0:
             raise ConfigError(f"prior_weight and retain_weight must be >= 0, got {self.prior_weight}, "
                               f"{self.retain_weight}")
