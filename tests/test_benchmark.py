@@ -59,7 +59,7 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
         assert [np.asarray(i).tolist() for i in serial_images] == [np.asarray(i).tolist() for i in parallel_images]
 
 
-def test_a_failing_parallel_piece_is_raised_and_the_rest_dropped(tmp_path):
+def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
     from mima.attacks import AttackConfig
     from mima.benchmark import AttackPiece, run_pieces
     from mima.data.concepts import load_concepts

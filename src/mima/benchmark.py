@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +29,7 @@ from mima.errors import ConfigError
 if TYPE_CHECKING:
     from mima.attacks import AttackConfig
     from mima.data.concepts import ConceptSpec
+    from mima.immunize import ImmunizeConfig
 
 PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
@@ -83,6 +85,23 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
 
 
 @dataclass(frozen=True)
+class ImmunizationPiece:
+    """One immunization of a benchmark; resumes its own checkpoint."""
+
+    model: str
+    targets: list[ConceptSpec]
+    config: ImmunizeConfig
+    out: Path
+
+    def run(self) -> None:
+        from mima.immunize import ImmunizationRun
+        from mima.utils.checkpoint import has_checkpoint
+
+        resume = has_checkpoint(self.out / "checkpoint")
+        ImmunizationRun(self.model, self.targets, self.config, self.out).run(resume=resume)
+
+
+@dataclass(frozen=True)
 class AttackPiece:
     """One attack run of a benchmark; resumes its own checkpoint."""
 
@@ -106,7 +125,7 @@ def _quiet_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_pieces(pieces: list[AttackPiece], jobs: int = 1) -> None:
+def run_pieces(pieces: Sequence[ImmunizationPiece | AttackPiece], jobs: int = 1, what: str = "pieces") -> None:
     """Run the pieces, `jobs` at a time in worker processes that share this process's torch threads.
 
     The first failure is raised once the pieces already running have finished (each writes its output atomically);
@@ -124,7 +143,7 @@ def run_pieces(pieces: list[AttackPiece], jobs: int = 1) -> None:
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(piece.run) for piece in pieces]
         try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"attacks ({jobs} jobs)"):
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{what} ({jobs} jobs)"):
                 future.result()
         except BaseException:
             pool.shutdown(cancel_futures=True)
@@ -144,7 +163,7 @@ class Benchmark:
         targets = load_concepts(list(self.config.targets))
         non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
-        models = {m: self._timed("immunization", self._immunize, m, targets) for m in ("none", *self.config.methods)}
+        models = self._timed("immunization", self._immunize_all, targets)
         runs = self._timed("attacks", self._attack_all, models, targets + non_targets)
         return self._timed("evaluation", self._report, runs, targets, non_targets)
 
@@ -161,19 +180,19 @@ class Benchmark:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.time() - started
         return result
 
-    def _immunize(self, method: str, targets: list) -> Path:
-        from mima.immunize import ImmunizationRun, ImmunizeConfig
-        from mima.utils.checkpoint import has_checkpoint
+    def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
+        from mima.immunize import ImmunizeConfig
 
-        out = self.out_dir / "models" / method
-        if (out / "immunization.json").is_file():
-            return out / "model"
-        overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
-        config = ImmunizeConfig.from_dict(overrides)
-        resume = has_checkpoint(out / "checkpoint")
-        return ImmunizationRun(self.config.model, targets, config, out).run(resume=resume)
+        todo = []
+        for method in ("none", *self.config.methods):
+            out = self.out_dir / "models" / method
+            if not (out / "immunization.json").is_file():
+                overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
+                todo.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
+        run_pieces(todo, self.jobs, "immunizations")
+        return {method: self.out_dir / "models" / method / "model" for method in ("none", *self.config.methods)}
 
-    def _attack_all(self, models: dict[str, Path], concepts: list) -> dict[str, dict[tuple[str, str, int], Path]]:
+    def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
         from mima.attacks import AttackConfig
 
         runs: dict = {}
@@ -187,7 +206,7 @@ class Benchmark:
                         if not (out / "attack.json").is_file():
                             config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
                             todo.append(AttackPiece(str(model_dir), concept, config, out))
-        run_pieces(todo, self.jobs)
+        run_pieces(todo, self.jobs, "attacks")
         return runs
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
