@@ -110,14 +110,33 @@ def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] |
             Benchmark(config, folder, jobs=jobs).run()
 
 
+def immunization_losses(folder: Path) -> dict[str, dict[str, float | None]]:
+    """Per immunized model of a benchmark folder: the mean upper loss (after the simulated attack) at the first and
+    the last outer step, and the last retain loss."""
+    def upper(entry: dict) -> float:
+        values = [v for k, v in entry.items() if k.startswith("upper/")]
+        return sum(values) / len(values)
+
+    losses = {}
+    for record in sorted(folder.glob("models/*/immunization.json")):
+        log = json.loads(record.read_text())["log"]
+        if log:  # `none` has no outer steps
+            losses[record.parent.name] = {"upper_first": upper(log[0]), "upper_last": upper(log[-1]),
+                                          "retain_last": log[-1].get("retain")}
+    return losses
+
+
 def collect(study: dict, out: Path) -> dict:
-    """Every finished (variant, seed) report of the study: {variant: {seed: metrics.json}}."""
+    """Every finished (variant, seed) report of the study, {variant: {seed: metrics.json}}, with the immunizations'
+    losses under `immunization_losses`."""
     results: dict = {}
     for name in study["variants"]:
         for seed in study["seeds"]:
-            metrics = out / name / f"seed{seed}" / "report" / "metrics.json"
+            folder = out / name / f"seed{seed}"
+            metrics = folder / "report" / "metrics.json"
             if metrics.is_file():
-                results.setdefault(name, {})[seed] = json.loads(metrics.read_text())
+                record = json.loads(metrics.read_text())
+                results.setdefault(name, {})[seed] = {**record, "immunization_losses": immunization_losses(folder)}
     return results
 
 
@@ -139,8 +158,10 @@ def summarize(results: dict) -> dict:
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {},
-                                      "target_judge": {}})
+                                      "target_judge": {}, "losses": []})
                         row["msgr"].append(metrics["msgr"])
+                        if method in record.get("immunization_losses", {}):
+                            row["losses"].append(record["immunization_losses"][method])
                         for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
                             for concept, value in metrics[sgr_key].items():
                                 row[sgr_key].setdefault(concept, []).append(value)
@@ -163,10 +184,19 @@ def _rates(by_concept: dict) -> str:
                      for c, v in by_concept.items())
 
 
+def _losses(per_seed: list[dict]) -> str:
+    def one(x: dict) -> str:
+        retain = "" if x["retain_last"] is None else f" ({x['retain_last']:.2f})"
+        return f"{x['upper_first']:.2f} -> {x['upper_last']:.2f}{retain}"
+
+    return "; ".join(one(x) for x in per_seed)
+
+
 def write_summary(table: dict, out: Path) -> None:
     lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
-             " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |",
-             "|" + "---|" * 10]
+             " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
+             " upper loss, first -> last outer step (last retain loss) |",
+             "|" + "---|" * 11]
     for variant, by_method in table.items():
         for method, by_attack in by_method.items():
             for attack, by_encoder in by_attack.items():
@@ -176,7 +206,7 @@ def write_summary(table: dict, out: Path) -> None:
                     others = ", ".join(f"{c} {_fmt(v)}" for c, v in row["non_target_sgr"].items())
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
                                  f"{worst:.1f} | {targets} | {others} | {_rates(row['non_target_judge'])} | "
-                                 f"{_rates(row['target_judge'])} |")
+                                 f"{_rates(row['target_judge'])} | {_losses(row['losses'])} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     plot_summary(table, out / "summary.png")

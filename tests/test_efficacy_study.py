@@ -1,6 +1,7 @@
 """benchmarks/efficacy_study.py reuses a finished model or attack only where every setting that decides it matches."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -98,3 +99,19 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
     assert "| 25.0 (20.0, 30.0) | 20.0 |" in line  # the mean MSGR, per seed, and the weakest target's mean SGR
     assert "waves 90 / 100" in line and "stripes 25 / 0 (0 / 0; 50 / 0)" in line
     assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_collect_adds_each_models_upper_loss_trajectory(study, tmp_path):
+    folder = tmp_path / "defaults" / "seed0"
+    for method, log in (("none", []), ("mima", [{"upper/a": 0.2, "upper/b": 0.4, "retain": 0.3},
+                                                {"upper/a": 30.0, "upper/b": 40.0, "retain": 3.5}])):
+        (folder / "models" / method).mkdir(parents=True)
+        (folder / "models" / method / "immunization.json").write_text(json.dumps({"log": log}))
+    (folder / "report").mkdir()
+    (folder / "report" / "metrics.json").write_text(json.dumps(_metrics(20.0, 10.0, 0.0)))
+    results = study.collect({"variants": {"defaults": {}}, "seeds": [0]}, tmp_path)
+    losses = results["defaults"][0]["immunization_losses"]
+    assert set(losses) == {"mima"} and abs(losses["mima"]["upper_first"] - 0.3) < 1e-12
+    assert losses["mima"]["upper_last"] == 35.0 and losses["mima"]["retain_last"] == 3.5
+    study.write_summary(study.summarize(results), tmp_path)
+    assert "| 0.30 -> 35.00 (3.50) |" in (tmp_path / "summary.md").read_text()
