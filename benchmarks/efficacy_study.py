@@ -39,12 +39,13 @@ def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
 
 
 def _model_key(config: BenchmarkConfig, method: str) -> str:
-    """What decides an immunized model. The `none` reference (erased in relearn) ignores the bilevel settings."""
-    from mima.immunize import ImmunizeConfig
+    """What decides an immunized model: the method's `depends_on` fields (the `none` reference, erased in relearn,
+    ignores the bilevel settings)."""
+    from mima.immunize import ImmunizeConfig, immunizers
 
     immunize = ImmunizeConfig.from_dict({**config.immunize, "method": method, "setting": config.setting}).to_dict()
-    if method == REFERENCE:
-        immunize = {k: immunize[k] for k in ("seed", "n_images", "caption_bank", "erase_preserve_weight")}
+    if (fields := immunizers.get(method).depends_on) is not None:
+        immunize = {k: immunize[k] for k in fields}
     return json.dumps([config.model, config.setting, list(config.targets), method, immunize], sort_keys=True)
 
 

@@ -51,6 +51,16 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     rerun = json.loads((report / "metrics.json").read_text())
     assert rerun["summary"]["mima"]["lora"]["toy-judge"] == summary
     assert rerun["timings_s"]["recorded by the pieces"] == recorded  # the pieces' own times survive a resumed run
+    config["immunize"]["save_every"] = 7  # a checkpoint period decides nothing: still reused
+    config["immunize"]["inner_clip"] = 0.5  # decides mima's model, not the erased `none` one
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "models/mima' was made with other settings (inner_clip: 0.0 -> 0.5)" in error
+    assert [r.stat().st_mtime_ns for r in runs] == written
+    config["immunize"].pop("inner_clip")
+    path.write_text(yaml.safe_dump(config))
     piece = out / "attacks/mima/lora/star/seed0"
     parallel = piece.rename(tmp_path / "parallel")
     assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0

@@ -187,3 +187,16 @@ def test_strict_from_dict_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ImmunizeConfig.from_dict({"model": "m"})
+
+
+def test_differences_against_a_record():
+    config = make_config()
+    recorded = json.loads(json.dumps(config.to_dict()))
+    assert config.differences(recorded) == {}
+    recorded["steps"] = 20
+    del recorded["use_ema"]  # written before the field existed: counts as its default (True)
+    recorded["retired"] = 1  # a field this version does not know
+    assert config.differences(recorded) == {"steps": (20, 10)}
+    assert config.differences(recorded, fields=["seed", "dtype"]) == {}
+    assert make_config().differences({**recorded, "use_ema": False}, ["use_ema"]) == {"use_ema": (False, True)}
+    assert "model" in config.differences({k: v for k, v in recorded.items() if k != "model"})  # required: no default

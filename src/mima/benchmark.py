@@ -84,6 +84,12 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
     return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
+def _require_unchanged(folder: Path, differences: dict[str, tuple]) -> None:
+    if differences:
+        changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+        raise ConfigError(f"'{folder}' was made with other settings ({changes}); delete it or use another --out")
+
+
 @dataclass(frozen=True)
 class ImmunizationPiece:
     """One immunization of a benchmark; resumes its own checkpoint."""
@@ -92,6 +98,25 @@ class ImmunizationPiece:
     targets: list[ConceptSpec]
     config: ImmunizeConfig
     out: Path
+
+    def finished(self) -> bool:
+        """Whether the model exists; `ConfigError` if it was made with other settings than this piece's."""
+        from mima.immunize import ImmunizationRun, immunizers
+
+        record_path = self.out / "immunization.json"
+        if not record_path.is_file():
+            return False
+        record = json.loads(record_path.read_text())
+        config = ImmunizationRun(self.model, self.targets, self.config, self.out).resolved_config()
+        fields = immunizers.get(config.method).depends_on or [f for f in config.to_dict() if f != "save_every"]
+        differences = config.differences(record["config"], fields)
+        for name, recorded, current in (("model", record["model"], self.model),
+                                        ("targets", [c["name"] for c in record["concepts"]],
+                                         [t.name for t in self.targets])):
+            if recorded != current:
+                differences[name] = (recorded, current)
+        _require_unchanged(self.out, differences)
+        return True
 
     def run(self) -> None:
         from mima.immunize import ImmunizationRun
@@ -109,6 +134,17 @@ class AttackPiece:
     concept: ConceptSpec
     config: AttackConfig
     out: Path
+
+    def finished(self) -> bool:
+        """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
+        from mima.attacks import AttackRun
+
+        record_path = self.out / "attack.json"
+        if not record_path.is_file():
+            return False
+        config = AttackRun(self.model_dir, self.concept, self.config, self.out).resolved_config()
+        _require_unchanged(self.out, config.differences(json.loads(record_path.read_text())["config"]))
+        return True
 
     def run(self) -> None:
         from mima.attacks import AttackRun
@@ -183,30 +219,28 @@ class Benchmark:
     def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
         from mima.immunize import ImmunizeConfig
 
-        todo = []
+        pieces = []
         for method in ("none", *self.config.methods):
+            overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
             out = self.out_dir / "models" / method
-            if not (out / "immunization.json").is_file():
-                overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
-                todo.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
-        run_pieces(todo, self.jobs, "immunizations")
-        return {method: self.out_dir / "models" / method / "model" for method in ("none", *self.config.methods)}
+            pieces.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
+        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "immunizations")
+        return {piece.config.method: piece.out / "model" for piece in pieces}
 
     def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
         from mima.attacks import AttackConfig
 
         runs: dict = {}
-        todo = []
+        pieces = []
         for method, model_dir in models.items():
             for attack in self.config.attacks:
                 for concept in concepts:
                     for seed in self.config.seeds:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
-                        if not (out / "attack.json").is_file():
-                            config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                            todo.append(AttackPiece(str(model_dir), concept, config, out))
-        run_pieces(todo, self.jobs, "attacks")
+                        config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+                        pieces.append(AttackPiece(str(model_dir), concept, config, out))
+        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "attacks")
         return runs
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:

@@ -26,7 +26,7 @@ import os
 import types
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
@@ -87,6 +87,28 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of the init fields: tuples become lists, nested configs dicts and paths strings."""
         return {name: _to_jsonable(getattr(self, name)) for name in _init_fields(type(self))}
+
+    def differences(self, recorded: Mapping[str, Any], fields: Collection[str] | None = None) -> dict[str, tuple]:
+        """Fields (all, or only `fields`) whose value differs from a record of [`~Config.to_dict`]:
+        `{name: (recorded, this)}`, JSON-safe values.
+
+        A field the record lacks (it was written before the field existed) counts as its default, the value that
+        reproduces the behaviour from before the field was added; keys this class does not know are ignored.
+        """
+        differences = {}
+        for name, f in _init_fields(type(self)).items():
+            if fields is not None and name not in fields:
+                continue
+            value = _to_jsonable(getattr(self, name))
+            if name in recorded:
+                old = recorded[name]
+            elif _has_no_default(f):
+                old = None
+            else:
+                old = _to_jsonable(f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+            if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
+                differences[name] = (old, value)
+        return differences
 
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write [`~Config.to_dict`] to `path` as JSON (sorted keys, indent 2, trailing newline), atomically.

@@ -20,6 +20,9 @@ class Immunizer(ABC):
     """An immunization method. Closed-form methods do all their work in `prepare` (`iterative = False`)."""
 
     iterative: ClassVar[bool] = True
+    depends_on: ClassVar[tuple[str, ...] | None] = None
+    """The config fields that decide this method's result (None: all but `save_every`); a benchmark reuses a
+    finished model only if they match."""
 
     def __init__(self, config: ImmunizeConfig) -> None:
         self.config = config

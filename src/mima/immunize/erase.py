@@ -60,11 +60,16 @@ def erase_targets(components: Components, specs: list[ConceptSpec], config: Immu
     erase_concepts(components, targets, neutrals, preserve, config.erase_preserve_weight)
 
 
+# What decides an erased (or untouched) model: the targets' images and prompts, and the erasure's own weight.
+CLOSED_FORM_SETTINGS = ("method", "setting", "seed", "n_images", "caption_bank", "erase_preserve_weight")
+
+
 @immunizers.register("erase")
 class Erase(Immunizer):
     """Erase every target concept: its prompts are mapped to its class prompt; caption-bank prompts are kept."""
 
     iterative = False
+    depends_on = CLOSED_FORM_SETTINGS
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         erase_targets(components, specs, self.config)
@@ -75,6 +80,7 @@ class NoImmunization(Immunizer):
     """The model as it is (in the re-learning setting: the erased model)."""
 
     iterative = False
+    depends_on = CLOSED_FORM_SETTINGS
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         return None

@@ -42,7 +42,7 @@ class ImmunizationRun:
 
     def run(self, resume: bool = False) -> Path:
         started = time.time()
-        config = self._resolved_config()
+        config = self.resolved_config()
         immunizers.get(config.method)  # unknown method: fail before any heavy work
         components = Components.from_pretrained(self.model)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
@@ -64,7 +64,8 @@ class ImmunizationRun:
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
 
-    def _resolved_config(self) -> ImmunizeConfig:
+    def resolved_config(self) -> ImmunizeConfig:
+        """The config this run uses: `caption_bank: auto` becomes `toy` for the toy model, `generic` otherwise."""
         if self.config.caption_bank != "auto":
             return self.config
         return self.config.with_overrides(caption_bank="toy" if self.model == TOY_MODEL_NAME else "generic")
