@@ -14,12 +14,13 @@ import json
 import multiprocessing
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import yaml
 
@@ -27,9 +28,9 @@ from mima.config import Config
 from mima.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mima.attacks import AttackConfig
+    from mima.attacks import AttackConfig, AttackRun
     from mima.data.concepts import ConceptSpec
-    from mima.immunize import ImmunizeConfig
+    from mima.immunize import ImmunizationRun, ImmunizeConfig
 
 PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
@@ -84,74 +85,79 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
     return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
-def _require_unchanged(folder: Path, differences: dict[str, tuple]) -> None:
-    if differences:
-        changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-        raise ConfigError(f"'{folder}' was made with other settings ({changes}); delete it or use another --out")
+class _Piece(ABC):
+    """One finished-or-not run of a benchmark (`runner()`: an ImmunizationRun or AttackRun), with its record."""
+
+    out: Path
+    record_name: ClassVar[str]
+
+    @abstractmethod
+    def runner(self) -> ImmunizationRun | AttackRun:
+        """The run that makes this piece."""
+
+    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
+        """The settings that differ between the finished run's `record` and this piece's resolved `config`."""
+        return config.differences(record["config"])
+
+    def finished(self) -> bool:
+        """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
+        record_path = self.out / self.record_name
+        if not record_path.is_file():
+            return False
+        differences = self.stale_settings(json.loads(record_path.read_text()), self.runner().resolved_config())
+        if differences:
+            changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+            raise ConfigError(f"'{self.out}' was made with other settings ({changes}); delete it or use another --out")
+        return True
+
+    def run(self) -> None:
+        from mima.utils.checkpoint import has_checkpoint
+
+        self.runner().run(resume=has_checkpoint(self.out / "checkpoint"))
 
 
 @dataclass(frozen=True)
-class ImmunizationPiece:
+class ImmunizationPiece(_Piece):
     """One immunization of a benchmark; resumes its own checkpoint."""
 
     model: str
     targets: list[ConceptSpec]
     config: ImmunizeConfig
     out: Path
+    record_name: ClassVar[str] = "immunization.json"
 
-    def finished(self) -> bool:
-        """Whether the model exists; `ConfigError` if it was made with other settings than this piece's."""
-        from mima.immunize import ImmunizationRun, immunizers
+    def runner(self) -> ImmunizationRun:
+        from mima.immunize import ImmunizationRun
 
-        record_path = self.out / "immunization.json"
-        if not record_path.is_file():
-            return False
-        record = json.loads(record_path.read_text())
-        config = ImmunizationRun(self.model, self.targets, self.config, self.out).resolved_config()
+        return ImmunizationRun(self.model, self.targets, self.config, self.out)
+
+    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
+        from mima.immunize import immunizers
+
         fields = immunizers.get(config.method).depends_on or [f for f in config.to_dict() if f != "save_every"]
         differences = config.differences(record["config"], fields)
+        targets = [t.name for t in self.targets]
         for name, recorded, current in (("model", record["model"], self.model),
-                                        ("targets", [c["name"] for c in record["concepts"]],
-                                         [t.name for t in self.targets])):
+                                        ("targets", [c["name"] for c in record["concepts"]], targets)):
             if recorded != current:
                 differences[name] = (recorded, current)
-        _require_unchanged(self.out, differences)
-        return True
-
-    def run(self) -> None:
-        from mima.immunize import ImmunizationRun
-        from mima.utils.checkpoint import has_checkpoint
-
-        resume = has_checkpoint(self.out / "checkpoint")
-        ImmunizationRun(self.model, self.targets, self.config, self.out).run(resume=resume)
+        return differences
 
 
 @dataclass(frozen=True)
-class AttackPiece:
+class AttackPiece(_Piece):
     """One attack run of a benchmark; resumes its own checkpoint."""
 
     model_dir: str
     concept: ConceptSpec
     config: AttackConfig
     out: Path
+    record_name: ClassVar[str] = "attack.json"
 
-    def finished(self) -> bool:
-        """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
+    def runner(self) -> AttackRun:
         from mima.attacks import AttackRun
 
-        record_path = self.out / "attack.json"
-        if not record_path.is_file():
-            return False
-        config = AttackRun(self.model_dir, self.concept, self.config, self.out).resolved_config()
-        _require_unchanged(self.out, config.differences(json.loads(record_path.read_text())["config"]))
-        return True
-
-    def run(self) -> None:
-        from mima.attacks import AttackRun
-        from mima.utils.checkpoint import has_checkpoint
-
-        resume = has_checkpoint(self.out / "checkpoint")
-        AttackRun(self.model_dir, self.concept, self.config, self.out).run(resume=resume)
+        return AttackRun(self.model_dir, self.concept, self.config, self.out)
 
 
 def _quiet_worker(threads: int) -> None:
