@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_jobs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=positive_int, default=1,
-                        help="attack runs at a time, in worker processes sharing the CPU threads (default 1)")
+                        help="immunizations and attacks run at a time, each in a worker process (default 1)")
 
 
 def _run(benchmarks: dict, out: Path, jobs: int) -> None:
