@@ -78,8 +78,9 @@ def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
     concept = load_concepts(["toy:star"])[0]
     config = AttackConfig.from_dict({"method": "lora", "steps": 1, "n_images": 2})
     pieces = [AttackPiece(str(tmp_path / "no-model"), concept, config, tmp_path / f"run{i}") for i in range(2)]
-    with pytest.raises(ModelError, match="no-model"):
+    with pytest.raises(ModelError, match="no-model") as error:
         run_pieces(pieces, jobs=2)
+    assert "\n" not in str(error.value)
     assert not any((tmp_path / f"run{i}" / "attack.json").exists() for i in range(2))
 
 
