@@ -27,6 +27,7 @@ class ImmunizeConfig(Config):
     output_dir: Path = field(default=Path("runs/immunize"), metadata={"help": "Output directory."})
     dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={"help": "Compute dtype."})
     use_ema: bool = field(default=True, metadata={"help": "Keep an EMA of weights."})
+    clip: float = field(default=1.0, metadata={"help": "Gradient clip.", "absent": 0.0})
     seed: int | None = field(default=None, metadata={"help": "Random seed."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "Optimizer."})
 
@@ -200,3 +201,5 @@ def test_differences_against_a_record():
     assert config.differences(recorded, fields=["seed", "dtype"]) == {}
     assert make_config().differences({**recorded, "use_ema": False}, ["use_ema"]) == {"use_ema": (False, True)}
     assert "model" in config.differences({k: v for k, v in recorded.items() if k != "model"})  # required: no default
+    del recorded["clip"]  # a record from before `clip`: made with its "absent" value, not today's default
+    assert config.differences(recorded, ["clip"]) == {"clip": (0.0, 1.0)}

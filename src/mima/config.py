@@ -92,8 +92,9 @@ class Config:
         """Fields (all, or only `fields`) whose value differs from a record of [`~Config.to_dict`]:
         `{name: (recorded, this)}`, JSON-safe values.
 
-        A field the record lacks (it was written before the field existed) counts as its default, the value that
-        reproduces the behaviour from before the field was added; keys this class does not know are ignored.
+        A field the record lacks (it was written before the field existed) counts as the value that reproduces the
+        behaviour from before the field was added: its metadata's `"absent"` value if it has one (for a field whose
+        default has changed since), else its default. Keys this class does not know are ignored.
         """
         differences = {}
         for name, f in _init_fields(type(self)).items():
@@ -102,6 +103,8 @@ class Config:
             value = _to_jsonable(getattr(self, name))
             if name in recorded:
                 old = recorded[name]
+            elif "absent" in f.metadata:
+                old = _to_jsonable(f.metadata["absent"])
             elif _has_no_default(f):
                 old = None
             else:

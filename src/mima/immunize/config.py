@@ -22,7 +22,9 @@ class ImmunizeConfig(Config):
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
     inner_clip: float = field(
-        default=0.0, metadata={"help": "max gradient norm of the simulated attacker's step, as attacks clip (0: off)"}
+        default=1.0,
+        metadata={"help": "max gradient norm of the simulated attacker's step, as attacks clip (0: off)",
+                  "absent": 0.0},  # records from before the field: unclipped
     )
     order: Literal["second-order", "first-order"] = field(
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
