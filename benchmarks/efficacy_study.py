@@ -38,15 +38,22 @@ def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
     return BenchmarkConfig.from_dict({**fields, "seeds": [seed]})
 
 
-def _model_key(config: BenchmarkConfig, method: str) -> str:
-    """What decides an immunized model: the method's `depends_on` fields (the `none` reference, erased in relearn,
+def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = None) -> str:
+    """What decides an immunized model: the method's `depends_on` fields of the ImmunizeConfig it is made with,
+    as `config` resolves it or, for a finished model, as `recorded` (the `none` reference, erased in relearn,
     ignores the bilevel settings)."""
+    from mima.data.concepts import load_concepts
     from mima.immunize import ImmunizeConfig, immunizers
 
-    immunize = ImmunizeConfig.from_dict({**config.immunize, "method": method, "setting": config.setting}).to_dict()
+    if recorded is None:
+        pieces = Benchmark(config, Path()).immunization_pieces(load_concepts(list(config.targets)))
+        made_with = next(p for p in pieces if p.config.method == method).runner().resolved_config()
+    else:
+        made_with = ImmunizeConfig.from_record(recorded)
+    settings = made_with.to_dict()
     if (fields := immunizers.get(method).depends_on) is not None:
-        immunize = {k: immunize[k] for k in fields}
-    return json.dumps([config.model, config.setting, list(config.targets), method, immunize], sort_keys=True)
+        settings = {k: settings[k] for k in fields}
+    return json.dumps([config.model, config.setting, list(config.targets), method, settings], sort_keys=True)
 
 
 def _attack_key(config: BenchmarkConfig) -> str:
@@ -64,7 +71,7 @@ def finished_pieces(out: Path) -> dict[tuple, Path]:
         config = BenchmarkConfig.load_json(config_path)
         for model in sorted((folder / "models").glob("*/immunization.json")):
             method = model.parent.name
-            key = _model_key(config, method)
+            key = _model_key(config, method, json.loads(model.read_text())["config"])
             pieces.setdefault((key,), model.parent)
             for attack in sorted((folder / "attacks" / method).glob("*/*/seed*/attack.json")):
                 run = attack.parent

@@ -203,3 +203,5 @@ def test_differences_against_a_record():
     assert "model" in config.differences({k: v for k, v in recorded.items() if k != "model"})  # required: no default
     del recorded["clip"]  # a record from before `clip`: made with its "absent" value, not today's default
     assert config.differences(recorded, ["clip"]) == {"clip": (0.0, 1.0)}
+    del recorded["retired"]
+    assert ImmunizeConfig.from_record(recorded).clip == 0.0 and ImmunizeConfig.from_dict(recorded).clip == 1.0

@@ -3,11 +3,13 @@
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from mima.benchmark import BenchmarkConfig
+from mima.benchmark import Benchmark, BenchmarkConfig
+from mima.data.concepts import load_concepts
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy_study.py"
 
@@ -24,14 +26,18 @@ BASE = {"targets": ["toy:stripes"], "non_targets": ["toy:waves"], "methods": ["m
         "attack": {"steps": 30}}
 
 
-def _finished_benchmark(study, folder: Path, overrides: dict) -> None:
-    """A benchmark folder whose `none` and `mima` models and their LoRA attacks on both concepts are finished."""
+def _finished_benchmark(study, folder: Path, overrides: dict, drop: str | None = None) -> None:
+    """A benchmark folder whose `none` and `mima` models and their LoRA attacks on both concepts are finished;
+    the models' records lack the field `drop`, as if written before it existed."""
     config = study.variant_config(BASE, overrides, seed=0)
     folder.mkdir(parents=True)
     config.save_json(folder / "benchmark_config.json")
-    for method in ("none", "mima"):
-        (folder / "models" / method).mkdir(parents=True)
-        (folder / "models" / method / "immunization.json").write_text(method)
+    for piece in Benchmark(config, folder).immunization_pieces(load_concepts(list(config.targets))):
+        made_with = piece.runner().resolved_config().to_dict()
+        made_with.pop(drop, None)
+        piece.out.mkdir(parents=True)
+        (piece.out / "immunization.json").write_text(json.dumps({"config": made_with}))
+        method = piece.config.method
         for concept in ("stripes", "waves"):
             run = folder / "attacks" / method / "lora" / concept / "seed0"
             run.mkdir(parents=True)
@@ -64,6 +70,13 @@ def test_identical_settings_reuse_everything_and_another_seed_nothing(study, tmp
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
     assert len(_linked(study, tmp_path, {"immunize": {"retain_weight": 1.0}})) == 6  # the default, spelled out
     assert _linked(study, tmp_path, {}, seed=1) == set()
+
+
+def test_a_record_from_before_a_changed_default_is_keyed_by_what_it_was_made_with(study, tmp_path):
+    _finished_benchmark(study, tmp_path / "old" / "seed0", {"immunize": {"inner_clip": 0.0}}, drop="inner_clip")
+    assert "models/mima" not in _linked(study, tmp_path, {})  # today's default clips: another model
+    shutil.rmtree(tmp_path / "new")
+    assert "models/mima" in _linked(study, tmp_path, {"immunize": {"inner_clip": 0.0}})
 
 
 def test_other_targets_share_nothing(study, tmp_path):

@@ -222,7 +222,8 @@ class Benchmark:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.time() - started
         return result
 
-    def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
+    def immunization_pieces(self, targets: list[ConceptSpec]) -> list[ImmunizationPiece]:
+        """One piece per model: the `none` reference, then each method."""
         from mima.immunize import ImmunizeConfig
 
         pieces = []
@@ -230,6 +231,10 @@ class Benchmark:
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
             out = self.out_dir / "models" / method
             pieces.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
+        return pieces
+
+    def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
+        pieces = self.immunization_pieces(targets)
         run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "immunizations")
         return {piece.config.method: piece.out / "model" for piece in pieces}
 

@@ -84,6 +84,13 @@ class Config:
             raise ConfigError(f"missing required key '{missing[0]}' in {cls.__name__}")
         return cls(**kwargs)
 
+    @classmethod
+    def from_record(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Rebuild the config a run was made with from its record ([`~Config.to_dict`] written by any mima version):
+        a field the record predates takes its "absent" value (see [`~Config.differences`]), unknown keys are dropped
+        with a warning."""
+        return cls.from_dict({**_absent_values(cls), **data}, strict=False)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of the init fields: tuples become lists, nested configs dicts and paths strings."""
         return {name: _to_jsonable(getattr(self, name)) for name in _init_fields(type(self))}
@@ -96,15 +103,15 @@ class Config:
         behaviour from before the field was added: its metadata's `"absent"` value if it has one (for a field whose
         default has changed since), else its default. Keys this class does not know are ignored.
         """
-        differences = {}
+        differences, absent = {}, _absent_values(type(self))
         for name, f in _init_fields(type(self)).items():
             if fields is not None and name not in fields:
                 continue
             value = _to_jsonable(getattr(self, name))
             if name in recorded:
                 old = recorded[name]
-            elif "absent" in f.metadata:
-                old = _to_jsonable(f.metadata["absent"])
+            elif name in absent:
+                old = _to_jsonable(absent[name])
             elif _has_no_default(f):
                 old = None
             else:
@@ -140,7 +147,7 @@ class Config:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"invalid JSON in {path}: {e}") from None
-        return cls.from_dict(data, strict=False)
+        return cls.from_record(data)
 
     @classmethod
     def from_yaml(cls: type[C], path: str | os.PathLike[str], *, section: str | None = None) -> C:
@@ -221,6 +228,11 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 def _init_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _absent_values(cls: type) -> dict[str, Any]:
+    """{field: value a record without the field was made with}, for fields whose default changed since."""
+    return {name: f.metadata["absent"] for name, f in _init_fields(cls).items() if "absent" in f.metadata}
 
 
 def _has_no_default(f: dataclasses.Field[Any]) -> bool:
