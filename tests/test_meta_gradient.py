@@ -30,9 +30,9 @@ def setup(tiny_components):
     specs = [toy_concept_spec("stripes"), toy_concept_spec("dots")]
     concepts = [_random_concept(s.name, components, i) for i, s in enumerate(specs)]
 
-    def make(order: str, method: str = "mima"):
+    def make(order: str, method: str = "mima", inner_clip: float = 0.0):
         config = ImmunizeConfig(
-            method=method, order=order, inner_lr=0.5, prior_weight=0.0, caption_bank="toy",
+            method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
             upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
         )
         immunizer = immunizers.get(method)(config)
@@ -78,8 +78,9 @@ def test_second_order_meta_gradient_matches_finite_differences(setup):
         assert analytic == pytest.approx(finite_difference, rel=1e-5, abs=1e-9)
 
 
-def _hand_unrolled_gradient(immunizer, objective_batches, generator_seed, create_graph):
-    """MIMA written out by hand: per-concept SGD step, Merge, mean upper loss; its gradient on S^u."""
+def _hand_unrolled_gradient(immunizer, objective_batches, generator_seed, create_graph, clip):
+    """MIMA written out by hand: per-concept SGD step (its gradient scaled down to global norm `clip` if longer),
+    Merge, mean upper loss. Returns its gradient on S^u and the inner gradients' norms."""
     unet, scheduler = immunizer.unet, immunizer.scheduler
     upper = immunizer.trainable_parameters()
     module_params = dict(unet.named_parameters())
@@ -92,25 +93,31 @@ def _hand_unrolled_gradient(immunizer, objective_batches, generator_seed, create
 
         return diffusion_loss(call, scheduler, batch.latents, batch.hidden, generator=generator)
 
-    copies = []
+    copies, norms = [], []
     for lower, _ in objective_batches.values():
         grads = torch.autograd.grad(loss(base, lower), list(base.values()), create_graph=create_graph)
         step = [g if create_graph else g.detach() for g in grads]
+        norm = torch.cat([g.flatten() for g in step]).norm()
+        norms.append(norm.item())
+        if clip and norm > clip:
+            step = [g * (clip / norm) for g in step]
         copies.append({n: p - 0.5 * g for (n, p), g in zip(base.items(), step, strict=True)})
     merged = immunizer.plan.merge(base, copies)
     upper_losses = [loss(merged, up) for _, up in objective_batches.values()]
     objective = -torch.stack(upper_losses).mean()
-    return dict(zip(upper, torch.autograd.grad(objective, list(upper.values())), strict=True))
+    return dict(zip(upper, torch.autograd.grad(objective, list(upper.values())), strict=True)), norms
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
 @pytest.mark.parametrize("order", ["second-order", "first-order"])
-def test_meta_gradient_matches_hand_unrolled_reference(setup, order):
+def test_meta_gradient_matches_hand_unrolled_reference(setup, order, clip):
     components, make, objective = setup
-    immunizer = make(order)
+    immunizer = make(order, inner_clip=clip)
     grads = _gradient(immunizer, objective)
     g = torch.Generator().manual_seed(SEED)
     batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in immunizer.concepts}
-    reference = _hand_unrolled_gradient(immunizer, batches, SEED + 1, create_graph=order == "second-order")
+    reference, norms = _hand_unrolled_gradient(immunizer, batches, SEED + 1, order == "second-order", clip)
+    assert not clip or min(norms) > clip  # the clip binds on every concept's step
     for name in grads:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-12)
 
