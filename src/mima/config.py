@@ -13,6 +13,10 @@ class ImmunizeConfig(Config):
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}")
 ```
+
+Runs record their whole config ([`Config.to_dict`]). A field added later with a default other than the behaviour
+from before it existed names that behaviour as `metadata["absent"]`, so that older records still read as what they
+were made with ([`Config.from_record`], [`Config.differences`]).
 """
 
 from __future__ import annotations
