@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these variants (the summary covers what exists)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the study's seeds")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--jobs", type=int, default=1, help="attack runs at a time (worker processes)")
+    parser.add_argument("--jobs", type=int, default=1, help="pieces (immunizations, attack runs) at a time")
     args = parser.parse_args()
     if args.threads:
         import torch
