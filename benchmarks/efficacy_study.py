@@ -39,7 +39,7 @@ def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
 
 
 def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = None) -> str:
-    """What decides an immunized model: the method's `depends_on` fields of the ImmunizeConfig it is made with,
+    """What decides an immunized model: the method's deciding fields of the ImmunizeConfig it is made with,
     as `config` resolves it or, for a finished model, as `recorded` (the `none` reference, erased in relearn,
     ignores the bilevel settings)."""
     from mima.data.concepts import load_concepts
@@ -50,9 +50,7 @@ def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = Non
         made_with = next(p for p in pieces if p.config.method == method).runner().resolved_config()
     else:
         made_with = ImmunizeConfig.from_record(recorded)
-    settings = made_with.to_dict()
-    if (fields := immunizers.get(method).depends_on) is not None:
-        settings = {k: settings[k] for k in fields}
+    settings = {k: v for k, v in made_with.to_dict().items() if k in immunizers.get(method).deciding_fields(made_with)}
     return json.dumps([config.model, config.setting, list(config.targets), method, settings], sort_keys=True)
 
 

@@ -134,8 +134,7 @@ class ImmunizationPiece(_Piece):
     def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
         from mima.immunize import immunizers
 
-        fields = immunizers.get(config.method).depends_on or [f for f in config.to_dict() if f != "save_every"]
-        differences = config.differences(record["config"], fields)
+        differences = config.differences(record["config"], immunizers.get(config.method).deciding_fields(config))
         targets = [t.name for t in self.targets]
         for name, recorded, current in (("model", record["model"], self.model),
                                         ("targets", [c["name"] for c in record["concepts"]], targets)):

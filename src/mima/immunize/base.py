@@ -27,6 +27,11 @@ class Immunizer(ABC):
     def __init__(self, config: ImmunizeConfig) -> None:
         self.config = config
 
+    @classmethod
+    def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:
+        """The fields of `config` that decide this method's result: `depends_on`, or all but `save_every`."""
+        return list(cls.depends_on or [name for name in config.to_dict() if name != "save_every"])
+
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         """Bind to the model (in place) and precompute what the steps need."""
