@@ -230,3 +230,43 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
     torch.testing.assert_close(with_retain - without, 3.0 * torch.tensor(logs["retain"]), rtol=1e-5, atol=1e-6)
     with_retain.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())
+
+
+def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_components):
+    import copy
+
+    from mima.data.concepts import toy_concept_spec
+    from mima.data.encoding import Batch, EncodedConcept, EncodedImages
+    from mima.immunize import immunizers
+
+    components = copy.deepcopy(tiny_components)
+    size = components.unet.config.sample_size
+
+    def images(seed: int, prompt: str) -> EncodedImages:
+        latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(seed))
+        return EncodedImages(latents, torch.zeros_like(latents), components.encode_prompts([prompt] * 4).detach())
+
+    spec = toy_concept_spec("stripes")
+    concept = EncodedConcept(spec.name, images(0, spec.prompt), images(1, "a painting"))
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
+    immunizer = immunizers.get("mima")(config)
+    immunizer.prepare(components, [spec], [concept])
+    g = torch.Generator().manual_seed(0)
+    batches = {spec.name: (concept.batch(2, g), concept.batch(2, g))}
+    _, upper = batches[spec.name]
+    class_latents, class_hidden = upper.prior
+    assert not torch.equal(upper.hidden, class_hidden)
+
+    base = immunizer.base_parameters()
+    by_hand = immunizer.loss(base, Batch(class_latents, upper.hidden), torch.Generator().manual_seed(1))
+    anchor = immunizer.anchor_loss(base, batches, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(anchor, by_hand)
+
+    without = immunizer.objective(batches, torch.Generator().manual_seed(2))[0]
+    immunizer.config = config.with_overrides(anchor_weight=2.0)
+    with_anchor, logs = immunizer.objective(batches, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(with_anchor - without, 2.0 * torch.tensor(logs["anchor"]), rtol=1e-5, atol=1e-6)
+    with_anchor.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())
+    with pytest.raises(ConfigError, match="anchor_weight"):
+        ImmunizeConfig(anchor_weight=-1.0)

@@ -84,6 +84,10 @@ class BilevelImmunizer(Immunizer):
             prior = self.prior_loss(base, batches, generator)
             objective = objective + self.config.prior_weight * prior
             logs["prior"] = prior.item()
+        if self.config.anchor_weight > 0:
+            anchor = self.anchor_loss(base, batches, generator)
+            objective = objective + self.config.anchor_weight * anchor
+            logs["anchor"] = anchor.item()
         if self.config.retain_weight > 0:
             retain = self.retain_loss(base, batches, generator)
             objective = objective + self.config.retain_weight * retain
@@ -95,6 +99,16 @@ class BilevelImmunizer(Immunizer):
         losses = [
             self.loss(base, Batch(*up.prior), generator) for _, up in batches.values() if up.prior is not None
         ]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """Erased targets stay erased: the released model denoises class images under the targets' prompts.
+
+        Erasure maps a target's prompt to its class; without this term the ascent may undo that mapping (at N = 5
+        the erased stripes prompt drew stripes again before any attack).
+        """
+        uppers = [up for _, up in batches.values() if up.prior is not None]
+        losses = [self.loss(base, Batch(up.prior[0], up.hidden), generator) for up in uppers]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:

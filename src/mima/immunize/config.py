@@ -35,6 +35,11 @@ class ImmunizeConfig(Config):
     retain_weight: float = field(
         default=1.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
+    anchor_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
+                          "class images, so erased targets stay erased (0: off)"},
+    )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
     batch_size: int = field(default=4, metadata={"help": "images per concept per batch"})
@@ -55,11 +60,11 @@ class ImmunizeConfig(Config):
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
         if self.inner_clip < 0:
             raise ConfigError(f"inner_clip must be >= 0 (0: off), got {self.inner_clip}")
-        if self.prior_weight < 0 or self.retain_weight < 0:
-            raise ConfigError(f"prior_weight and retain_weight must be >= 0, got {self.prior_weight}, "
-                              f"{self.retain_weight}")
+        for name in ("prior_weight", "retain_weight", "anchor_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
 
     @property
     def uses_class_images(self) -> bool:
-        """Whether the objective needs class images (prior preservation or retain term)."""
-        return self.prior_weight > 0 or self.retain_weight > 0
+        """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
+        return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
