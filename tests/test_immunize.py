@@ -191,11 +191,12 @@ def test_authors_json_concept_list(tmp_path):
     assert spec.images == tmp_path / "mine" and spec.class_images == tmp_path / "class"
 
 
-def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components):
+def _prepared_on_stripes(tiny_components, method: str, config: ImmunizeConfig):
+    """`method` bound to a copy of the tiny model, with stripes' encoded images and class images, and one batch."""
     import copy
 
     from mima.data.concepts import toy_concept_spec
-    from mima.data.encoding import Batch, EncodedConcept, EncodedImages
+    from mima.data.encoding import EncodedConcept, EncodedImages
     from mima.immunize import immunizers
 
     components = copy.deepcopy(tiny_components)
@@ -207,13 +208,31 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
 
     spec = toy_concept_spec("stripes")
     concept = EncodedConcept(spec.name, images(0, spec.prompt), images(1, "a painting"))
-    # the step by hand below is unclipped; test_meta_gradient checks the clipped one
-    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, inner_lr=0.5, inner_clip=0.0, caption_bank="toy")
-    immunizer = immunizers.get("imma-joint")(config)
+    immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, [spec], [concept])
     g = torch.Generator().manual_seed(0)
-    batches = {spec.name: (concept.batch(2, g), concept.batch(2, g))}
-    lower, upper = batches[spec.name]
+    return immunizer, {spec.name: (concept.batch(2, g), concept.batch(2, g))}
+
+
+def _assert_term_adds_its_weighted_log(immunizer, batches, term: str, weight: float) -> None:
+    """Switching a term on adds weight * its logged value to the objective, and its gradient reaches S^u."""
+    config = immunizer.config
+    without = immunizer.objective(batches, torch.Generator().manual_seed(2))[0]
+    immunizer.config = config.with_overrides(**{f"{term}_weight": weight})
+    with_term, logs = immunizer.objective(batches, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(with_term - without, weight * torch.tensor(logs[term]), rtol=1e-5, atol=1e-6)
+    with_term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())
+    immunizer.config = config
+
+
+def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components):
+    from mima.data.encoding import Batch
+
+    # the step by hand below is unclipped; test_meta_gradient checks the clipped one
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, inner_lr=0.5, inner_clip=0.0, caption_bank="toy")
+    immunizer, batches = _prepared_on_stripes(tiny_components, "imma-joint", config)
+    lower, upper = next(iter(batches.values()))
 
     base = immunizer.base_parameters()
     g = torch.Generator().manual_seed(1)
@@ -223,37 +242,15 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
     by_hand = immunizer.loss(adapted, Batch(*upper.prior), g)
     retain = immunizer.retain_loss(immunizer.base_parameters(), batches, torch.Generator().manual_seed(1))
     torch.testing.assert_close(retain, by_hand)
-
-    without = immunizer.objective(batches, torch.Generator().manual_seed(2))[0]
-    immunizer.config = config.with_overrides(retain_weight=3.0)
-    with_retain, logs = immunizer.objective(batches, torch.Generator().manual_seed(2))
-    torch.testing.assert_close(with_retain - without, 3.0 * torch.tensor(logs["retain"]), rtol=1e-5, atol=1e-6)
-    with_retain.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())
+    _assert_term_adds_its_weighted_log(immunizer, batches, "retain", 3.0)
 
 
 def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_components):
-    import copy
+    from mima.data.encoding import Batch
 
-    from mima.data.concepts import toy_concept_spec
-    from mima.data.encoding import Batch, EncodedConcept, EncodedImages
-    from mima.immunize import immunizers
-
-    components = copy.deepcopy(tiny_components)
-    size = components.unet.config.sample_size
-
-    def images(seed: int, prompt: str) -> EncodedImages:
-        latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(seed))
-        return EncodedImages(latents, torch.zeros_like(latents), components.encode_prompts([prompt] * 4).detach())
-
-    spec = toy_concept_spec("stripes")
-    concept = EncodedConcept(spec.name, images(0, spec.prompt), images(1, "a painting"))
     config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
-    immunizer = immunizers.get("mima")(config)
-    immunizer.prepare(components, [spec], [concept])
-    g = torch.Generator().manual_seed(0)
-    batches = {spec.name: (concept.batch(2, g), concept.batch(2, g))}
-    _, upper = batches[spec.name]
+    immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
+    _, upper = next(iter(batches.values()))
     class_latents, class_hidden = upper.prior
     assert not torch.equal(upper.hidden, class_hidden)
 
@@ -261,12 +258,6 @@ def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_compo
     by_hand = immunizer.loss(base, Batch(class_latents, upper.hidden), torch.Generator().manual_seed(1))
     anchor = immunizer.anchor_loss(base, batches, torch.Generator().manual_seed(1))
     torch.testing.assert_close(anchor, by_hand)
-
-    without = immunizer.objective(batches, torch.Generator().manual_seed(2))[0]
-    immunizer.config = config.with_overrides(anchor_weight=2.0)
-    with_anchor, logs = immunizer.objective(batches, torch.Generator().manual_seed(2))
-    torch.testing.assert_close(with_anchor - without, 2.0 * torch.tensor(logs["anchor"]), rtol=1e-5, atol=1e-6)
-    with_anchor.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in immunizer.trainable_parameters().values())
+    _assert_term_adds_its_weighted_log(immunizer, batches, "anchor", 2.0)
     with pytest.raises(ConfigError, match="anchor_weight"):
         ImmunizeConfig(anchor_weight=-1.0)
