@@ -50,7 +50,8 @@ def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = Non
         made_with = next(p for p in pieces if p.config.method == method).runner().resolved_config()
     else:
         made_with = ImmunizeConfig.from_record(recorded)
-    settings = {k: v for k, v in made_with.to_dict().items() if k in immunizers.get(method).deciding_fields(made_with)}
+    deciding = set(immunizers.get(method).deciding_fields(made_with))
+    settings = {k: v for k, v in made_with.to_dict().items() if k in deciding}
     return json.dumps([config.model, config.setting, list(config.targets), method, settings], sort_keys=True)
 
 

@@ -96,10 +96,7 @@ class BilevelImmunizer(Immunizer):
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Utility preservation: the released (un-adapted) model keeps denoising class images."""
-        losses = [
-            self.loss(base, Batch(*up.prior), generator) for _, up in batches.values() if up.prior is not None
-        ]
-        return torch.stack(losses).mean() if losses else torch.zeros(())
+        return self._class_images_loss(base, batches, generator, under_target_prompts=False)
 
     def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Erased targets stay erased: the released model denoises class images under the targets' prompts.
@@ -107,8 +104,17 @@ class BilevelImmunizer(Immunizer):
         Erasure maps a target's prompt to its class; without this term the ascent may undo that mapping (at N = 5
         the erased stripes prompt drew stripes again before any attack).
         """
+        return self._class_images_loss(base, batches, generator, under_target_prompts=True)
+
+    def _class_images_loss(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator, *, under_target_prompts: bool
+    ) -> torch.Tensor:
+        """The released model's mean loss on each concept's class images, under its class or its target prompts."""
         uppers = [up for _, up in batches.values() if up.prior is not None]
-        losses = [self.loss(base, Batch(up.prior[0], up.hidden), generator) for up in uppers]
+        losses = [
+            self.loss(base, Batch(up.prior[0], up.hidden if under_target_prompts else up.prior[1]), generator)
+            for up in uppers
+        ]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
