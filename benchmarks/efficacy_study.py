@@ -14,6 +14,8 @@ the immunized models). Everything resumes like `mima benchmark`.
 Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
 per-seed values) of MSGR, every target's SGR, the non-target SGR, and the toy judge's rates before any attack
 (immunized vs base model) on the non-targets (do they stay?) and on the targets (do they stay erased?).
+With a `tradeoff` list of variants in the study, OUT/tradeoff.png plots MIMA's MSGR against the non-target's
+|SGR| and judge rate before attack, one point per listed variant.
 """
 
 from __future__ import annotations
@@ -199,7 +201,51 @@ def _losses(per_seed: list[dict]) -> str:
     return "; ".join(one(x) for x in per_seed)
 
 
-def write_summary(table: dict, out: Path) -> None:
+def tradeoff_points(table: dict, variants: list[str], method: str = "mima") -> dict[str, dict[str, float]]:
+    """Per variant (first attack): the method's mean MSGR and the non-targets' worst mean |SGR| per encoder, and
+    the lowest toy-judge rate before attack of a non-target over seeds (immunized model, %)."""
+    points = {}
+    for variant in variants:
+        by_attack = table.get(variant, {}).get(method)
+        if not by_attack:
+            continue
+        by_encoder = next(iter(by_attack.values()))
+        point = {}
+        for encoder, row in by_encoder.items():
+            point[f"msgr/{encoder}"] = mean(row["msgr"])
+            point[f"non_target_sgr/{encoder}"] = max(abs(mean(v)) for v in row["non_target_sgr"].values())
+            if row["non_target_judge"]:
+                point["non_target_judge_before"] = 100 * min(r[0] for v in row["non_target_judge"].values() for r in v)
+        points[variant] = point
+    return points
+
+
+def plot_tradeoff(points: dict[str, dict[str, float]], path: Path) -> None:
+    """Protection against preservation, one point per variant: MSGR against the non-target's |SGR|
+    (efficientnet) and against its lowest judge rate before attack (toy judge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("msgr/efficientnet-lite0", "non_target_sgr/efficientnet-lite0", "non-target |SGR| % (efficientnet)", 5),
+              ("msgr/toy-judge", "non_target_judge_before", "non-target judge rate before attack %, lowest seed", 90))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (x_key, y_key, y_label, bar) in zip(axes, panels):
+        for i, (variant, point) in enumerate(points.items()):
+            if x_key in point and y_key in point:  # shrinking sizes keep variants on one spot visible
+                ax.scatter(point[x_key], point[y_key], s=max(160 - 15 * i, 20), marker="osD^vP*X<>"[i % 10],
+                           color=f"C{i % 10}", label=variant, edgecolors="black", linewidths=0.5)
+        ax.axhline(bar, color="gray", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"MSGR % ({x_key.split('/')[1]}, higher: stronger)")
+        ax.set_ylabel(y_label)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> None:
     lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
              " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
@@ -217,6 +263,8 @@ def write_summary(table: dict, out: Path) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     plot_summary(table, out / "summary.png")
+    if tradeoff:
+        plot_tradeoff(tradeoff_points(table, tradeoff), out / "tradeoff.png")
 
 
 def plot_summary(table: dict, path: Path) -> None:
@@ -266,7 +314,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     study = yaml.safe_load(args.study.read_text())
     run_study(study, args.out, args.only, args.seeds, args.jobs)
-    write_summary(summarize(collect(study, args.out)), args.out)
+    write_summary(summarize(collect(study, args.out)), args.out, study.get("tradeoff"))
     print((args.out / "summary.md").read_text())
 
 

@@ -116,6 +116,15 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
+def test_tradeoff_points_pair_protection_with_the_non_targets_worst_case(study, tmp_path):
+    table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}})
+    points = study.tradeoff_points(table, ["defaults", "not-run"])
+    assert points == {"defaults": pytest.approx({"msgr/toy-judge": 25.0, "non_target_sgr/toy-judge": 1.0,
+                                                 "non_target_judge_before": 90.0})}
+    study.write_summary(table, tmp_path, tradeoff=["defaults"])
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
 def test_collect_adds_each_models_upper_loss_trajectory(study, tmp_path):
     folder = tmp_path / "defaults" / "seed0"
     for method, log in (("none", []), ("mima", [{"upper/a": 0.2, "upper/b": 0.4, "retain": 0.3},
