@@ -93,14 +93,14 @@ def test_variant_config_merges_immunize_overrides_and_sets_the_seed(study):
     assert config.seeds == (3,)
 
 
-def _metrics(msgr: float, stripes_sgr: float, rate_before: float) -> dict:
+def _metrics(msgr: float, stripes_sgr: float, rate_before: float, waves_before: float = 0.9) -> dict:
     """A benchmark's metrics.json, cut down to what the study summary reads."""
     def judge(stripes: float, waves: float) -> dict:
         return {"toy-judge": {"stripes": {"success_rate": stripes}, "waves": {"success_rate": waves}}}
 
     return {"summary": {"mima": {"lora": {"toy-judge": {
                 "msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}}}},
-            "before_attack": {"attack": "lora", "models": {"mima": judge(rate_before, 0.9), "none": judge(0.0, 1.0)}}}
+            "before_attack": {"attack": "lora", "models": {"mima": judge(rate_before, waves_before), "none": judge(0.0, 1.0)}}}
 
 
 def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp_path):
@@ -117,10 +117,10 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
 
 
 def test_tradeoff_points_pair_protection_with_the_non_targets_worst_case(study, tmp_path):
-    table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}})
+    table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5, 0.6)}})
     points = study.tradeoff_points(table, ["defaults", "not-run"])
     assert points == {"defaults": pytest.approx({"msgr/toy-judge": 25.0, "non_target_sgr/toy-judge": 1.0,
-                                                 "non_target_judge_before": 90.0})}
+                                                 "non_target_judge_before": 60.0})}  # the worse seed, not the mean
     study.write_summary(table, tmp_path, tradeoff=["defaults"])
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
 
