@@ -231,7 +231,7 @@ def plot_tradeoff(points: dict[str, dict[str, float]], path: Path) -> None:
     panels = (("msgr/efficientnet-lite0", "non_target_sgr/efficientnet-lite0", "non-target |SGR| % (efficientnet)", 5),
               ("msgr/toy-judge", "non_target_judge_before", "non-target judge rate before attack %, lowest seed", 90))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, (x_key, y_key, y_label, bar) in zip(axes, panels):
+    for ax, (x_key, y_key, y_label, bar) in zip(axes, panels, strict=True):
         for i, (variant, point) in enumerate(points.items()):
             if x_key in point and y_key in point:  # shrinking sizes keep variants on one spot visible
                 ax.scatter(point[x_key], point[y_key], s=max(160 - 15 * i, 20), marker="osD^vP*X<>"[i % 10],

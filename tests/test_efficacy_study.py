@@ -100,7 +100,8 @@ def _metrics(msgr: float, stripes_sgr: float, rate_before: float, waves_before: 
 
     return {"summary": {"mima": {"lora": {"toy-judge": {
                 "msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}}}},
-            "before_attack": {"attack": "lora", "models": {"mima": judge(rate_before, waves_before), "none": judge(0.0, 1.0)}}}
+            "before_attack": {"attack": "lora",
+                              "models": {"mima": judge(rate_before, waves_before), "none": judge(0.0, 1.0)}}}
 
 
 def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp_path):
