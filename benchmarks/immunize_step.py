@@ -29,10 +29,10 @@ def _measure(model: str, method: str, n: int, steps: int, batch_size: int, with_
     import torch
 
     from mima.data.concepts import toy_concept_spec
-    from mima.data.encoding import EncodedConcept, EncodedImages
     from mima.immunize import ImmunizeConfig, immunizers
     from mima.losses import diffusion_loss, unet_caller
     from mima.models.components import Components
+    from mima.models.encoding import EncodedConcept, EncodedImages
     from mima.utils.device import peak_memory_bytes
 
     components = Components.from_pretrained(model)

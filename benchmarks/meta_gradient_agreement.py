@@ -55,10 +55,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from mima.data.concepts import load_concepts, materialize
-    from mima.data.encoding import encode_concept
     from mima.immunize import ImmunizeConfig, immunizers
     from mima.immunize.erase import erase_targets
     from mima.models.components import Components
+    from mima.models.encoding import encode_concept
 
     base = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
     components = Components.from_pretrained(args.model)

@@ -42,10 +42,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from mima.data.concepts import load_concepts, materialize
-    from mima.data.encoding import encode_concept
     from mima.immunize import ImmunizeConfig, immunizers
     from mima.immunize.erase import erase_targets
     from mima.models.components import Components
+    from mima.models.encoding import encode_concept
     from mima.utils.device import step_generator
 
     config = ImmunizeConfig.from_yaml(args.config) if args.config else ImmunizeConfig()

@@ -19,7 +19,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory: pytest.TempPathFactory):
     """The tiny, seeded, randomly initialised toy components (UNet channels (4, 8), cross-attention width 8)."""
-    from mima.models.toy import build_toy_components
+    from mima.toy.model import build_toy_components
 
     return build_toy_components(tmp_path_factory.mktemp("tiny") / "tok", size="tiny", seed=0)
 

@@ -92,7 +92,7 @@ def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
 
 def test_presets_validate():
     from mima.benchmark import PRESETS, load_preset
-    from mima.data.toy_world import HELD_OUT
+    from mima.toy.world import HELD_OUT
 
     for name in PRESETS:
         for config in load_preset(name).values():

@@ -16,8 +16,8 @@ from PIL import Image
 
 import mima
 from mima.cli import main
-from mima.data import toy_world
 from mima.data.image_folder import read_image_folder
+from mima.toy import world as toy_world
 
 
 def _one_error_line(err: str) -> str:
@@ -94,7 +94,7 @@ def test_toy_images_unwritable_out(tmp_path, capsys):
 
 
 def test_toy_export_copies_the_shipped_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr("mima.models.toy.toy_model_dir", lambda: tiny_model_dir)
+    monkeypatch.setattr("mima.models.components.toy_model_dir", lambda: tiny_model_dir)
     assert main(["toy", "export", str(tmp_path / "exported")]) == 0
     copied = sorted(p.relative_to(tmp_path / "exported") for p in (tmp_path / "exported").rglob("*"))
     assert copied == sorted(p.relative_to(tiny_model_dir) for p in tiny_model_dir.rglob("*"))
@@ -103,7 +103,7 @@ def test_toy_export_copies_the_shipped_model(tmp_path, tiny_model_dir, monkeypat
 
 
 def test_toy_export_without_shipped_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("mima.models.toy.toy_model_dir", lambda: tmp_path / "absent")
+    monkeypatch.setattr("mima.models.components.toy_model_dir", lambda: tmp_path / "absent")
     assert main(["toy", "export", str(tmp_path / "exported")]) == 2
     assert "shipped toy model is missing" in _one_error_line(capsys.readouterr().err)
 

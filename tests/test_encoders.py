@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mima.data import toy_world
 from mima.errors import ConfigError, ModelError
 from mima.evaluate.encoders import ImageEncoder, encoders, get_encoder, preprocess_images
 from mima.registry import UnknownNameError
+from mima.toy import world as toy_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mima.data import toy_world
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
 from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
@@ -14,6 +13,7 @@ from mima.evaluate.cache import FeatureCache
 from mima.evaluate.encoders import ImageEncoder
 from mima.evaluate.evaluate import read_attack_run, write_toy_references
 from mima.evaluate.toy_judge_encoder import ToyJudgeEncoder
+from mima.toy import world as toy_world
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mima.data import toy_world
+from mima.toy import world as toy_world
 
 CONCEPTS = [c.name for c in toy_world.toy_concepts()]
 

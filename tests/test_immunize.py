@@ -54,8 +54,8 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
     import copy
 
     from mima.data.concepts import toy_concept_spec
-    from mima.data.encoding import EncodedConcept, EncodedImages
     from mima.immunize import immunizers
+    from mima.models.encoding import EncodedConcept, EncodedImages
 
     components = copy.deepcopy(tiny_components)
     size = components.unet.config.sample_size
@@ -126,7 +126,7 @@ def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_d
 
 def _folder_concept(tmp_path, name="mine"):
     from mima.data.image_folder import write_image_folder
-    from mima.data.toy_world import sample_concept_images
+    from mima.toy.world import sample_concept_images
 
     images, prompts = sample_concept_images("circle", 3, seed=0)
     folder = tmp_path / name
@@ -196,8 +196,8 @@ def _prepared_on_stripes(tiny_components, method: str, config: ImmunizeConfig):
     import copy
 
     from mima.data.concepts import toy_concept_spec
-    from mima.data.encoding import EncodedConcept, EncodedImages
     from mima.immunize import immunizers
+    from mima.models.encoding import EncodedConcept, EncodedImages
 
     components = copy.deepcopy(tiny_components)
     size = components.unet.config.sample_size
@@ -227,7 +227,7 @@ def _assert_term_adds_its_weighted_log(immunizer, batches, term: str, weight: fl
 
 
 def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components):
-    from mima.data.encoding import Batch
+    from mima.models.encoding import Batch
 
     # the step by hand below is unclipped; test_meta_gradient checks the clipped one
     config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, inner_lr=0.5, inner_clip=0.0, caption_bank="toy")
@@ -246,7 +246,7 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
 
 
 def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_components):
-    from mima.data.encoding import Batch
+    from mima.models.encoding import Batch
 
     config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
     immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)

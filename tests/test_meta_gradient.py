@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mima.data.concepts import toy_concept_spec
-from mima.data.encoding import EncodedConcept, EncodedImages
 from mima.immunize import ImmunizeConfig, immunizers
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import key_value_parameter_names
+from mima.models.encoding import EncodedConcept, EncodedImages
 
 SEED = 7
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 from transformers import CLIPTokenizer
 
-from mima.data.toy_world import toy_concepts
-from mima.models.toy import MAX_PROMPT_TOKENS, toy_vocabulary, train_bpe_merges
+from mima.toy.model import MAX_PROMPT_TOKENS, toy_vocabulary, train_bpe_merges
+from mima.toy.world import toy_concepts
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_shipped_pipeline_folder_tokenizer_matches(tokenizer, tiny_model_dir):
 
 def test_build_is_identical_across_processes(tmp_path):
     # Python's string hashing (hence set and dict order of pairs) changes with PYTHONHASHSEED.
-    script = ("import sys, pathlib; from mima.models.toy import build_toy_tokenizer; "
+    script = ("import sys, pathlib; from mima.toy.model import build_toy_tokenizer; "
               "build_toy_tokenizer(pathlib.Path(sys.argv[1]))")
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from mima.data import toy_world
 from mima.errors import ConfigError, DataError, ModelError
-from mima.models.toy_judge import (
+from mima.toy import world as toy_world
+from mima.toy.judge import (
     OBJECT_LABELS,
     STYLE_LABELS,
     ToyJudge,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mima.errors import ConfigError
-from mima.models import toy
-from mima.models.toy_pretrain import ToyPretrainConfig, ToyPretrainer
+from mima.toy import model as toy
+from mima.toy.pretrain import ToyPretrainConfig, ToyPretrainer
 
 TINY = dict(size="tiny", vae_steps=2, vae_batch_size=2, steps=2, focus_steps=3, batch_size=2, warmup_steps=1,
             save_every=1)

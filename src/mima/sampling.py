@@ -1,14 +1,18 @@
-"""Sampling images from a model, and saving them as image grids."""
+"""Sampling images from a model: evaluation samples, generated class images, and image grids."""
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mima.data.concepts import ConceptSpec
+from mima.data.image_folder import write_image_folder
 from mima.models.components import Components
 
 DEFAULT_SAMPLING_STEPS = 25
@@ -65,3 +69,14 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) 
     scale = max(1, 128 // images.shape[1])
     image_grid(images, columns, scale).save(path)
     return path
+
+
+def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Path, n_images: int) -> ConceptSpec:
+    """Generate the class images with the base model once, when the spec has a class prompt but no images."""
+    if spec.class_prompt is None or (spec.class_images is not None and spec.class_images.exists()):
+        return spec
+    folder = cache_dir / ("class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-"))
+    if not (folder / "metadata.csv").is_file():
+        images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
+        write_image_folder(images, [spec.class_prompt] * n_images, folder)
+    return replace(spec, class_images=folder)

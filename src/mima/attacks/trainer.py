@@ -19,11 +19,11 @@ from mima.attacks import attacks
 from mima.attacks.base import Attack
 from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
-from mima.data.encoding import encode_folder, ensure_class_images
 from mima.data.image_folder import write_image_folder
 from mima.errors import ConfigError, TrainingError
 from mima.models.components import Components
-from mima.sampling import sample_images
+from mima.models.encoding import encode_folder
+from mima.sampling import ensure_class_images, sample_images
 from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from mima.utils.device import seed_everything, step_generator
 from mima.utils.io import atomic_write_text

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from mima.cli import toy_pretrain
 from mima.cli._args import positive_int
-from mima.data.toy_world import toy_concepts
 from mima.errors import ConfigError, ModelError
+from mima.toy.world import toy_concepts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,9 +57,9 @@ def _concepts(args: argparse.Namespace) -> None:
 
 
 def _judge(args: argparse.Namespace) -> None:
-    from mima.evaluate.toy_quality import concept_rates, summarize
     from mima.models.components import Components
-    from mima.models.toy_judge import load_default_judge
+    from mima.toy.judge import load_default_judge
+    from mima.toy.quality import concept_rates, summarize
 
     rates = concept_rates(Components.from_pretrained(args.model), load_default_judge(), n=args.n,
                           steps=args.steps, guidance_scale=args.guidance)
@@ -74,7 +74,7 @@ def _judge(args: argparse.Namespace) -> None:
 
 def _images(args: argparse.Namespace) -> None:
     from mima.data.image_folder import write_image_folder
-    from mima.data.toy_world import sample_concept_images
+    from mima.toy.world import sample_concept_images
 
     _check_concept(args.concept)
     images, prompts = sample_concept_images(args.concept, args.n, seed=args.seed)
@@ -90,7 +90,7 @@ def _check_concept(name: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mima.models.toy import toy_model_dir
+    from mima.models.components import toy_model_dir
 
     source = toy_model_dir()
     if not (source / "model_index.json").is_file():

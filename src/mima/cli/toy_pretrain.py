@@ -27,7 +27,7 @@ def register(toy_subparsers: argparse._SubParsersAction) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from mima.models.toy_pretrain import ToyPretrainConfig, pretrain_toy
+    from mima.toy.pretrain import ToyPretrainConfig, pretrain_toy
 
     cfg = ToyPretrainConfig.from_yaml(args.config) if args.config else ToyPretrainConfig()
     cfg = cfg.with_overrides(

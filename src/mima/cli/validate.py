@@ -22,7 +22,7 @@ def _config_class(kind: str) -> type:
 
         return AttackConfig
     if kind == "pretrain":
-        from mima.models.toy_pretrain import ToyPretrainConfig
+        from mima.toy.pretrain import ToyPretrainConfig
 
         return ToyPretrainConfig
     from mima.immunize import ImmunizeConfig

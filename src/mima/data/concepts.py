@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from mima.data import toy_world
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
+from mima.toy import world as toy_world
 
 TOY_PREFIX = "toy:"
 _SPEC_KEYS = ("name", "prompt", "prompts", "images", "class_prompt", "class_images")

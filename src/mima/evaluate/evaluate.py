@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from mima.data import toy_world
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
 from mima.evaluate.cache import FeatureCache
 from mima.evaluate.encoders import ImageEncoder, get_encoder
 from mima.evaluate.metrics import CONDITIONS, CurveSet, SimilarityCurve, metrics, relative_gap, sgr, similarity
 from mima.evaluate.report import plot_curves, save_comparison_grid, slug
+from mima.toy import world as toy_world
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mima.data import toy_world
 from mima.evaluate.encoders import ImageEncoder
-from mima.models.toy_judge import (
+from mima.toy import world as toy_world
+from mima.toy.judge import (
     OBJECT_LABELS,
     STYLE_LABELS,
     ToyJudge,

@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.data.encoding import Batch, EncodedConcept
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
+from mima.models.encoding import Batch, EncodedConcept
 from mima.registry import Registry
 
 ConceptBatches = dict[str, tuple[Batch, Batch]]  # concept name -> (lower batch x^l, upper batch x^u)

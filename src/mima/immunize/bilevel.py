@@ -7,12 +7,12 @@ from abc import abstractmethod
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.data.encoding import Batch, EncodedConcept
 from mima.functional import Params, sgd_step, unet_call_with
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.cross_attention import select_parameters, use_differentiable_attention
+from mima.models.encoding import Batch, EncodedConcept
 
 
 class BilevelImmunizer(Immunizer):

@@ -6,11 +6,11 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.data.encoding import EncodedConcept
 from mima.immunize.base import Immunizer, immunizers
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
+from mima.models.encoding import EncodedConcept
 
 
 def edit_projection(

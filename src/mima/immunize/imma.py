@@ -7,11 +7,11 @@ import warnings
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.data.encoding import EncodedConcept
 from mima.functional import Params
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer
 from mima.models.components import Components
+from mima.models.encoding import EncodedConcept
 
 
 @immunizers.register("imma-joint")

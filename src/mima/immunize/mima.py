@@ -6,12 +6,12 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.data.encoding import EncodedConcept
 from mima.functional import Params
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer
 from mima.merge.plan import MergePlan
 from mima.models.components import Components
+from mima.models.encoding import EncodedConcept
 
 
 @immunizers.register("mima")

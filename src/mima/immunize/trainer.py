@@ -17,7 +17,6 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from mima.data.concepts import ConceptSpec, materialize, validate_images
-from mima.data.encoding import encode_concept, ensure_class_images
 from mima.errors import ConfigError, TrainingError
 from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
@@ -25,6 +24,8 @@ from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
 from mima.models.components import TOY_MODEL_NAME, Components
 from mima.models.cross_attention import key_value_parameter_names
+from mima.models.encoding import encode_concept
+from mima.sampling import ensure_class_images
 from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from mima.utils.device import step_generator
 from mima.utils.io import atomic_write_text

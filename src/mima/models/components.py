@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -17,6 +18,11 @@ from mima.errors import ModelError
 from mima.utils.io import atomic_directory
 
 TOY_MODEL_NAME = "toy"
+
+
+def toy_model_dir() -> Path:
+    """The folder of the embedded default model, the pretrained toy pipeline (diffusers format)."""
+    return Path(str(resources.files("mima") / "assets" / "toy-model"))
 
 
 @dataclass
@@ -82,8 +88,6 @@ class Components:
 
 def _resolve_model(model: str | Path) -> str:
     if str(model) == TOY_MODEL_NAME:
-        from mima.models.toy import toy_model_dir
-
         return str(toy_model_dir())
     path = Path(model)
     looks_local = path.exists() or str(model).startswith((".", "/", "~")) or os.sep * 2 in str(model)

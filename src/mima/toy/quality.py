@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mima.data import toy_world
 from mima.models.components import Components
-from mima.models.toy_judge import ToyJudge
 from mima.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS, sample_images
+from mima.toy import world as toy_world
+from mima.toy.judge import ToyJudge
 
 # Compositions probed: every pretraining object with two pretraining styles (deterministic choice).
 _COMPOSITION_STYLES = 2

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from mima.data.concepts import ConceptSpec
-from mima.data.image_folder import read_image_folder, write_image_folder
+from mima.data.image_folder import read_image_folder
 from mima.models.components import Components
 
 
@@ -80,19 +79,6 @@ def encode_folder(components: Components, folder: Path, default_prompt: str) -> 
     prompts = [p or default_prompt for p in prompts]
     hidden = components.encode_prompts(prompts)
     return EncodedImages(posterior.mean.cpu() * scale, posterior.std.cpu() * scale, hidden.cpu(), prompts)
-
-
-def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Path, n_images: int) -> ConceptSpec:
-    """Generate the class images with the base model once, when the spec has a class prompt but no images."""
-    if spec.class_prompt is None or (spec.class_images is not None and spec.class_images.exists()):
-        return spec
-    from mima.sampling import sample_images
-
-    folder = cache_dir / ("class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-"))
-    if not (folder / "metadata.csv").is_file():
-        images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
-        write_image_folder(images, [spec.class_prompt] * n_images, folder)
-    return replace(spec, class_images=folder)
 
 
 def encode_concept(components: Components, spec: ConceptSpec, *, with_prior: bool) -> EncodedConcept:

@@ -22,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mima.config import Config
-from mima.data import toy_world
 from mima.errors import ConfigError, DataError, ModelError, TrainingError
-from mima.models.toy_pretrain import images_to_tensor
+from mima.toy import world as toy_world
+from mima.toy.pretrain import images_to_tensor
 from mima.utils.io import load_tensors, save_tensors
 
 STYLE_LABELS: tuple[str, ...] = (*toy_world.STYLES, "none")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -18,8 +17,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from mima.data import toy_world
 from mima.models.components import Components
+from mima.toy import world as toy_world
 
 ToySize = Literal["tiny", "small"]
 MAX_PROMPT_TOKENS = 16
@@ -32,11 +31,6 @@ _EXTRA_WORDS = (
     "background scene close up view simple plain centered high quality detailed new old famous artist "
     "dog cat car house tree person face man woman flower sky sea mountain city"
 )
-
-
-def toy_model_dir() -> Path:
-    """The folder of the shipped, pretrained toy pipeline (diffusers format)."""
-    return Path(str(resources.files("mima") / "assets" / "toy-model"))
 
 
 def toy_vocabulary() -> list[str]:

@@ -20,11 +20,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from mima.config import Config
-from mima.data.toy_world import sample_training_batch
 from mima.errors import ConfigError, TrainingError
 from mima.losses import diffusion_loss, unet_caller
 from mima.models.components import Components
-from mima.models.toy import build_toy_components, save_tokenizer
+from mima.toy.model import build_toy_components, save_tokenizer
+from mima.toy.world import sample_training_batch
 from mima.utils.io import atomic_directory, load_torch_state, save_torch_state
 
 
@@ -204,8 +204,8 @@ class ToyPretrainer:
 
 def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path) -> Path:
     """Train the toy model (resuming from `out_dir/checkpoint`), then write `out_dir/model` and a sample grid."""
-    from mima.data.toy_world import toy_concepts
     from mima.sampling import sample_images, save_grid
+    from mima.toy.world import toy_concepts
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
