@@ -26,6 +26,7 @@ import yaml
 
 from mima.config import Config
 from mima.errors import ConfigError
+from mima.utils.run_folder import ATTACK, IMMUNIZATION, RunLayout, finished_run
 
 if TYPE_CHECKING:
     from mima.attacks import AttackConfig, AttackRun
@@ -52,6 +53,7 @@ class BenchmarkConfig(Config):
     references: str = field(default="toy", metadata={"help": "'toy' or a folder with one subfolder per concept"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.setting not in ("relearn", "personalize"):
             raise ConfigError(f"setting must be 'relearn' or 'personalize', got '{self.setting}'")
         if not self.targets:
@@ -89,26 +91,19 @@ class _Piece(ABC):
     """One finished-or-not run of a benchmark (`runner()`: an ImmunizationRun or AttackRun), with its record."""
 
     out: Path
-    record_name: ClassVar[str]
+    layout: ClassVar[RunLayout]
 
     @abstractmethod
     def runner(self) -> ImmunizationRun | AttackRun:
         """The run that makes this piece."""
 
-    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
-        """The settings that differ between the finished run's `record` and this piece's resolved `config`."""
-        return config.differences(record["config"])
+    def check(self) -> None:
+        """Resolve every name of the piece's settings, before any piece runs."""
+        self.runner().resolved_config().check_names()
 
     def finished(self) -> bool:
         """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
-        record_path = self.out / self.record_name
-        if not record_path.is_file():
-            return False
-        differences = self.stale_settings(json.loads(record_path.read_text()), self.runner().resolved_config())
-        if differences:
-            changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-            raise ConfigError(f"'{self.out}' was made with other settings ({changes}); delete it or use another --out")
-        return True
+        return finished_run(self.out, self.layout, self.runner().differences)
 
     def run(self) -> None:
         from mima.utils.checkpoint import has_checkpoint
@@ -124,23 +119,12 @@ class ImmunizationPiece(_Piece):
     targets: list[ConceptSpec]
     config: ImmunizeConfig
     out: Path
-    record_name: ClassVar[str] = "immunization.json"
+    layout: ClassVar[RunLayout] = IMMUNIZATION
 
     def runner(self) -> ImmunizationRun:
         from mima.immunize import ImmunizationRun
 
         return ImmunizationRun(self.model, self.targets, self.config, self.out)
-
-    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
-        from mima.immunize import immunizers
-
-        differences = config.differences(record["config"], immunizers.get(config.method).deciding_fields(config))
-        targets = [t.name for t in self.targets]
-        for name, recorded, current in (("model", record["model"], self.model),
-                                        ("targets", [c["name"] for c in record["concepts"]], targets)):
-            if recorded != current:
-                differences[name] = (recorded, current)
-        return differences
 
 
 @dataclass(frozen=True)
@@ -151,7 +135,7 @@ class AttackPiece(_Piece):
     concept: ConceptSpec
     config: AttackConfig
     out: Path
-    record_name: ClassVar[str] = "attack.json"
+    layout: ClassVar[RunLayout] = ATTACK
 
     def runner(self) -> AttackRun:
         from mima.attacks import AttackRun
@@ -191,6 +175,18 @@ def run_pieces(pieces: Sequence[ImmunizationPiece | AttackPiece], jobs: int = 1,
             raise
 
 
+@dataclass(frozen=True)
+class BenchmarkPlan:
+    """Every piece of one benchmark, with its settings resolved and checked."""
+
+    targets: list[ConceptSpec]
+    non_targets: list[ConceptSpec]
+    immunizations: list[ImmunizationPiece]
+    attacks: list[AttackPiece]
+    runs: dict[str, dict[tuple, Path]]
+    """{method: {(attack, concept, seed): attack run folder}}, as the report reads them."""
+
+
 @dataclass
 class Benchmark:
     config: BenchmarkConfig
@@ -198,15 +194,36 @@ class Benchmark:
     jobs: int = 1
     timings: dict[str, float] = field(default_factory=dict)
 
-    def run(self) -> Path:
+    def plan(self) -> BenchmarkPlan:
+        """Resolve the whole grid: concepts, every piece's settings and every name (methods, attacks, caption banks,
+        encoders, references), so that a benchmark that cannot run fails before its first piece."""
         from mima.data.concepts import load_concepts
+        from mima.evaluate.encoders import encoders
 
         targets = load_concepts(list(self.config.targets))
         non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
-        models = self._timed("immunization", self._immunize_all, targets)
-        runs = self._timed("attacks", self._attack_all, models, targets + non_targets)
-        return self._timed("evaluation", self._report, runs, targets, non_targets)
+        immunizations = self.immunization_pieces(targets)
+        models = {piece.config.method: piece.out / "model" for piece in immunizations}
+        attacks, runs = self._attack_pieces(models, targets + non_targets)
+        for piece in [*immunizations, *attacks]:
+            piece.check()
+        for spec in self.config.encoders:
+            encoders.get(spec.partition(":")[0])
+        if self.config.references != "toy" and not Path(self.config.references).is_dir():
+            raise ConfigError(f"references '{self.config.references}' is neither 'toy' nor a folder")
+        return BenchmarkPlan(targets, non_targets, immunizations, attacks, runs)
+
+    def run(self, plan: BenchmarkPlan | None = None) -> Path:
+        """Run what is not finished yet, then write the report; `plan` (default: [`~Benchmark.plan`]) is checked
+        against the finished pieces before anything is written."""
+        plan = plan or self.plan()
+        immunizations = [piece for piece in plan.immunizations if not piece.finished()]
+        attacks = [piece for piece in plan.attacks if not piece.finished()]
+        self.config.save_json(self.out_dir / "benchmark_config.json")
+        self._timed("immunization", run_pieces, immunizations, self.jobs, "immunizations")
+        self._timed("attacks", run_pieces, attacks, self.jobs, "attacks")
+        return self._timed("evaluation", self._report, plan.runs, plan.targets, plan.non_targets)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
         """Compute time every finished piece recorded (`elapsed_s`), whichever process or earlier run made it."""
@@ -232,12 +249,9 @@ class Benchmark:
             pieces.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
         return pieces
 
-    def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
-        pieces = self.immunization_pieces(targets)
-        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "immunizations")
-        return {piece.config.method: piece.out / "model" for piece in pieces}
-
-    def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
+    def _attack_pieces(
+        self, models: dict[str, Path], concepts: list[ConceptSpec]
+    ) -> tuple[list[AttackPiece], dict[str, dict[tuple, Path]]]:
         from mima.attacks import AttackConfig
 
         runs: dict = {}
@@ -250,8 +264,7 @@ class Benchmark:
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
                         pieces.append(AttackPiece(str(model_dir), concept, config, out))
-        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "attacks")
-        return runs
+        return pieces, runs
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
         from mima.evaluate.benchmark_report import write_benchmark_report

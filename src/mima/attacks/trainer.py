@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +30,7 @@ from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoi
 from mima.utils.device import seed_everything, step_generator
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
+from mima.utils.run_folder import ATTACK, claim_run_folder
 
 
 @dataclass
@@ -39,10 +42,12 @@ class AttackRun:
     config: AttackConfig
     out_dir: Path
 
-    def run(self, resume: bool = False) -> Path:
+    def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         method = attacks.get(self.config.method)
         config = self.resolved_config()
+        claim_run_folder(self.out_dir, ATTACK, self.settings(), resume=resume, overwrite=overwrite,
+                         differences=self.differences)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
         validate_images(concept)
         components = Components.from_pretrained(self.model)
@@ -69,6 +74,19 @@ class AttackRun:
             steps=self.config.steps or method.default_steps, lr=self.config.lr or method.default_lr,
         )
         return config.with_overrides(save_every=config.save_every or max(1, config.steps // 4))
+
+    def settings(self) -> dict[str, object]:
+        """What decides this run's result, shaped like its record (`attack.json`)."""
+        return {"config": self.resolved_config().to_dict(), "model": self.model, "concept": self.concept.name}
+
+    def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
+        """The settings that differ from `recorded` (a checkpoint's settings or a finished run's record)."""
+        changed = self.resolved_config().differences(recorded["config"])
+        for name, old, new in (("model", recorded.get("model"), self.model),
+                               ("concept", recorded.get("concept"), self.concept.name)):
+            if old != new:
+                changed[name] = (old, new)
+        return changed
 
 
 def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:

@@ -33,15 +33,15 @@ def _add_jobs(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(benchmarks: dict, out: Path, jobs: int) -> None:
-    """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
+    """Run every benchmark of a file or preset; a suite's part P goes to OUT/P. Every part's whole grid is resolved
+    before the first piece of any part runs."""
     from mima.benchmark import Benchmark
 
-    for part, config in benchmarks.items():
+    parts = {part: Benchmark(config, out / part, jobs=jobs) for part, config in benchmarks.items()}
+    plans = {part: benchmark.plan() for part, benchmark in parts.items()}
+    for part, benchmark in parts.items():
         started = time.time()
-        folder = out / part
-        folder.mkdir(parents=True, exist_ok=True)
-        config.save_json(folder / "benchmark_config.json")
-        report = Benchmark(config, folder, jobs=jobs).run()
+        report = benchmark.run(plans[part])
         name = f"{part}: " if part else ""
         elapsed = time.time() - started
         print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")

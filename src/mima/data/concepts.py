@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mima.config import read_text
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
 from mima.toy import world as toy_world
@@ -129,7 +130,7 @@ def validate_images(spec: ConceptSpec) -> None:
 
 
 def _read_entries(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "concept file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +32,7 @@ from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoi
 from mima.utils.device import step_generator
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
+from mima.utils.run_folder import IMMUNIZATION, claim_run_folder
 
 
 @dataclass
@@ -41,10 +44,12 @@ class ImmunizationRun:
     config: ImmunizeConfig
     out_dir: Path
 
-    def run(self, resume: bool = False) -> Path:
+    def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         config = self.resolved_config()
-        immunizers.get(config.method)  # unknown method: fail before any heavy work
+        config.check_names()  # a misspelt method or caption bank: fail before any heavy work
+        claim_run_folder(self.out_dir, IMMUNIZATION, self.settings(), resume=resume, overwrite=overwrite,
+                         differences=self.differences)
         components = Components.from_pretrained(self.model)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
         specs = self._prepare_specs(components, config)
@@ -70,6 +75,22 @@ class ImmunizationRun:
         if self.config.caption_bank != "auto":
             return self.config
         return self.config.with_overrides(caption_bank="toy" if self.model == TOY_MODEL_NAME else "generic")
+
+    def settings(self) -> dict[str, object]:
+        """What decides this run's result, shaped like its record (`immunization.json`)."""
+        return {"config": self.resolved_config().to_dict(), "model": self.model,
+                "concepts": [{"name": s.name} for s in self.specs]}
+
+    def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
+        """The settings deciding the result that differ from `recorded` (a checkpoint's settings or a record)."""
+        config = self.resolved_config()
+        changed = config.differences(recorded["config"], immunizers.get(config.method).deciding_fields(config))
+        concepts = [c["name"] for c in recorded.get("concepts", [])]
+        for name, old, new in (("model", recorded.get("model"), self.model),
+                               ("concepts", concepts, [s.name for s in self.specs])):
+            if old != new:
+                changed[name] = (old, new)
+        return changed
 
     def _prepare_specs(self, components: Components, config: ImmunizeConfig) -> list[ConceptSpec]:
         data_dir = self.out_dir / "data"
