@@ -22,7 +22,7 @@ class BilevelImmunizer(Immunizer):
     """
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
-        self.unet, self.scheduler, self.concepts = components.unet, components.scheduler, concepts
+        self.unet, self.scheduler = components.unet, components.scheduler
         if self.config.order == "second-order":  # only double backward needs the plain-math attention kernel
             use_differentiable_attention(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
