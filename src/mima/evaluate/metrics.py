@@ -1,6 +1,6 @@
 """Immunization metrics as pure functions of features and similarity curves, and the `metrics` registry.
 
-Notation (method.md, "Metrics"): f is an image encoder with unit-normalised features, R_n the reference images of
+Notation (docs/metrics.md): f is an image encoder with unit-normalised features, R_n the reference images of
 concept n, and after t steps of an attack A
 
     S_wo_n(t) = S(images of A(theta_base, n, t), R_n)      attacked WITHOUT immunization

@@ -16,7 +16,7 @@ from mima.models.encoding import Batch, EncodedConcept
 
 
 class BilevelImmunizer(Immunizer):
-    """max over S^u of the upper loss of adapted copies (method.md), minus a prior-preservation term.
+    """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
     """

@@ -13,7 +13,7 @@ Setting = Literal["relearn", "personalize"]
 
 @dataclass(frozen=True)
 class ImmunizeConfig(Config):
-    """Settings of one immunization run (method.md). Method-specific fields are ignored by other methods."""
+    """Settings of one immunization run (docs/method.md). Method-specific fields are ignored by other methods."""
 
     method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
