@@ -199,7 +199,8 @@ def test_cli_ls(capsys):
 
     parser = argparse.ArgumentParser()
     ls.register(parser.add_subparsers())
-    for kind, expected in (("encoders", "efficientnet-lite0"), ("metrics", "msgr")):
+    for kind, expected in (("encoders", "efficientnet-lite0"), ("metrics", "msgr"),
+                           ("attacks", "(defaults: 300 steps, lr 0.005)")):
         args = parser.parse_args(["ls", kind])
         args.func(args)
         assert expected in capsys.readouterr().out
