@@ -41,7 +41,14 @@ class Immunizer(ABC):
         return {}
 
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The quantity to MINIMISE at one outer step, and per-concept logs."""
+        """The quantity to MINIMISE at one outer step (differentiable in S^u), and per-concept logs."""
+        raise NotImplementedError(f"{type(self).__name__} is not iterative")
+
+    def gradients(
+        self, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+        """The value of `objective` and its gradient on S^u (name -> tensor), computed by the method itself
+        (the outer loop sets them as `.grad` and steps), and the logs."""
         raise NotImplementedError(f"{type(self).__name__} is not iterative")
 
 
