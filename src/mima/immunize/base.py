@@ -21,7 +21,8 @@ class Immunizer(ABC):
 
     iterative: ClassVar[bool] = True
     depends_on: ClassVar[tuple[str, ...] | None] = None
-    """The config fields that decide this method's result (None: all but `save_every`); a benchmark reuses a
+    """The config fields that decide this method's result (None: all but `save_every` and
+    `gradient_checkpointing`); a benchmark reuses a
     finished model only if they match."""
 
     def __init__(self, config: ImmunizeConfig) -> None:
@@ -29,8 +30,9 @@ class Immunizer(ABC):
 
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:
-        """The fields of `config` that decide this method's result: `depends_on`, or all but `save_every`."""
-        return list(cls.depends_on or [name for name in config.to_dict() if name != "save_every"])
+        """The fields of `config` that decide this method's result: `depends_on`, or all but how it is computed."""
+        how = ("save_every", "gradient_checkpointing")
+        return list(cls.depends_on or [name for name in config.to_dict() if name not in how])
 
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:

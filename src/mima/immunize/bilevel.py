@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -12,7 +13,7 @@ from mima.functional import BatchLoss, Params, Unrolled, sgd_step, unet_call_wit
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.losses import diffusion_loss
 from mima.models.components import Components
-from mima.models.cross_attention import select_parameters, use_differentiable_attention
+from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
 
 
@@ -24,8 +25,8 @@ class BilevelImmunizer(Immunizer):
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         self.unet, self.scheduler, self.concepts = components.unet, components.scheduler, concepts
-        if self.config.order == "second-order":  # only double backward needs the plain-math attention kernel
-            use_differentiable_attention(self.unet)
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
@@ -57,10 +58,11 @@ class BilevelImmunizer(Immunizer):
         """
         lower = {name: base[name] for name in self.lower_names}
         losses = []
-        for _ in range(self.config.inner_steps):
-            loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
-            lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
-            losses.append(loss.item())
+        with self.double_backward_attention():
+            for _ in range(self.config.inner_steps):
+                loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
+                lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
+                losses.append(loss.item())
         return lower, losses[0]
 
     def batch_loss(self, batch: Batch) -> BatchLoss:
@@ -80,8 +82,13 @@ class BilevelImmunizer(Immunizer):
     ) -> Params:
         """The gradient on S^u of <cotangent, adapted S^l>, replaying `run` batch by batch (`unrolled_vjp`)."""
         losses = [self.batch_loss(b) for b in batches]
-        return unrolled_vjp(run, base, losses, generator, cotangent, self.upper_names, lr=self.config.inner_lr,
-                            max_norm=self.config.inner_clip, order=self.config.order)
+        with self.double_backward_attention():
+            return unrolled_vjp(run, base, losses, generator, cotangent, self.upper_names, lr=self.config.inner_lr,
+                                max_norm=self.config.inner_clip, order=self.config.order)
+
+    def double_backward_attention(self) -> AbstractContextManager[None]:
+        """The plain-math attention kernel where the inner step is differentiated twice (second order only)."""
+        return differentiable_attention() if self.config.order == "second-order" else nullcontext()
 
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
