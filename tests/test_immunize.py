@@ -114,7 +114,7 @@ def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_d
 
     def nan_after_first_checkpoint(loop):
         if loop.step == 1:
-            monkeypatch.setattr(loop.immunizer, "objective", lambda *a: (torch.tensor(float("nan")), {}))
+            monkeypatch.setattr(loop.immunizer, "gradients", lambda *a: (float("nan"), {}, {}))
         return original_step(loop)
 
     monkeypatch.setattr(trainer_module._Loop, "_outer_step", nan_after_first_checkpoint)

@@ -54,6 +54,11 @@ class ImmunizeConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of the upper step (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of data, noise and timesteps"})
     save_every: int = field(default=25, metadata={"help": "checkpoint period in outer steps"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute UNet activations in the backward instead of keeping them: less memory, "
+                          "about a third more time"},
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "accelerate precision"})
 
     def __post_init__(self) -> None:

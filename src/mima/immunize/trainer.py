@@ -7,6 +7,7 @@ Output folder: `model/` (a diffusers pipeline), `immunization.json`, `checkpoint
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -116,17 +117,16 @@ class _Loop:
     def _outer_step(self) -> dict[str, float]:
         generator = step_generator(self.config.seed, self.step)
         with self.accelerator.autocast():
-            objective, logs = self.immunizer.objective(self._batches(generator), generator)
-        if not torch.isfinite(objective):
+            objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
+        if not math.isfinite(objective):
             raise TrainingError(
-                f"non-finite objective {objective.item()} at outer step {self.step + 1}; "
+                f"non-finite objective {objective} at outer step {self.step + 1}; "
                 f"the last checkpoint in '{self.checkpoint_dir}' is intact (lower the learning rates)"
             )
-        grads = torch.autograd.grad(objective, list(self.params.values()))
-        for param, grad in zip(self.params.values(), grads, strict=True):
-            param.grad = grad
+        for name, param in self.params.items():
+            param.grad = grads[name].to(param.dtype)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"objective": objective.item(), **logs}
+        return {"objective": objective, **logs}
