@@ -28,7 +28,7 @@ def run_sweep(
         for method, lr, steps in itertools.product(methods, lrs, budgets)
     ]
     for run in runs:
-        run.resolved_config().check_names()
+        run.config.check_names()
     todo = [run for run in runs if not finished_run(run.out_dir, ATTACK, run.differences)]
     for run in todo:
         run.run(resume=has_checkpoint(run.out_dir / "checkpoint"))

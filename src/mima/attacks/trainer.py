@@ -42,11 +42,14 @@ class AttackRun:
     config: AttackConfig
     out_dir: Path
 
+    def __post_init__(self) -> None:
+        self.config = attacks.get(self.config.method).settings(self.config)  # unset fields: the method's defaults
+
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         method = attacks.get(self.config.method)
-        config = self.resolved_config()
-        claim_run_folder(self.out_dir, ATTACK, self.settings(), resume=resume, overwrite=overwrite,
+        config = self.config
+        claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
         validate_images(concept)
@@ -67,21 +70,13 @@ class AttackRun:
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         return export_dir
 
-    def resolved_config(self) -> AttackConfig:
-        """The config this run uses: unset steps, learning rate and checkpoint period take the method's defaults."""
-        method = attacks.get(self.config.method)
-        config = self.config.with_overrides(
-            steps=self.config.steps or method.default_steps, lr=self.config.lr or method.default_lr,
-        )
-        return config.with_overrides(save_every=config.save_every or max(1, config.steps // 4))
-
-    def settings(self) -> dict[str, object]:
+    def run_settings(self) -> dict[str, object]:
         """What decides this run's result, shaped like its record (`attack.json`)."""
-        return {"config": self.resolved_config().to_dict(), "model": self.model, "concept": self.concept.name}
+        return {"config": self.config.to_dict(), "model": self.model, "concept": self.concept.name}
 
     def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
         """The settings that differ from `recorded` (a checkpoint's settings or a finished run's record)."""
-        changed = self.resolved_config().differences(recorded["config"])
+        changed = self.config.differences(recorded["config"])
         for name, old, new in (("model", recorded.get("model"), self.model),
                                ("concept", recorded.get("concept"), self.concept.name)):
             if old != new:

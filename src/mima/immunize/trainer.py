@@ -7,6 +7,7 @@ Output folder: `model/` (a diffusers pipeline), `immunization.json`, `checkpoint
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
-from mima.models.components import TOY_MODEL_NAME, Components
+from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 from mima.models.encoding import encode_concept
 from mima.sampling import ensure_class_images
@@ -44,11 +45,14 @@ class ImmunizationRun:
     config: ImmunizeConfig
     out_dir: Path
 
+    def __post_init__(self) -> None:
+        self.config = self.config.for_model(self.model)
+
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
-        config = self.resolved_config()
+        config = self.config
         config.check_names()  # a misspelt method or caption bank: fail before any heavy work
-        claim_run_folder(self.out_dir, IMMUNIZATION, self.settings(), resume=resume, overwrite=overwrite,
+        claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
         components = Components.from_pretrained(self.model)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
@@ -70,21 +74,15 @@ class ImmunizationRun:
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
 
-    def resolved_config(self) -> ImmunizeConfig:
-        """The config this run uses: `caption_bank: auto` becomes `toy` for the toy model, `generic` otherwise."""
-        if self.config.caption_bank != "auto":
-            return self.config
-        return self.config.with_overrides(caption_bank="toy" if self.model == TOY_MODEL_NAME else "generic")
-
-    def settings(self) -> dict[str, object]:
+    def run_settings(self) -> dict[str, object]:
         """What decides this run's result, shaped like its record (`immunization.json`)."""
-        return {"config": self.resolved_config().to_dict(), "model": self.model,
+        return {"config": self.config.to_dict(), "model": self.model,
                 "concepts": [{"name": s.name} for s in self.specs]}
 
     def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
         """The settings deciding the result that differ from `recorded` (a checkpoint's settings or a record)."""
-        config = self.resolved_config()
-        changed = config.differences(recorded["config"], immunizers.get(config.method).deciding_fields(config))
+        fields = immunizers.get(self.config.method).deciding_fields(self.config)
+        changed = self.config.differences(recorded["config"], fields)
         concepts = [c["name"] for c in recorded.get("concepts", [])]
         for name, old, new in (("model", recorded.get("model"), self.model),
                                ("concepts", concepts, [s.name for s in self.specs])):
@@ -140,17 +138,16 @@ class _Loop:
     def _outer_step(self) -> dict[str, float]:
         generator = step_generator(self.config.seed, self.step)
         with self.accelerator.autocast():
-            objective, logs = self.immunizer.objective(self._batches(generator), generator)
-        if not torch.isfinite(objective):
+            objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
+        if not math.isfinite(objective):
             raise TrainingError(
-                f"non-finite objective {objective.item()} at outer step {self.step + 1}; "
+                f"non-finite objective {objective} at outer step {self.step + 1}; "
                 f"the last checkpoint in '{self.checkpoint_dir}' is intact (lower the learning rates)"
             )
-        grads = torch.autograd.grad(objective, list(self.params.values()))
-        for param, grad in zip(self.params.values(), grads, strict=True):
-            param.grad = grad
+        for name, param in self.params.items():
+            param.grad = grads[name].to(param.dtype)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"objective": objective.item(), **logs}
+        return {"objective": objective, **logs}
