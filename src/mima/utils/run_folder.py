@@ -82,6 +82,7 @@ def claim_run_folder(
     _refuse_foreign(folder, layout)
     if resume:
         _check_resumable(folder, layout, differences)
+        _remove_temporaries(folder, layout)
         return
     if not overwrite:
         if (folder / layout.record).exists():
@@ -122,10 +123,22 @@ def remove_run(folder: Path, layout: RunLayout) -> None:
         return
     for entry in folder.iterdir():
         if layout.owns(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            _delete(entry)
+
+
+def _remove_temporaries(folder: Path, layout: RunLayout) -> None:
+    """Half-written temporaries a killed run left (not a `.trash-` folder: it may hold the last whole checkpoint)."""
+    for entry in folder.iterdir():
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for part in layout.parts
+               for pattern in (f".{part}.tmp-*", f".{part}.*.tmp")):
+            _delete(entry)
+
+
+def _delete(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def describe(differences: Mapping[str, tuple]) -> str:
