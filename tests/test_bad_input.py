@@ -177,6 +177,10 @@ FAILS = {
     "benchmark-not-utf8": (lambda t, m, i, p: ["benchmark", "--config", str(_file(t, "b.yaml", NOT_UTF8)), "--out",
                                                str(t / "bench")], "not UTF-8"),
     "validate-not-utf8": (lambda t, m, i, p: ["validate", str(_file(t, "s.yaml", NOT_UTF8))], "not UTF-8"),
+    "concept-number-for-text": (
+        lambda t, m, i, p: [*_immunize(m, t / "out"), "--concepts",
+                            str(_file(t, "c.yaml", "concepts: [{name: a, prompt: p, images: 5}]\n"))],
+        "concept key 'images' must be a text"),
     "read-only-out": (lambda t, m, i, p: _immunize(m, _read_only(t, p)), "Read-only file system"),
     "full-disk": (lambda t, m, i, p: _immunize(m, _full_disk(t, p), "--method", "none", "--setting", "personalize",
                                                "--prior-weight", "0", "--retain-weight", "0"),

@@ -42,6 +42,10 @@ def _validate(args: argparse.Namespace) -> None:
         _validate_benchmark(args.file)
     else:
         config = _config_class(kind).from_yaml(args.file)
+        if kind == "attack":
+            from mima.attacks import attacks
+
+            config = attacks.get(config.method).settings(config)  # as the run resolves it, the method's defaults in
         if hasattr(config, "check_names"):
             config.check_names()
         print(f"{args.file}: valid {type(config).__name__}")

@@ -47,9 +47,12 @@ class RunLayout:
         return any(fnmatch.fnmatchcase(name, part) or fnmatch.fnmatchcase(name, f".{part}.*") for part in self.parts)
 
 
+_FEATURE_CACHE = ".feature_cache"  # what evaluating a folder of images adds to it (mima.evaluate.cache)
 IMMUNIZATION = RunLayout("mima immunize", "immunization.json", ("model", "data", "checkpoint", "immunization.json"))
-ATTACK = RunLayout("mima attack", "attack.json", ("export", "samples", "data", "checkpoint", "attack.json"))
-TOY_IMAGES = RunLayout("mima toy images", "metadata.csv", ("[0-9][0-9][0-9][0-9][0-9].png", "metadata.csv"), None)
+ATTACK = RunLayout("mima attack", "attack.json",
+                   ("export", "samples", "data", "checkpoint", "attack.json", _FEATURE_CACHE))
+TOY_IMAGES = RunLayout("mima toy images", "metadata.csv",
+                       ("[0-9][0-9][0-9][0-9][0-9].png", "metadata.csv", _FEATURE_CACHE), None)
 
 
 def claim_run_folder(
