@@ -20,7 +20,7 @@ CONFIG = {
 def local_ray():
     """A Ray of two CPUs on this machine only, for this module."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -114,7 +114,8 @@ class RayExecutor(Executor):
 
     Args:
         address (`str`, *optional*):
-            A Ray cluster address (`"auto"`, `"HOST:6379"`, `"ray://HOST:10001"`); `None` starts a local Ray.
+            A Ray cluster address (`"auto"`, `"HOST:6379"`, `"ray://HOST:10001"`); `None` starts a Ray of this
+            machine for this run, even if a cluster runs here.
         cpus (`int`, defaults to 1):
             CPUs each piece declares.
         gpus (`float`, defaults to 0):
@@ -132,7 +133,7 @@ class RayExecutor(Executor):
         self.cpus, self.gpus = cpus, gpus
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            options = {"address": address} if address else {"include_dashboard": False}
+            options = {"address": address} if address else {"address": "local", "include_dashboard": False}
             try:
                 ray.init(**options)
             except ConnectionError as e:
