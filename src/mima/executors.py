@@ -136,7 +136,7 @@ class RayExecutor(Executor):
             options = {"address": address} if address else {"address": "local", "include_dashboard": False}
             try:
                 ray.init(**options)
-            except ConnectionError as e:
+            except (ConnectionError, ValueError) as e:  # no cluster there; an address Ray cannot parse
                 raise ConfigError(f"cannot reach the Ray cluster at '{address}': {e}") from None
 
     def run(self, pieces: Sequence[Piece], what: str = "pieces") -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mima.cli._args import positive_int
+
+if TYPE_CHECKING:
+    from mima.executors import Executor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,17 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--config", type=Path, help="benchmark or suite YAML (see mima/assets/presets/*.yaml)")
     source.add_argument("--preset", choices=PRESETS, help="a shipped benchmark")
     bench.add_argument("--out", type=Path, required=True, help="output folder; re-running resumes it")
-    _add_jobs(bench)
+    _add_executor_flags(bench)
     bench.set_defaults(func=_benchmark)
 
     demo = subparsers.add_parser("demo", help="the end-to-end demo on the toy model (the README's main command)")
     demo.add_argument("--quick", action="store_true", help="a few-minute smoke run of the same path")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
-    _add_jobs(demo)
+    _add_executor_flags(demo)
     demo.set_defaults(func=_demo)
 
 
-def _add_jobs(parser: argparse.ArgumentParser) -> None:
+def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="where pieces run: local worker processes (default) or Ray tasks (pip install mima[ray])")
     parser.add_argument("--jobs", type=positive_int, default=None,
@@ -40,7 +44,7 @@ def _add_jobs(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--piece-gpus", type=float, default=None, help="GPUs each piece declares (default 0)")
 
 
-def _executor(args: argparse.Namespace):
+def _executor(args: argparse.Namespace) -> Executor:
     """The executor the flags ask for; a flag of the other executor is an error, before any work."""
     from mima.errors import ConfigError
     from mima.executors import make_executor
