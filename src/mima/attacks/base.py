@@ -23,6 +23,8 @@ class Attack(ABC):
     """
 
     default_lr: ClassVar[float]
+    reference_lr: ClassVar[float]
+    """The learning rate of the method's reference implementation for Stable Diffusion, the default on real models."""
     default_steps: ClassVar[int]
     uses_prior: ClassVar[bool] = False
 

@@ -55,6 +55,7 @@ def load_custom_diffusion(pipe: DiffusionPipeline, directory: str | Path) -> Non
 @attacks.register("custom-diffusion")
 class CustomDiffusion(Attack):
     default_lr = 1e-3  # the reference 1e-5 x batch scaling is for SD; raised for the toy model
+    reference_lr = 1e-5  # diffusers examples/custom_diffusion/train_custom_diffusion.py (unscaled)
     default_steps = 200
     uses_prior = True
 
@@ -68,7 +69,7 @@ class CustomDiffusion(Attack):
         self.new_token = NewToken(components, self.config.token or f"<new-{concept.name}>", init_word)
 
     def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept.name, f"{self.new_token.token} {self.concept.name}")
+        return with_token(prompt, self.concept, self.new_token.token, keep_words=True)
 
     def trains_text(self) -> bool:
         return True

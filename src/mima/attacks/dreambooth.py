@@ -15,6 +15,7 @@ from mima.models.components import Components
 @attacks.register("dreambooth")
 class DreamBooth(Attack):
     default_lr = 2e-4  # the reference 5e-6 is for SD's 860 M parameters; the toy UNet is 1 M
+    reference_lr = 5e-6  # diffusers examples/dreambooth/train_dreambooth.py
     default_steps = 200
     uses_prior = True
 

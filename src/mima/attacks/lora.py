@@ -17,6 +17,7 @@ from mima.models.components import Components
 @attacks.register("lora")
 class LoRA(Attack):
     default_lr = 1e-3  # diffusers' LoRA example uses 1e-4 on SD; the toy model's smaller layers take more
+    reference_lr = 1e-4  # diffusers examples/text_to_image/train_text_to_image_lora.py
     default_steps = 200
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:

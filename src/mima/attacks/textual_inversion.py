@@ -15,6 +15,7 @@ from mima.models.components import Components
 @attacks.register("textual-inversion")
 class TextualInversion(Attack):
     default_lr = 5e-3  # the reference 5e-4 x batch scaling, raised for the toy world's short budget
+    reference_lr = 5e-4  # diffusers examples/textual_inversion/textual_inversion.py (unscaled)
     default_steps = 300
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
@@ -25,7 +26,7 @@ class TextualInversion(Attack):
         self.new_token = NewToken(components, self.config.token or f"<{concept.name}>", init_word)
 
     def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept.name, self.new_token.token)
+        return with_token(prompt, self.concept, self.new_token.token)
 
     def trains_text(self) -> bool:
         return True

@@ -6,10 +6,13 @@ else; the matrix row is written only at export, in the format `pipe.load_textual
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import torch
 
+from mima.data.captions import frequent_words, load_caption_bank
+from mima.data.concepts import ConceptSpec, concept_phrase
 from mima.errors import ConfigError
 from mima.models.components import Components
 from mima.utils.io import save_tensors
@@ -43,6 +46,19 @@ class NewToken:
         return out_dir
 
 
-def with_token(prompt: str, concept_name: str, token: str) -> str:
-    """`prompt` with the concept's name replaced by `token` (prefixed when the name does not occur)."""
-    return prompt.replace(concept_name, token) if concept_name in prompt else f"{token} {prompt}"
+def with_token(prompt: str, concept: ConceptSpec, token: str, *, keep_words: bool = False) -> str:
+    """`prompt` with the words that name `concept` replaced by `token` (or preceded by it, with `keep_words`).
+
+    "a painting in the style of Zorblax Quenn" -> "a painting in the style of <zorblax-style>"; a prompt that names
+    the concept in no word gets the token in front.
+    """
+    phrase = concept_phrase(prompt, concept, _template_words())
+    if phrase is None:
+        return f"{token} {prompt}"
+    return prompt.replace(phrase, f"{token} {phrase}" if keep_words else token)
+
+
+@cache
+def _template_words() -> frozenset[str]:
+    """Words of prompt templates ("a", "photo", "of"), which name no concept: the generic bank's frequent ones."""
+    return frequent_words(load_caption_bank("generic"))

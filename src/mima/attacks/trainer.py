@@ -21,7 +21,7 @@ from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.image_folder import write_image_folder
 from mima.errors import ConfigError, TrainingError
-from mima.models.components import Components
+from mima.models.components import Components, has_toy_tokenizer
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -63,10 +63,12 @@ class AttackRun:
         return export_dir
 
     def resolved_config(self) -> AttackConfig:
-        """The config this run uses: unset steps, learning rate and checkpoint period take the method's defaults."""
+        """The config this run uses: unset steps, learning rate and checkpoint period take the method's defaults
+        (the toy's learning rate for the toy model and models made from it, the reference one for real models)."""
         method = attacks.get(self.config.method)
+        default_lr = method.default_lr if has_toy_tokenizer(self.model) else method.reference_lr
         config = self.config.with_overrides(
-            steps=self.config.steps or method.default_steps, lr=self.config.lr or method.default_lr,
+            steps=self.config.steps or method.default_steps, lr=self.config.lr or default_lr,
         )
         return config.with_overrides(save_every=config.save_every or max(1, config.steps // 4))
 

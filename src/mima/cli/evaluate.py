@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_DEFAULT_ENCODERS = ["efficientnet-lite0", "toy-judge"]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per concept, and/or CONCEPT=DIR entries",
     )
     parser.add_argument(
-        "--encoder", nargs="+", default=_DEFAULT_ENCODERS, metavar="SPEC",
-        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: %(default)s)",
+        "--encoder", nargs="+", metavar="SPEC",
+        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: efficientnet-lite0, and toy-judge "
+        "when every concept is a toy concept)",
     )
     parser.add_argument(
         "--non-targets", nargs="+", default=[], metavar="CONCEPT",
@@ -39,11 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+    from mima.evaluate.evaluate import default_encoders
 
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
-    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets)
+    encoders = args.encoder or default_encoders(list(pairs))
+    result = evaluate_runs(pairs, references, encoders, non_targets=args.non_targets)
     path = write_evaluation(result, args.out)
     for encoder, block in result["encoders"].items():
         print(f"{encoder}: MSGR {_fmt(block['msgr'])}  MRSGR {_fmt(block['mrsgr'])}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -25,15 +27,31 @@ def toy_model_dir() -> Path:
     return Path(str(resources.files("mima") / "assets" / "toy-model"))
 
 
+def has_toy_tokenizer(model: str | Path) -> bool:
+    """Whether `model` reads prompts with the embedded toy model's vocabulary: "toy" itself, or a local pipeline
+    folder made from it (an export, a model immunized or fine-tuned from it). A hub id never does."""
+    if str(model) == TOY_MODEL_NAME:
+        return True
+    vocab = Path(model) / "tokenizer" / "vocab.json"
+    toy_vocab = toy_model_dir() / "tokenizer" / "vocab.json"
+    return vocab.is_file() and json.loads(vocab.read_text(encoding="utf-8")) == json.loads(toy_vocab.read_text())
+
+
 @dataclass
 class Components:
-    """Tokenizer, text encoder, VAE, UNet and noise scheduler of one model."""
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of one model.
+
+    `scheduler` is a DDIM scheduler with the model's noise schedule (training noise and sampling); `source` is the
+    pipeline folder the model came from, whose other components (its own scheduler, a safety checker, a feature
+    extractor) `save_pretrained` carries over unchanged.
+    """
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler: SchedulerMixin
+    source: Path | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | Path) -> Components:
@@ -52,7 +70,8 @@ class Components:
             raise ModelError(f"cannot load a diffusers pipeline from '{model}': {str(e).splitlines()[0]}") from e
         if len(pipe.tokenizer) == 0:
             raise ModelError(f"the tokenizer of '{model}' is empty (a missing hub id read offline?)")
-        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, Path(source))
 
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A diffusers pipeline sharing these modules, with a DDIM sampler and no safety checker."""
@@ -63,11 +82,24 @@ class Components:
         )
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write a complete diffusers pipeline folder (safetensors), atomically."""
+        """Write a complete diffusers pipeline folder (safetensors), atomically.
+
+        A model loaded from a folder keeps every component it came with: the tokenizer, text encoder, VAE and UNet
+        are written from memory, everything else (scheduler, safety checker, feature extractor) is copied as is.
+        """
         out_dir = Path(out_dir)
         with atomic_directory(out_dir) as tmp:
-            self.to_pipeline().save_pretrained(tmp, safe_serialization=True)
+            if self.source is None:
+                self.to_pipeline().save_pretrained(tmp, safe_serialization=True)
+            else:
+                self._save_over_source(tmp)
         return out_dir
+
+    def _save_over_source(self, out_dir: Path) -> None:
+        written = {"tokenizer": self.tokenizer, **self.modules()}
+        _copy_other_components(self.source, out_dir, skip=set(written))
+        for name, part in written.items():
+            part.save_pretrained(out_dir / name, **({} if name == "tokenizer" else {"safe_serialization": True}))
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder hidden states (B, tokens, width) for `prompts`, padded to the tokenizer's max length."""
@@ -86,11 +118,27 @@ class Components:
         return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
 
 
+def _copy_other_components(source: Path, out_dir: Path, skip: set[str]) -> None:
+    """Copy `model_index.json` and every component folder it lists, except `skip`, from `source` to `out_dir`."""
+    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    shutil.copy2(source / "model_index.json", out_dir / "model_index.json")
+    for name, value in index.items():
+        listed = isinstance(value, list) and value[0] is not None
+        if listed and name not in skip and (source / name).is_dir():
+            shutil.copytree(source / name, out_dir / name)
+
+
 def _resolve_model(model: str | Path) -> str:
+    """The local pipeline folder of `model` (a hub id is downloaded, or found in the cache when offline)."""
     if str(model) == TOY_MODEL_NAME:
         return str(toy_model_dir())
     path = Path(model)
     looks_local = path.exists() or str(model).startswith((".", "/", "~")) or os.sep * 2 in str(model)
     if looks_local and not (path / "model_index.json").is_file():
         raise ModelError(f"'{model}' is not a diffusers pipeline folder (no model_index.json in it)")
-    return str(path)
+    if looks_local:
+        return str(path)
+    try:
+        return str(DiffusionPipeline.download(str(model)))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot find the model '{model}' locally or on the hub: {str(e).splitlines()[0]}") from e

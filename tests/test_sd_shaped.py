@@ -1,0 +1,153 @@
+"""Every command on a model shaped like Stable Diffusion 1.5 (tests/sd_shaped.py), through the CLI, outputs reloaded.
+
+The concept is a real one in form: its name ("zorblax-style") is no word of its prompt, its words split into several
+tokens, its class images are generated into the `class_images:` folder the concept file names.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PNDMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from mima.attacks import attacks
+from mima.attacks.custom_diffusion import load_custom_diffusion
+from mima.cli import main
+from mima.data.image_folder import read_image_folder, write_image_folder
+from mima.models.cross_attention import cross_attention_modules
+
+PROMPT = "a painting in the style of Zorblax Quenn"
+# One step of everything, one image per call: the point is that every path runs on SD's shapes. A bank of 24
+# captions (the generic bank's first) keeps the 77-token, 768-wide encoding of the bank to a second.
+FAST_IMMUNIZE = ["--steps", "1", "--batch-size", "1", "--n-class-images", "2"]
+FAST_ATTACK = ["--steps", "1", "--batch-size", "1", "--n-class-images", "2", "--eval-images", "1",
+               "--sampling-steps", "1"]
+LOADERS = {
+    "dreambooth": lambda pipe, d: StableDiffusionPipeline.from_pretrained(d),
+    "lora": lambda pipe, d: pipe.load_lora_weights(d, weight_name="pytorch_lora_weights.safetensors"),
+    "textual-inversion": lambda pipe, d: pipe.load_textual_inversion(d, weight_name="learned_embeds.safetensors"),
+    "custom-diffusion": load_custom_diffusion,
+}
+
+
+@pytest.fixture(scope="module")
+def concept_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A concept file naming 4 images, a class prompt, and a class-image folder that does not exist yet."""
+    root = tmp_path_factory.mktemp("zorblax")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    write_image_folder(pixels, [PROMPT] * 4, root / "images")
+    bank = (resources.files("mima") / "assets" / "captions" / "generic.txt").read_text().splitlines()[:24]
+    (root / "captions.txt").write_text("\n".join(bank) + "\n")
+    path = root / "concepts.yaml"
+    path.write_text(
+        f"concepts:\n  - name: zorblax-style\n    prompt: {PROMPT}\n    images: images\n"
+        "    class_prompt: a painting\n    class_images: class-painting\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def immunized(sd15_model_dir, concept_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imm-mima")
+    argv = ["immunize", "--model", str(sd15_model_dir), "--concepts", str(concept_file), "--method", "mima"]
+    assert main([*argv, *_fast_immunize(concept_file), "--out", str(out)]) == 0
+    return out / "model"
+
+
+def _fast_immunize(concept_file: Path) -> list[str]:
+    return [*FAST_IMMUNIZE, "--caption-bank", str(concept_file.parent / "captions.txt")]
+
+
+def _attack(model: Path, concept_file: Path, method: str, out: Path) -> Path:
+    argv = ["attack", "--model", str(model), "--method", method, "--concept", str(concept_file), "--out", str(out)]
+    assert main([*argv, *FAST_ATTACK]) == 0
+    return out
+
+
+def test_the_fixture_has_the_shapes_of_sd15(sd15_model_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_model_dir)
+    assert list(pipe.unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 768
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * 8 == 64
+    assert len(pipe.tokenizer.tokenize("Zorblax")) > 1 and pipe.tokenizer.model_max_length == 77
+    assert pipe.safety_checker is not None and pipe.feature_extractor is not None
+
+
+def test_immunize_generates_class_images_once_and_keeps_every_component(
+    immunized, sd15_model_dir, concept_file
+):
+    class_images = concept_file.parent / "class-painting"
+    assert len(read_image_folder(class_images)[0]) == 2  # generated into the concept's folder, not under --out
+    pipe = StableDiffusionPipeline.from_pretrained(immunized)
+    assert isinstance(pipe.scheduler, PNDMScheduler)
+    assert pipe.scheduler.config == StableDiffusionPipeline.from_pretrained(sd15_model_dir).scheduler.config
+    assert pipe.safety_checker is not None and pipe.feature_extractor is not None
+    for part in ("safety_checker", "feature_extractor", "scheduler"):
+        for file in (sd15_model_dir / part).iterdir():
+            assert (immunized / part / file.name).read_bytes() == file.read_bytes()
+
+
+@pytest.mark.parametrize("method", ["none", "erase", "imma", "imma-joint"])
+def test_every_other_method_immunizes_and_reloads(sd15_model_dir, concept_file, immunized, tmp_path, method):
+    class_images = concept_file.parent / "class-painting"
+    generated = {p.name: p.stat().st_mtime_ns for p in class_images.iterdir()}
+    argv = ["immunize", "--model", str(sd15_model_dir), "--concepts", str(concept_file), "--method", method]
+    assert main([*argv, *_fast_immunize(concept_file), "--setting", "personalize", "--out", str(tmp_path)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in class_images.iterdir()} == generated  # reused, not redrawn
+    base, pipe = (StableDiffusionPipeline.from_pretrained(d) for d in (sd15_model_dir, tmp_path / "model"))
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))}
+    assert (changed == set()) == (method == "none")
+    assert all(".attn2." in name for name in changed)
+
+
+@pytest.mark.parametrize("method", sorted(attacks.names()))
+def test_every_attack_runs_with_reference_learning_rates_and_its_export_reloads(
+    sd15_model_dir, concept_file, tmp_path, method
+):
+    run = _attack(sd15_model_dir, concept_file, method, tmp_path)
+    record = json.loads((run / "attack.json").read_text())
+    assert record["config"]["lr"] == attacks.get(method).reference_lr  # not the toy's
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_model_dir)
+    LOADERS[method](pipe, run / "export")
+    assert len(read_image_folder(run / "samples" / "step_1")[0]) == 1
+
+
+def test_token_attacks_replace_the_words_that_name_the_concept(sd15_model_dir, concept_file, tmp_path):
+    from mima.attacks.tokens import with_token
+    from mima.data.concepts import load_concepts
+
+    spec = load_concepts(concept_file)[0]
+    assert with_token(PROMPT, spec, "<zorblax-style>") == "a painting in the style of <zorblax-style>"
+    assert with_token(PROMPT, spec, "<new>", keep_words=True) == "a painting in the style of <new> Zorblax Quenn"
+
+
+def test_evaluate_on_real_concepts_leaves_the_toy_judge_out(
+    sd15_model_dir, immunized, concept_file, tmp_path, capsys
+):
+    without = _attack(sd15_model_dir, concept_file, "lora", tmp_path / "without")
+    with_ = _attack(immunized, concept_file, "lora", tmp_path / "with")
+    references = f"zorblax-style={concept_file.parent / 'images'}"
+    argv = ["evaluate", "--without", str(without), "--with", str(with_), "--references", references]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    assert "toy-judge" not in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(metrics["results"]["encoders"]) == ["efficientnet-lite0"]
+
+
+def test_generate_draws_at_the_model_resolution(sd15_model_dir, tmp_path):
+    out = tmp_path / "zorblax.png"
+    assert main(["generate", "--model", str(sd15_model_dir), "--prompt", PROMPT, "--n", "1", "--steps", "1",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (128, 128)  # one 64-px image, upscaled x2 by the grid
+
+
+def test_every_cross_attention_reads_768_wide_text(sd15_model_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_model_dir)
+    layers = cross_attention_modules(pipe.unet)
+    assert len(layers) == 10 and {a.to_k.in_features for a in layers.values()} == {768}
