@@ -1,4 +1,5 @@
-"""Every command on a model shaped like Stable Diffusion 1.5 (tests/sd_shaped.py), through the CLI, outputs reloaded.
+"""Every command on models shaped like Stable Diffusion 1.5 and 2.x (tests/sd_shaped.py), through the CLI, outputs
+reloaded in plain diffusers.
 
 The concept is a real one in form: its name ("zorblax-style") is no word of its prompt, its words split into several
 tokens, its class images are generated into the `class_images:` folder the concept file names.
@@ -52,10 +53,16 @@ def concept_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", params=["sd15", "sd2"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    """The SD-1.5-shaped, then the SD-2.x-shaped (v-prediction, 1024-wide) random pipeline."""
+    return request.getfixturevalue(f"{request.param}_model_dir")
+
+
 @pytest.fixture(scope="module")
-def immunized(sd15_model_dir, concept_file, tmp_path_factory) -> Path:
+def immunized(model_dir, concept_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("imm-mima")
-    argv = ["immunize", "--model", str(sd15_model_dir), "--concepts", str(concept_file), "--method", "mima"]
+    argv = ["immunize", "--model", str(model_dir), "--concepts", str(concept_file), "--method", "mima"]
     assert main([*argv, *_fast_immunize(concept_file), "--out", str(out)]) == 0
     return out / "model"
 
@@ -79,28 +86,34 @@ def test_the_fixture_has_the_shapes_of_sd15(sd15_model_dir):
     assert pipe.safety_checker is not None and pipe.feature_extractor is not None
 
 
-def test_immunize_generates_class_images_once_and_keeps_every_component(
-    immunized, sd15_model_dir, concept_file
-):
+def test_immunize_generates_class_images_once_and_keeps_every_component(immunized, model_dir, concept_file):
     class_images = concept_file.parent / "class-painting"
     assert len(read_image_folder(class_images)[0]) == 2  # generated into the concept's folder, not under --out
+    pipe, base = (StableDiffusionPipeline.from_pretrained(d) for d in (immunized, model_dir))
+    assert type(pipe.scheduler) is type(base.scheduler) and pipe.scheduler.config == base.scheduler.config
+    assert (pipe.safety_checker is None) == (base.safety_checker is None)
+    kept = {p.name for p in model_dir.iterdir() if p.is_dir()} - {"tokenizer", "text_encoder", "vae", "unet"}
+    assert kept >= {"scheduler"}
+    for file in (f for part in kept for f in (model_dir / part).iterdir()):
+        assert (immunized / file.relative_to(model_dir)).read_bytes() == file.read_bytes()
+
+
+def test_the_sd15_fixture_keeps_its_pndm_scheduler_and_safety_checker(immunized, model_dir, sd15_model_dir):
+    if model_dir != sd15_model_dir:
+        pytest.skip("SD 1.5 only")
     pipe = StableDiffusionPipeline.from_pretrained(immunized)
     assert isinstance(pipe.scheduler, PNDMScheduler)
-    assert pipe.scheduler.config == StableDiffusionPipeline.from_pretrained(sd15_model_dir).scheduler.config
     assert pipe.safety_checker is not None and pipe.feature_extractor is not None
-    for part in ("safety_checker", "feature_extractor", "scheduler"):
-        for file in (sd15_model_dir / part).iterdir():
-            assert (immunized / part / file.name).read_bytes() == file.read_bytes()
 
 
 @pytest.mark.parametrize("method", ["none", "erase", "imma", "imma-joint"])
-def test_every_other_method_immunizes_and_reloads(sd15_model_dir, concept_file, immunized, tmp_path, method):
+def test_every_other_method_immunizes_and_reloads(model_dir, concept_file, immunized, tmp_path, method):
     class_images = concept_file.parent / "class-painting"
     generated = {p.name: p.stat().st_mtime_ns for p in class_images.iterdir()}
-    argv = ["immunize", "--model", str(sd15_model_dir), "--concepts", str(concept_file), "--method", method]
+    argv = ["immunize", "--model", str(model_dir), "--concepts", str(concept_file), "--method", method]
     assert main([*argv, *_fast_immunize(concept_file), "--setting", "personalize", "--out", str(tmp_path)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in class_images.iterdir()} == generated  # reused, not redrawn
-    base, pipe = (StableDiffusionPipeline.from_pretrained(d) for d in (sd15_model_dir, tmp_path / "model"))
+    base, pipe = (StableDiffusionPipeline.from_pretrained(d) for d in (model_dir, tmp_path / "model"))
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))}
     assert (changed == set()) == (method == "none")
     assert all(".attn2." in name for name in changed)
@@ -108,17 +121,17 @@ def test_every_other_method_immunizes_and_reloads(sd15_model_dir, concept_file, 
 
 @pytest.mark.parametrize("method", sorted(attacks.names()))
 def test_every_attack_runs_with_reference_learning_rates_and_its_export_reloads(
-    sd15_model_dir, concept_file, tmp_path, method
+    model_dir, concept_file, tmp_path, method
 ):
-    run = _attack(sd15_model_dir, concept_file, method, tmp_path)
+    run = _attack(model_dir, concept_file, method, tmp_path)
     record = json.loads((run / "attack.json").read_text())
     assert record["config"]["lr"] == attacks.get(method).reference_lr  # not the toy's
-    pipe = StableDiffusionPipeline.from_pretrained(sd15_model_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     LOADERS[method](pipe, run / "export")
     assert len(read_image_folder(run / "samples" / "step_1")[0]) == 1
 
 
-def test_token_attacks_replace_the_words_that_name_the_concept(sd15_model_dir, concept_file, tmp_path):
+def test_token_attacks_replace_the_words_that_name_the_concept(concept_file):
     from mima.attacks.tokens import with_token
     from mima.data.concepts import load_concepts
 
@@ -128,9 +141,9 @@ def test_token_attacks_replace_the_words_that_name_the_concept(sd15_model_dir, c
 
 
 def test_evaluate_on_real_concepts_leaves_the_toy_judge_out(
-    sd15_model_dir, immunized, concept_file, tmp_path, capsys
+    model_dir, immunized, concept_file, tmp_path, capsys
 ):
-    without = _attack(sd15_model_dir, concept_file, "lora", tmp_path / "without")
+    without = _attack(model_dir, concept_file, "lora", tmp_path / "without")
     with_ = _attack(immunized, concept_file, "lora", tmp_path / "with")
     references = f"zorblax-style={concept_file.parent / 'images'}"
     argv = ["evaluate", "--without", str(without), "--with", str(with_), "--references", references]
@@ -140,14 +153,16 @@ def test_evaluate_on_real_concepts_leaves_the_toy_judge_out(
     assert list(metrics["results"]["encoders"]) == ["efficientnet-lite0"]
 
 
-def test_generate_draws_at_the_model_resolution(sd15_model_dir, tmp_path):
+def test_generate_draws_at_the_model_resolution(model_dir, tmp_path):
     out = tmp_path / "zorblax.png"
-    assert main(["generate", "--model", str(sd15_model_dir), "--prompt", PROMPT, "--n", "1", "--steps", "1",
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--n", "1", "--steps", "1",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (128, 128)  # one 64-px image, upscaled x2 by the grid
 
 
-def test_every_cross_attention_reads_768_wide_text(sd15_model_dir):
-    pipe = StableDiffusionPipeline.from_pretrained(sd15_model_dir)
+@pytest.mark.parametrize(("family", "width", "prediction"), [("sd15", 768, "epsilon"), ("sd2", 1024, "v_prediction")])
+def test_every_cross_attention_reads_the_family_text_width(request, family, width, prediction):
+    pipe = StableDiffusionPipeline.from_pretrained(request.getfixturevalue(f"{family}_model_dir"))
     layers = cross_attention_modules(pipe.unet)
-    assert len(layers) == 10 and {a.to_k.in_features for a in layers.values()} == {768}
+    assert len(layers) == 10 and {a.to_k.in_features for a in layers.values()} == {width}
+    assert pipe.text_encoder.config.hidden_size == width and pipe.scheduler.config.prediction_type == prediction

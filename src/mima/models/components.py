@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from mima.errors import ModelError
+from mima.models.family import pipeline_class
 from mima.utils.io import atomic_directory
 
 TOY_MODEL_NAME = "toy"
@@ -61,6 +62,7 @@ class Components:
             model (`str` or `Path`): what to load. A hub id needs network access unless it is cached.
         """
         source = _resolve_model(model)
+        pipeline_class(source)  # an unsupported family: one clear error before loading anything
         # Per-component loading bars would bury mima's own progress bars; downloads keep theirs.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
