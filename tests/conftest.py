@@ -55,3 +55,11 @@ def sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sd_shaped import build_sd2_shaped
 
     return build_sd2_shaped(tmp_path_factory.mktemp("sd2") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random pipeline shaped like SDXL (two text encoders, 2,048-wide text features, added conditions)."""
+    from sd_shaped import build_sdxl_shaped
+
+    return build_sdxl_shaped(tmp_path_factory.mktemp("sdxl") / "model")

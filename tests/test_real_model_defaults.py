@@ -82,15 +82,3 @@ def test_the_toy_judge_is_a_default_encoder_for_toy_concepts_only():
     assert default_encoders(["stripes", "star"]) == DEFAULT_ENCODERS
     assert default_encoders(["stripes", "zorblax-style"]) == ("efficientnet-lite0",)
 
-
-def test_an_unsupported_pipeline_class_is_one_error_naming_the_supported_ones(sd15_model_dir, tmp_path, capsys):
-    import shutil
-
-    from mima.cli import main
-
-    model = shutil.copytree(sd15_model_dir, tmp_path / "flux")
-    index = model / "model_index.json"
-    index.write_text(index.read_text().replace("StableDiffusionPipeline", "FluxPipeline"))
-    assert main(["generate", "--model", str(model), "--prompt", "a cat", "--out", str(tmp_path / "a.png")]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("mima: error:") and "FluxPipeline" in error and "StableDiffusionPipeline" in error

@@ -1,5 +1,5 @@
-"""Every command on models shaped like Stable Diffusion 1.5 and 2.x (tests/sd_shaped.py), through the CLI, outputs
-reloaded in plain diffusers.
+"""Every command on models shaped like Stable Diffusion 1.5, 2.x and XL (tests/sd_shaped.py), through the CLI,
+outputs reloaded in plain diffusers.
 
 The concept is a real one in form: its name ("zorblax-style") is no word of its prompt, its words split into several
 tokens, its class images are generated into the `class_images:` folder the concept file names.
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from mima.attacks import attacks
 from mima.attacks.custom_diffusion import load_custom_diffusion
@@ -29,10 +30,26 @@ PROMPT = "a painting in the style of Zorblax Quenn"
 FAST_IMMUNIZE = ["--steps", "1", "--batch-size", "1", "--n-class-images", "2"]
 FAST_ATTACK = ["--steps", "1", "--batch-size", "1", "--n-class-images", "2", "--eval-images", "1",
                "--sampling-steps", "1"]
+
+
+def _load_textual_inversion(pipe: DiffusionPipeline, directory: Path) -> None:
+    """Plain diffusers: one file for SD, SDXL's `clip_l` / `clip_g` embeddings into each of its text encoders."""
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        pipe.load_textual_inversion(directory, weight_name="learned_embeds.safetensors")
+        return
+    embeddings = load_file(directory / "learned_embeds.safetensors")
+    pipe.load_textual_inversion(embeddings["clip_l"], token="<zorblax-style>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(embeddings["clip_g"], token="<zorblax-style>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    assert pipe.tokenizer_2.convert_tokens_to_ids("<zorblax-style>") != pipe.tokenizer_2.unk_token_id
+
+
 LOADERS = {
-    "dreambooth": lambda pipe, d: StableDiffusionPipeline.from_pretrained(d),
-    "lora": lambda pipe, d: pipe.load_lora_weights(d, weight_name="pytorch_lora_weights.safetensors"),
-    "textual-inversion": lambda pipe, d: pipe.load_textual_inversion(d, weight_name="learned_embeds.safetensors"),
+    "dreambooth": lambda pipe, d: DiffusionPipeline.from_pretrained(d),
+    "lora": lambda pipe, d: pipe.load_lora_weights(d, weight_name="pytorch_lora_weights.safetensors")
+    or pipe.get_list_adapters()["unet"],
+    "textual-inversion": _load_textual_inversion,
     "custom-diffusion": load_custom_diffusion,
 }
 
@@ -53,9 +70,9 @@ def concept_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["sd15", "sd2"])
+@pytest.fixture(scope="module", params=["sd15", "sd2", "sdxl"])
 def model_dir(request: pytest.FixtureRequest) -> Path:
-    """The SD-1.5-shaped, then the SD-2.x-shaped (v-prediction, 1024-wide) random pipeline."""
+    """The SD-1.5-shaped, SD-2.x-shaped (v-prediction, 1024-wide) and SDXL-shaped random pipelines."""
     return request.getfixturevalue(f"{request.param}_model_dir")
 
 
@@ -89,10 +106,18 @@ def test_the_fixture_has_the_shapes_of_sd15(sd15_model_dir):
 def test_immunize_generates_class_images_once_and_keeps_every_component(immunized, model_dir, concept_file):
     class_images = concept_file.parent / "class-painting"
     assert len(read_image_folder(class_images)[0]) == 2  # generated into the concept's folder, not under --out
-    pipe, base = (StableDiffusionPipeline.from_pretrained(d) for d in (immunized, model_dir))
-    assert type(pipe.scheduler) is type(base.scheduler) and pipe.scheduler.config == base.scheduler.config
-    assert (pipe.safety_checker is None) == (base.safety_checker is None)
-    kept = {p.name for p in model_dir.iterdir() if p.is_dir()} - {"tokenizer", "text_encoder", "vae", "unet"}
+    pipe, base = (DiffusionPipeline.from_pretrained(d) for d in (immunized, model_dir))
+    assert type(pipe) is type(base) and type(pipe.scheduler) is type(base.scheduler)
+    assert pipe.scheduler.config == base.scheduler.config
+    assert (getattr(pipe, "safety_checker", None) is None) == (getattr(base, "safety_checker", None) is None)
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))}
+    assert changed and all(".attn2." in name for name in changed)  # S^u only
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if hasattr(base, name):
+            assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in
+                       (getattr(pipe, name), getattr(base, name))), strict=True))
+    written = {"tokenizer", "text_encoder", "text_encoder_2", "vae", "unet"}
+    kept = {p.name for p in model_dir.iterdir() if p.is_dir()} - written
     assert kept >= {"scheduler"}
     for file in (f for part in kept for f in (model_dir / part).iterdir()):
         assert (immunized / file.relative_to(model_dir)).read_bytes() == file.read_bytes()
@@ -113,7 +138,7 @@ def test_every_other_method_immunizes_and_reloads(model_dir, concept_file, immun
     argv = ["immunize", "--model", str(model_dir), "--concepts", str(concept_file), "--method", method]
     assert main([*argv, *_fast_immunize(concept_file), "--setting", "personalize", "--out", str(tmp_path)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in class_images.iterdir()} == generated  # reused, not redrawn
-    base, pipe = (StableDiffusionPipeline.from_pretrained(d) for d in (model_dir, tmp_path / "model"))
+    base, pipe = (DiffusionPipeline.from_pretrained(d) for d in (model_dir, tmp_path / "model"))
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))}
     assert (changed == set()) == (method == "none")
     assert all(".attn2." in name for name in changed)
@@ -126,7 +151,7 @@ def test_every_attack_runs_with_reference_learning_rates_and_its_export_reloads(
     run = _attack(model_dir, concept_file, method, tmp_path)
     record = json.loads((run / "attack.json").read_text())
     assert record["config"]["lr"] == attacks.get(method).reference_lr  # not the toy's
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
     LOADERS[method](pipe, run / "export")
     assert len(read_image_folder(run / "samples" / "step_1")[0]) == 1
 

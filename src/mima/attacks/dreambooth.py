@@ -33,5 +33,5 @@ class DreamBooth(Attack):
         return [p for m in modules for p in m.parameters()]
 
     def export(self, out_dir: Path) -> Path:
-        """A full pipeline folder: `StableDiffusionPipeline.from_pretrained(out_dir)`."""
+        """A full pipeline folder: `DiffusionPipeline.from_pretrained(out_dir)` (the model's own pipeline class)."""
         return self.components.save_pretrained(out_dir)

@@ -32,8 +32,9 @@ class TextualInversion(Attack):
         return True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.new_token.vector]
+        return list(self.new_token.vectors)
 
     def export(self, out_dir: Path) -> Path:
-        """`learned_embeds.safetensors`: `pipe.load_textual_inversion(out_dir)`."""
+        """`learned_embeds.safetensors`: `pipe.load_textual_inversion(out_dir)`, for SDXL once per text encoder
+        (`mima.attacks.tokens.load_token_embeddings`)."""
         return self.new_token.export(out_dir)

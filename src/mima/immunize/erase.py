@@ -37,7 +37,8 @@ def edit_projection(w_old: torch.Tensor, erasure: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def full_prompt_embeddings(components: Components, prompts: list[str]) -> torch.Tensor:
     """All token positions after the start token (padding included, as the UNet sees them): (B * (T-1), d)."""
-    return components.encode_prompts(prompts)[:, 1:].reshape(-1, components.text_encoder.config.hidden_size).cpu()
+    features = components.token_features(prompts)[1][:, 1:]  # (B, T-1, d)
+    return features.reshape(-1, features.shape[-1]).cpu()
 
 
 @torch.no_grad()

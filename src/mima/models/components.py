@@ -10,14 +10,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from mima.errors import ModelError
-from mima.models.family import pipeline_class
+from mima.models.family import FAMILIES, ModelFamily, model_family
 from mima.utils.io import atomic_directory
 
 TOY_MODEL_NAME = "toy"
@@ -53,6 +53,9 @@ class Components:
     unet: UNet2DConditionModel
     scheduler: SchedulerMixin
     source: Path | None = None
+    family: ModelFamily = FAMILIES["StableDiffusionPipeline"]
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and text encoder
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | Path) -> Components:
@@ -62,26 +65,28 @@ class Components:
             model (`str` or `Path`): what to load. A hub id needs network access unless it is cached.
         """
         source = _resolve_model(model)
-        pipeline_class(source)  # an unsupported family: one clear error before loading anything
+        family = model_family(source)  # an unsupported family: one clear error before loading anything
         # Per-component loading bars would bury mima's own progress bars; downloads keep theirs.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+            pipe = family.pipeline_class.from_pretrained(source, **family.load_kwargs())
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a diffusers pipeline from '{model}': {str(e).splitlines()[0]}") from e
         if len(pipe.tokenizer) == 0:
             raise ModelError(f"the tokenizer of '{model}' is empty (a missing hub id read offline?)")
+        family.prepare_unet(pipe.unet)
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, Path(source))
+        second = {name: getattr(pipe, name) for name in ("tokenizer_2", "text_encoder_2") if hasattr(pipe, name)}
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, Path(source), family, **second)
 
-    def to_pipeline(self) -> StableDiffusionPipeline:
-        """A diffusers pipeline sharing these modules, with a DDIM sampler and no safety checker."""
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+    def to_pipeline(self) -> DiffusionPipeline:
+        """A diffusers pipeline of the model's family sharing these modules, with a DDIM sampler."""
+        return self.family.sampling_pipeline(self)
+
+    def text_pairs(self) -> list[tuple[CLIPTokenizer, CLIPTextModel]]:
+        """Every (tokenizer, text encoder) that reads a prompt: one, or SDXL's two."""
+        return [(getattr(self, tokenizer), getattr(self, encoder)) for tokenizer, encoder in self.family.text_parts]
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write a complete diffusers pipeline folder (safetensors), atomically.
@@ -104,12 +109,13 @@ class Components:
             part.save_pretrained(out_dir / name, **({} if name == "tokenizer" else {"safe_serialization": True}))
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (B, tokens, width) for `prompts`, padded to the tokenizer's max length."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        """The UNet's conditioning for `prompts` (B, tokens, width), padded to the tokenizer's max length; SDXL's
+        carries its added conditions in one more row (see `mima.models.family`)."""
+        return self.family.conditioning(self, prompts)
+
+    def token_features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) and the per-token text features the cross-attention keys and values read (B, T, d)."""
+        return self.family.token_features(self, prompts)
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents of images (B, 3, H, W) in [-1, 1]."""
@@ -117,7 +123,8 @@ class Components:
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+        second = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {"text_encoder": self.text_encoder, **second, "vae": self.vae, "unet": self.unet}
 
 
 def _copy_other_components(source: Path, out_dir: Path, skip: set[str]) -> None:
