@@ -45,11 +45,12 @@ def test_the_merge_satisfies_its_constraints_on_sdxl_2048_wide_features(sdxl_mod
     name = key_value_parameter_names(components.unet)[0]
     w0 = components.unet.get_parameter(name).detach().double()  # (d_out, 2048)
     w1 = w0 + 0.1 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(0), dtype=w0.dtype)
-    merged = plan.merge_key_value(w0, [w1])
+    merged = plan.merge_key_value(w0, [plan.concept_targets[0].double() @ w1.T])  # V_1 = C_1 W_1^T
     # to the solve's jitter precision: random text encoders give nearly collinear token features
     torch.testing.assert_close(merged @ targets.T, w1 @ targets.T, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged, w1)  # only on C: elsewhere it stays near W_0
-    torch.testing.assert_close(plan.merge_key_value(w0, [w0]), w0, rtol=1e-8, atol=1e-8)
+    unchanged = plan.merge_key_value(w0, [plan.concept_targets[0].double() @ w0.T])
+    torch.testing.assert_close(unchanged, w0, rtol=1e-8, atol=1e-8)
 
 
 def test_an_unsupported_pipeline_class_is_one_error_naming_the_supported_ones(sd15_model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec, naming_words, toy_concept_spec
 from mima.evaluate.evaluate import DEFAULT_ENCODERS, default_encoders
 from mima.immunize import erase
-from mima.models.components import has_toy_tokenizer
+from mima.models.components import speaks_toy_vocabulary
 from mima.models.cross_attention import cross_attention_modules
 from mima.models.encoding import images_per_call
 
@@ -69,11 +69,11 @@ def test_images_per_call_follows_the_resolution(resolution, images):
 def test_the_toy_keeps_its_learning_rates_real_models_get_the_reference_ones(sd15_model_dir, tmp_path):
     from mima.attacks import AttackConfig, AttackRun
 
-    assert has_toy_tokenizer("toy") and not has_toy_tokenizer(sd15_model_dir)
+    assert speaks_toy_vocabulary("toy") and not speaks_toy_vocabulary(sd15_model_dir)
     for method in attacks.names():
         config = AttackConfig(method=method)
-        toy = AttackRun("toy", toy_concept_spec("star"), config, tmp_path).resolved_config()
-        real = AttackRun(str(sd15_model_dir), ZORBLAX, config, tmp_path).resolved_config()
+        toy = AttackRun("toy", toy_concept_spec("star"), config, tmp_path).config
+        real = AttackRun(str(sd15_model_dir), ZORBLAX, config, tmp_path).config
         assert (toy.lr, real.lr) == (attacks.get(method).default_lr, attacks.get(method).reference_lr)
         assert real.lr < toy.lr
 

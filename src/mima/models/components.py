@@ -16,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from mima.data.captions import load_caption_bank
 from mima.errors import ModelError
 from mima.models.family import FAMILIES, ModelFamily, model_family
 from mima.utils.io import atomic_directory
@@ -28,14 +29,21 @@ def toy_model_dir() -> Path:
     return Path(str(resources.files("mima") / "assets" / "toy-model"))
 
 
-def has_toy_tokenizer(model: str | Path) -> bool:
-    """Whether `model` reads prompts with the embedded toy model's vocabulary: "toy" itself, or a local pipeline
-    folder made from it (an export, a model immunized or fine-tuned from it). A hub id never does."""
+def speaks_toy_vocabulary(model: str | Path) -> bool:
+    """Whether `model`'s tokenizer has the toy world's words and not general English: every word of the toy caption
+    bank is one of its tokens and some word of the generic bank is not. True for "toy", its exports and the models
+    made from it (immunized, fine-tuned, pretrained again); a hub id is not read (False)."""
     if str(model) == TOY_MODEL_NAME:
         return True
-    vocab = Path(model) / "tokenizer" / "vocab.json"
-    toy_vocab = toy_model_dir() / "tokenizer" / "vocab.json"
-    return vocab.is_file() and json.loads(vocab.read_text(encoding="utf-8")) == json.loads(toy_vocab.read_text())
+    folder = Path(model) / "tokenizer"
+    if not folder.is_dir():
+        return False
+    vocab = CLIPTokenizer.from_pretrained(folder).get_vocab()
+
+    def knows(bank: str) -> bool:
+        return all(f"{word}</w>" in vocab for caption in load_caption_bank(bank) for word in caption.split())
+
+    return knows("toy") and not knows("generic")
 
 
 @dataclass
