@@ -1,4 +1,4 @@
-"""The five parts of a Stable-Diffusion-style model, loaded from and saved as a diffusers pipeline folder."""
+"""The parts of a Stable-Diffusion-style model (one or two text encoders), loaded from and saved as a folder."""
 
 from __future__ import annotations
 
