@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-
-_DEFAULT_ENCODERS = ["efficientnet-lite0", "toy-judge"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per concept, and/or CONCEPT=DIR entries",
     )
     parser.add_argument(
-        "--encoder", nargs="+", default=_DEFAULT_ENCODERS, metavar="SPEC",
-        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: %(default)s)",
+        "--encoder", nargs="+", metavar="SPEC",
+        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: efficientnet-lite0, and toy-judge "
+        "when every concept is a toy concept)",
     )
     parser.add_argument(
         "--non-targets", nargs="+", default=[], metavar="CONCEPT",
@@ -39,16 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+    from mima.evaluate.evaluate import default_encoders
+    from mima.evaluate.metrics import MRSGR, MSGR
 
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
-    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets)
-    path = write_evaluation(result, args.out)
-    for encoder, block in result["encoders"].items():
-        print(f"{encoder}: MSGR {_fmt(block['msgr'])}  MRSGR {_fmt(block['mrsgr'])}")
+    encoders = args.encoder or default_encoders(list(pairs))
+    evaluation = evaluate_runs(pairs, references, encoders, non_targets=args.non_targets)
+    path = write_evaluation(evaluation, args.out)
+    for encoder, result in evaluation.encoders.items():
+        print(f"{encoder}: MSGR {_fmt(result.value(MSGR))}  MRSGR {_fmt(result.value(MRSGR))}")
     print(f"metrics: {path}")
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
