@@ -1,8 +1,11 @@
 """The benchmark's executors: the Ray one gives the local one's metrics and resumes a failed run; flag errors."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,3 +82,12 @@ def test_executor_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsy
     assert main(base + ["--executor", "ray"]) == 2
     assert "pip install 'mima[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_local_executor_needs_no_ray():
+    code = ("import sys, mima.cli.benchmark, mima.benchmark; from mima.executors import make_executor; "
+            "make_executor('local', jobs=2).run([]); print('ray' in sys.modules)")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
