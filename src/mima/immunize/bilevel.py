@@ -18,13 +18,13 @@ from mima.models.encoding import Batch, EncodedConcept
 
 
 class BilevelImmunizer(Immunizer):
-    """max over S^u of the upper loss of adapted copies (method.md), minus a prior-preservation term.
+    """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
     """
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
-        self.unet, self.scheduler, self.concepts = components.unet, components.scheduler, concepts
+        self.unet, self.scheduler = components.unet, components.scheduler
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]

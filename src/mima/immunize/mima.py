@@ -1,4 +1,18 @@
-"""MIMA (Zheng & Yeh, AAAI 2025): one adapted copy per concept, merged in closed form, ascended through."""
+"""MIMA (Zheng & Yeh, AAAI 2025): one adapted copy per concept, merged in closed form, ascended through.
+
+One outer step k, whole (docs/method.md, "One outer step"); each line names the function that does it:
+
+    x^l_n, x^u_n   two batches of each target's images             immunize.trainer._Loop._batches
+    theta          theta^{k-1} on S^l and S^u                      BilevelImmunizer.base_parameters
+    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))      BilevelImmunizer.adapt -> functional.sgd_step
+    theta'         Merge(theta'_1 .. theta'_N)                     MIMA.adapted_parameters -> MergePlan.merge
+    W_hat          W_0 + (V^T - W_0 C^T)(C M^-1 C^T)^-1 C M^-1     merge.closed_form.closed_form_merge
+    upper          mean_n L(x^u_n, c_n; theta')                    BilevelImmunizer.loss -> losses.diffusion_loss
+    terms          prior + anchor + retain (utility)               BilevelImmunizer.{prior,anchor,retain}_loss
+    objective      -upper + terms                                  BilevelImmunizer.objective
+    g              d objective / d S^u, back through Merge, adapt  immunize.trainer._Loop._outer_step (autograd)
+    S^u            AdamW step on clip(g) with rate beta            immunize.trainer._Loop._outer_step
+"""
 
 from __future__ import annotations
 

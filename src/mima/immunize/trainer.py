@@ -23,7 +23,7 @@ from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
-from mima.models.components import TOY_MODEL_NAME, Components
+from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 from mima.models.encoding import encode_concept
 from mima.sampling import ensure_class_images
@@ -42,9 +42,12 @@ class ImmunizationRun:
     config: ImmunizeConfig
     out_dir: Path
 
+    def __post_init__(self) -> None:
+        self.config = self.config.for_model(self.model)
+
     def run(self, resume: bool = False) -> Path:
         started = time.time()
-        config = self.resolved_config()
+        config = self.config
         immunizers.get(config.method)  # unknown method: fail before any heavy work
         components = Components.from_pretrained(self.model)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
@@ -65,12 +68,6 @@ class ImmunizationRun:
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
-
-    def resolved_config(self) -> ImmunizeConfig:
-        """The config this run uses: `caption_bank: auto` becomes `toy` for the toy model, `generic` otherwise."""
-        if self.config.caption_bank != "auto":
-            return self.config
-        return self.config.with_overrides(caption_bank="toy" if self.model == TOY_MODEL_NAME else "generic")
 
     def _prepare_specs(self, components: Components, config: ImmunizeConfig) -> list[ConceptSpec]:
         data_dir = self.out_dir / "data"

@@ -42,7 +42,7 @@ class MergePlan:
     """Targets C_n per concept, the deduplicated stack C, and the factorised regulariser M + ridge I.
 
     `merge` maps the base parameters and N adapted copies to the merged parameters: cross-attention keys and
-    values in closed form (method.md, the Merge layer), every other adapted parameter averaged over concepts.
+    values in closed form (docs/method.md, "The Merge"), every other adapted parameter averaged over concepts.
     """
 
     key_value_names: frozenset[str]
