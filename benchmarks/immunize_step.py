@@ -3,11 +3,12 @@
 Each (method, N) runs in its own subprocess, so its peak memory is its own:
 
 - CPU: the peak resident set size (RSS) of the child process (`ru_maxrss`, which includes the model and the
-  Python runtime), and the peak RSS growth during the timed steps above the RSS just before them (sampled from
-  /proc/self/statm every 2 ms; the part that the step itself costs).
+  Python runtime), and the peak RSS growth during the steps above the RSS once model and data are loaded
+  (sampled from /proc/self/statm every 2 ms; what the steps themselves cost).
 - CUDA: `torch.cuda.max_memory_allocated` over the timed steps (via mima.utils.device), after loading.
 
-Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size),
+Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
+timed in the same child right after, so that both see the same load on a shared machine),
 the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), and peak memory at N
 over peak memory at the smallest N. Prints a table and writes JSON:
 
@@ -41,7 +42,8 @@ class _RssSampler(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self.running = self.rss(), True
+        self.start_rss = self.peak = self.rss()
+        self.running = True
 
     @staticmethod
     def rss() -> int:
@@ -130,20 +132,29 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             optimizer.step()
             optimizer.zero_grad()
 
+    reset_peak_memory(device)
+    sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
+    sampler.start()
     step()  # warm-up: first-call allocations and kernel selection
     merge_seconds.clear()
-    reset_peak_memory(device)
-    sampler = _RssSampler()
-    sampler.start()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = _seconds_per_step(step, args.steps)
     sampler.running = False
     sampler.join()
-    return {"step_s": seconds, "merge_s": sum(merge_seconds) / args.steps,
-            "peak_bytes": peak_memory_bytes(device) or 0,
-            "step_peak_bytes": (sampler.peak - sampler.rss()) if device.type == "cpu" else 0}
+    result = {"step_s": seconds, "merge_s": sum(merge_seconds) / args.steps,
+              "peak_bytes": peak_memory_bytes(device) or 0,
+              "step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0}
+    if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
+        plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
+        plain()
+        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
+    return result
+
+
+def _seconds_per_step(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
 
 
 def _finetune_step(components, concept, batch_size: int, g, to_device):
@@ -152,7 +163,7 @@ def _finetune_step(components, concept, batch_size: int, g, to_device):
 
     from mima.losses import diffusion_loss, unet_caller
 
-    unet = components.unet
+    unet = components.unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
     def step() -> None:
@@ -223,7 +234,7 @@ def main() -> None:
         for n in sorted(args.concepts):
             r = _run_child(args, model_dir, method, n)
             first = first or r
-            row = {"method": method, "n": n, **r, "per_concept": r["step_s"] / (n * plain["step_s"]),
+            row = {"method": method, "n": n, **r, "per_concept": r["step_s"] / (n * r["plain_step_s"]),
                    "merge_share": r["merge_s"] / r["step_s"], "peak_ratio": r["peak_bytes"] / first["peak_bytes"],
                    "step_peak_ratio": r["step_peak_bytes"] / max(first["step_peak_bytes"], 1)}
             rows.append(row)
