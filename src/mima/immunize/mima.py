@@ -52,13 +52,13 @@ class MIMA(BilevelImmunizer):
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
-        """Concept by concept: adapt each copy, keeping only what the Merge needs; merge; take the upper gradient
-        at the merged parameters; pull it back through the Merge; replay each copy's inner step with its graph
-        and backpropagate its share (so one concept's double-backward graph is alive at a time)."""
+        """Concept by concept: adapt each copy, keeping only what the Merge needs (and the last copy's graph);
+        merge; take the upper gradient at the merged parameters; pull it back through the Merge; replay each
+        copy's inner step with its graph and backpropagate its share (one double-backward graph alive at a time)."""
         lowers = [lower for lower, _ in batches.values()]
         inputs, runs, logs = self.plan.inputs(), [], {}
-        for name, lower in zip(batches, lowers, strict=True):
-            run = self.unroll(base, [lower], generator)
+        for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
+            run = self.unroll(base, [lower], generator, keep_last=n == len(lowers) - 1)  # the last one's graph
             inputs.add(run.params)
             runs.append(run.for_replay())
             logs[f"lower/{name}"] = run.first_loss
@@ -68,6 +68,6 @@ class MIMA(BilevelImmunizer):
         losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
         grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
-        for n, (run, lower) in enumerate(zip(runs, lowers, strict=True)):
-            grads = add_grads(grads, self.unrolled_vjp(run, base, [lower], generator, copy_grad(n)))
+        for n in reversed(range(len(runs))):  # the kept graph first, so that one graph is alive at a time
+            grads = add_grads(grads, self.unrolled_vjp(runs[n], base, [lowers[n]], generator, copy_grad(n)))
         return losses, grads, logs
