@@ -23,7 +23,7 @@ from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.image_folder import write_image_folder
 from mima.errors import ConfigError, TrainingError
-from mima.models.components import Components
+from mima.models.components import Components, speaks_toy_vocabulary
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -43,7 +43,8 @@ class AttackRun:
     out_dir: Path
 
     def __post_init__(self) -> None:
-        self.config = attacks.get(self.config.method).settings(self.config)  # unset fields: the method's defaults
+        method = attacks.get(self.config.method)  # unset fields: the method's defaults for this model's family
+        self.config = method.settings(self.config, toy=speaks_toy_vocabulary(self.model))
 
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
