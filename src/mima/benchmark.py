@@ -27,7 +27,7 @@ from mima.executors import Executor, LocalExecutor
 from mima.utils.run_folder import ATTACK, IMMUNIZATION, RunLayout, finished_run
 
 if TYPE_CHECKING:
-    from mima.attacks import AttackRun
+    from mima.attacks import AttackConfig, AttackRun
     from mima.data.concepts import ConceptSpec
     from mima.evaluate.summary import Evaluations
     from mima.immunize import ImmunizationRun
@@ -162,9 +162,6 @@ class BenchmarkPlan:
     targets: list[ConceptSpec]
     non_targets: list[ConceptSpec]
     immunizations: list[ImmunizationPiece]
-    attacks: list[AttackPiece]
-    runs: dict[str, dict[tuple, Path]]
-    """{method: {(attack, concept, seed): attack run folder}}, as the report reads them."""
 
 
 @dataclass
@@ -186,27 +183,29 @@ class Benchmark:
         non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
         immunizations = self.immunization_pieces(targets)
-        models = {piece.config.method: piece.out / "model" for piece in immunizations}
-        attacks, runs = self._attack_pieces(models, targets + non_targets)
-        for piece in [*immunizations, *attacks]:
+        for piece in immunizations:
             piece.config.check_names()
+        for attack in self.config.attacks:  # the attack pieces themselves are built once their models exist
+            for seed in self.config.seeds:
+                self._attack_config(attack, seed).check_names()
         for spec in self.config.encoders:
             encoders.get(spec.partition(":")[0])
         if self.config.references != "toy" and not Path(self.config.references).is_dir():
             raise ConfigError(f"references '{self.config.references}' is neither 'toy' nor a folder")
-        return BenchmarkPlan(targets, non_targets, immunizations, attacks, runs)
+        return BenchmarkPlan(targets, non_targets, immunizations)
 
     def run(self, plan: BenchmarkPlan | None = None) -> Path:
         """Run what is not finished yet, then evaluate and report; `plan` (default: [`~Benchmark.plan`]) is checked
         against the finished pieces before anything is written."""
         plan = plan or self.plan()
         immunizations = [piece for piece in plan.immunizations if not piece.finished()]
-        attacks = [piece for piece in plan.attacks if not piece.finished()]
         self.config.save_json(self.out_dir / "benchmark_config.json")
         self._timed("immunization", self.executor.run, immunizations, "immunizations")
-        self._timed("attacks", self.executor.run, attacks, "attacks")
-        self._timed("evaluation", self._encode_all, plan.runs)
-        return self._timed("evaluation", self._report, plan.runs, plan.targets, plan.non_targets)
+        models = {piece.config.method: piece.out / "model" for piece in plan.immunizations}
+        attacks, runs = self._attack_pieces(models, plan.targets + plan.non_targets)
+        self._timed("attacks", self.executor.run, [piece for piece in attacks if not piece.finished()], "attacks")
+        self._timed("evaluation", self._encode_all, runs)
+        return self._timed("evaluation", self._report, runs, plan.targets, plan.non_targets)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
         """Compute time every finished piece recorded (`elapsed_s`), whichever process or earlier run made it."""
@@ -236,7 +235,7 @@ class Benchmark:
     def _attack_pieces(
         self, models: dict[str, Path], concepts: list[ConceptSpec]
     ) -> tuple[list[AttackPiece], dict[str, dict[tuple, Path]]]:
-        from mima.attacks import AttackConfig, AttackRun
+        from mima.attacks import AttackRun
 
         runs: dict = {}
         pieces = []
@@ -246,9 +245,14 @@ class Benchmark:
                     for seed in self.config.seeds:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
-                        config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+                        config = self._attack_config(attack, seed)
                         pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out)))
         return pieces, runs
+
+    def _attack_config(self, attack: str, seed: int) -> AttackConfig:
+        from mima.attacks import AttackConfig
+
+        return AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
 
     def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
         pieces = [EvaluationPiece(path, self.config.encoders) for by_key in runs.values() for path in by_key.values()]

@@ -69,5 +69,5 @@ def _validate_benchmark(path: Path) -> None:
     for part, config in load_benchmarks(path).items():
         plan = Benchmark(config, Path(part or ".")).plan()
         name = f"{part}: " if part else ""
-        print(f"{path}: {name}valid benchmark of {len(plan.immunizations)} immunizations and {len(plan.attacks)} "
-              f"attacks")
+        print(f"{path}: {name}valid benchmark of {len(plan.immunizations)} models, each attacked with "
+              f"{', '.join(config.attacks)}")
