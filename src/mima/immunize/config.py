@@ -49,7 +49,9 @@ class ImmunizeConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of the upper step (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of data, noise and timesteps"})
     save_every: int = field(default=25, metadata={"help": "checkpoint period in outer steps"})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "accelerate precision"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"}
+    )
 
     def __post_init__(self) -> None:
         positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "save_every")

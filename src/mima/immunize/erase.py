@@ -46,8 +46,9 @@ def erase_concepts(
     preserve = full_prompt_embeddings(components, preserve_prompts)
     for attention in cross_attention_modules(components.unet).values():
         for projection in (attention.to_k, attention.to_v):
+            # Solved on the CPU, where the embeddings are: float64 (which MPS lacks), d x d, once per projection.
             projection.weight.copy_(
-                edit_projection(projection.weight, sources, destinations, preserve, preserve_weight)
+                edit_projection(projection.weight.cpu(), sources, destinations, preserve, preserve_weight)
             )
 
 

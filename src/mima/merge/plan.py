@@ -9,6 +9,7 @@ import torch
 from mima.merge.closed_form import FactorizedGram, closed_form_merge, factorize_gram, merged_values
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
+from mima.utils.device import solve_device
 
 Params = dict[str, torch.Tensor]
 
@@ -40,8 +41,10 @@ def unique_rows(rows: torch.Tensor, decimals: int = 5) -> tuple[torch.Tensor, to
 class MergePlan:
     """Targets C_n per concept, the deduplicated stack C, and the factorised regulariser M + ridge I.
 
-    `merge` maps the base parameters and N adapted copies to the merged parameters: cross-attention keys and
-    values in closed form (method.md, the Merge layer), every other adapted parameter averaged over concepts.
+    They live on the UNet's device, except on MPS (no float64): there they stay on the CPU, and each K/V weight
+    goes there for the float64 solve and comes back. `merge` maps the base parameters and N adapted copies to the
+    merged parameters: cross-attention keys and values in closed form (method.md, the Merge layer), every other
+    adapted parameter averaged over concepts.
     """
 
     key_value_names: frozenset[str]
@@ -57,20 +60,26 @@ class MergePlan:
         concept_targets = [unique_rows(prompt_token_embeddings(components, p))[0] for p in concept_prompts]
         targets, row_index = unique_rows(torch.cat(concept_targets))
         reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
+        device = solve_device(components.unet.device)
         return cls(
             key_value_names=frozenset(key_value_parameter_names(components.unet)),
-            concept_targets=concept_targets, targets=targets, row_index=row_index,
-            gram=factorize_gram(reg_bank, ridge),
+            concept_targets=[c.to(device, torch.float64) for c in concept_targets],
+            targets=targets.to(device, torch.float64), row_index=row_index.to(device),
+            gram=factorize_gram(reg_bank.to(device), ridge),
         )
 
     def merge_key_value(self, w0: torch.Tensor, adapted: list[torch.Tensor]) -> torch.Tensor:
-        """Closed-form merge of one K/V weight: W_hat c = W_n c for concept n's tokens c (shared tokens: mean)."""
-        _, stacked = merged_values(adapted, [c.to(w0) for c in self.concept_targets])  # (sum m_n, d_out)
-        index = self.row_index.to(w0.device)
-        counts = torch.bincount(index, minlength=self.targets.shape[0]).to(stacked)[:, None]
-        values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=w0.device)
-        values = values.index_add(0, index, stacked) / counts  # (m, d_out)
-        return closed_form_merge(w0, self.targets.to(w0), values, self.gram)
+        """Closed-form merge of one K/V weight: W_hat c = W_n c for concept n's tokens c (shared tokens: mean).
+
+        Computed in float64 (so also exact under autocast, which leaves float64 alone), returned in w0's device
+        and dtype."""
+        device = self.targets.device
+        w0_64 = w0.to(device, torch.float64)
+        _, stacked = merged_values([a.to(device, torch.float64) for a in adapted], self.concept_targets)
+        counts = torch.bincount(self.row_index, minlength=self.targets.shape[0]).to(stacked)[:, None]
+        values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=device)
+        values = values.index_add(0, self.row_index, stacked) / counts  # (m, d_out)
+        return closed_form_merge(w0_64, self.targets, values, self.gram).to(w0.device, w0.dtype)
 
     def merge(self, base: Params, adapted: list[Params]) -> Params:
         """Merge(theta'_1 .. theta'_N) over the adapted parameter names."""

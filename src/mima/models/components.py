@@ -54,6 +54,23 @@ class Components:
             raise ModelError(f"the tokenizer of '{model}' is empty (a missing hub id read offline?)")
         return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        """Move the text encoder, VAE and UNet to `device` (in place; returns self).
+
+        Args:
+            device (`torch.device` or `str`): where they run, as [`~mima.utils.device.resolve_device`] gives it.
+            dtype (`torch.dtype`, *optional*): also cast their weights, for inference only; training keeps
+                float32 weights and runs in lower precision under autocast instead.
+        """
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet (and, after [`to`], every module) lives."""
+        return self.unet.device
+
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A diffusers pipeline sharing these modules, with a DDIM sampler and no safety checker."""
         return StableDiffusionPipeline(
