@@ -68,7 +68,7 @@ def test_unavailable_mps_is_refused():
 def test_precision_choices():
     cpu = resolve_placement("cpu", "bf16")
     assert cpu.dtype is torch.bfloat16 and cpu.record() == {"device": "cpu", "mixed_precision": "bf16",
-                                                            "dtype": "torch.bfloat16"}
+                                                            "dtype": "bfloat16"}
     with cpu.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
         assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype is torch.float64

@@ -124,12 +124,13 @@ class ImmunizationPiece(_Piece):
     targets: list[ConceptSpec]
     config: ImmunizeConfig
     out: Path
+    device: str = "auto"
     record_name: ClassVar[str] = "immunization.json"
 
     def runner(self) -> ImmunizationRun:
         from mima.immunize import ImmunizationRun
 
-        return ImmunizationRun(self.model, self.targets, self.config, self.out)
+        return ImmunizationRun(self.model, self.targets, self.config, self.out, self.device)
 
     def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
         from mima.immunize import immunizers
@@ -151,12 +152,13 @@ class AttackPiece(_Piece):
     concept: ConceptSpec
     config: AttackConfig
     out: Path
+    device: str = "auto"
     record_name: ClassVar[str] = "attack.json"
 
     def runner(self) -> AttackRun:
         from mima.attacks import AttackRun
 
-        return AttackRun(self.model_dir, self.concept, self.config, self.out)
+        return AttackRun(self.model_dir, self.concept, self.config, self.out, self.device)
 
 
 def _quiet_worker(threads: int) -> None:
@@ -173,8 +175,11 @@ def run_pieces(pieces: Sequence[ImmunizationPiece | AttackPiece], jobs: int = 1,
     pieces not started yet are dropped, and a re-run resumes them.
     """
     if jobs <= 1 or len(pieces) <= 1:
+        from mima.utils.device import free_memory
+
         for piece in pieces:
             piece.run()
+            free_memory()  # the finished piece's models are garbage; hand their accelerator memory back
         return
     import torch
     from tqdm import tqdm
@@ -196,6 +201,7 @@ class Benchmark:
     config: BenchmarkConfig
     out_dir: Path
     jobs: int = 1
+    device: str = "auto"
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self) -> Path:
@@ -229,7 +235,8 @@ class Benchmark:
         for method in ("none", *self.config.methods):
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
             out = self.out_dir / "models" / method
-            pieces.append(ImmunizationPiece(self.config.model, targets, ImmunizeConfig.from_dict(overrides), out))
+            config = ImmunizeConfig.from_dict(overrides)
+            pieces.append(ImmunizationPiece(self.config.model, targets, config, out, self.device))
         return pieces
 
     def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
@@ -249,7 +256,7 @@ class Benchmark:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                        pieces.append(AttackPiece(str(model_dir), concept, config, out))
+                        pieces.append(AttackPiece(str(model_dir), concept, config, out, self.device))
         run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "attacks")
         return runs
 
@@ -259,5 +266,5 @@ class Benchmark:
         timings = {"this run": self.timings, "recorded by the pieces": self.recorded_seconds(runs)}
         return write_benchmark_report(
             runs, targets=[c.name for c in targets], non_targets=[c.name for c in non_targets],
-            config=self.config, timings=timings, out_dir=self.out_dir / "report",
+            config=self.config, timings=timings, out_dir=self.out_dir / "report", device=self.device,
         )

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,18 +30,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_jobs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="immunizations and attacks run at a time, each in a worker process (default 1)")
+    add_device_argument(parser)
 
 
-def _run(benchmarks: dict, out: Path, jobs: int) -> None:
+def _run(benchmarks: dict, out: Path, jobs: int, device: str) -> None:
     """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
     from mima.benchmark import Benchmark
+    from mima.utils.device import resolve_device
 
+    resolve_device(device)  # an unavailable device: one line, before anything runs
     for part, config in benchmarks.items():
         started = time.time()
         folder = out / part
         folder.mkdir(parents=True, exist_ok=True)
         config.save_json(folder / "benchmark_config.json")
-        report = Benchmark(config, folder, jobs=jobs).run()
+        report = Benchmark(config, folder, jobs=jobs, device=device).run()
         name = f"{part}: " if part else ""
         elapsed = time.time() - started
         print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")
@@ -50,11 +53,12 @@ def _run(benchmarks: dict, out: Path, jobs: int) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from mima.benchmark import load_benchmarks, load_preset
 
-    _run(load_preset(args.preset) if args.preset else load_benchmarks(args.config), args.out, args.jobs)
+    benchmarks = load_preset(args.preset) if args.preset else load_benchmarks(args.config)
+    _run(benchmarks, args.out, args.jobs, args.device)
 
 
 def _demo(args: argparse.Namespace) -> None:
     from mima.benchmark import load_preset
 
     preset = "toy-demo-quick" if args.quick else "toy-demo"
-    _run(load_preset(preset), args.out / ("quick" if args.quick else ""), args.jobs)
+    _run(load_preset(preset), args.out / ("quick" if args.quick else ""), args.jobs, args.device)

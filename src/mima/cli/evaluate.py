@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mima.cli._args import add_device_argument
+
 _DEFAULT_ENCODERS = ["efficientnet-lite0", "toy-judge"]
 
 
@@ -34,16 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="concepts that were not immunized against (reported as non_target_sgr, excluded from MSGR)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, plots/, grids/)")
+    add_device_argument(parser)
     parser.set_defaults(func=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+    from mima.utils.device import resolve_device
 
+    resolve_device(args.device)  # an unavailable device: one line, before any run is read
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
-    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets)
+    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets, device=args.device)
     path = write_evaluation(result, args.out)
     for encoder, block in result["encoders"].items():
         print(f"{encoder}: MSGR {_fmt(block['msgr'])}  MRSGR {_fmt(block['mrsgr'])}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 from mima.errors import ConfigError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     parser.add_argument("--out", type=Path, required=True, help="output image, e.g. outputs/star.png")
+    add_device_argument(parser)
     parser.set_defaults(func=_generate)
 
 
@@ -33,8 +34,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     from mima.models.components import Components
     from mima.sampling import sample_images, save_grid
+    from mima.utils.device import resolve_device
 
-    components = Components.from_pretrained(args.model)
+    device = resolve_device(args.device)
+    components = Components.from_pretrained(args.model).to(device)
     images = sample_images(
         components, [args.prompt] * args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
     )

@@ -151,7 +151,7 @@ def _before_attack_table(before: dict, concepts: list[str], non_targets: list[st
 
 def write_benchmark_report(
     runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, dict[str, float]],
-    out_dir: Path
+    out_dir: Path, device: str = "auto",
 ) -> Path:
     """Evaluate every (method, attack, seed) against the un-immunized runs and write the report folder."""
     concepts = targets + non_targets
@@ -162,7 +162,7 @@ def write_benchmark_report(
         for attack in config.attacks:
             for seed in config.seeds:
                 pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)]) for c in concepts}
-                result = evaluate_runs(pairs, references, config.encoders, non_targets=non_targets)
+                result = evaluate_runs(pairs, references, config.encoders, non_targets=non_targets, device=device)
                 write_evaluation(result, out_dir / "evaluations" / method / attack / f"seed{seed}")
                 results.setdefault(method, {}).setdefault(attack, {})[str(seed)] = result
     summary = _summarize(results, targets, non_targets)

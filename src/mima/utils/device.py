@@ -102,7 +102,8 @@ class Placement:
 
     def record(self) -> dict[str, str]:
         """What a run's JSON record says about where it ran."""
-        return {"device": str(self.device), "mixed_precision": self.mixed_precision, "dtype": str(self.dtype)}
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"device": str(self.device), "mixed_precision": self.mixed_precision, "dtype": dtype}
 
     def describe(self) -> str:
         precision = "float32" if self.mixed_precision == "no" else f"{self.mixed_precision} autocast, float32 weights"
