@@ -10,7 +10,7 @@ this loop does not already do in a few lines.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,12 @@ class LoopSettings:
     step_name: str = "step"  # how an error names a step, e.g. "outer step"
 
 
-class TrainingLoop(ABC):
-    """Minimise `loss` over `params` with `optimizer` for `settings.steps` steps; resumable bit for bit.
+class TrainingLoop:
+    """Minimise a loss over `params` with `optimizer` for `settings.steps` steps; resumable bit for bit.
 
-    Subclasses give `loss(generator)`, run under autocast; `at_checkpoint()` is called at step 0 of a fresh run,
-    at every checkpoint and at the last step (attacks write their evaluation samples there).
+    Subclasses give `loss(generator)`, run under autocast and differentiated by the loop, or override `gradients`
+    when they compute their own (as a meta-gradient taken concept by concept does). `at_checkpoint()` is called at
+    step 0 of a fresh run, at every checkpoint and at the last step (attacks write their evaluation samples there).
     """
 
     def __init__(self, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, settings: LoopSettings,
@@ -49,9 +50,28 @@ class TrainingLoop(ABC):
         self.scaler = placement.grad_scaler()
         self.step, self.log = 0, []
 
-    @abstractmethod
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise at this step (every random draw from `generator`), and extra values to log."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither `loss` nor `gradients`")
+
+    def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+        """The minimised value, its gradient for each of `params` (loss-scaled under fp16) and extra values to log.
+
+        By default `loss` under autocast, differentiated outside it. autograd.grad rather than backward: only the
+        trained parameters get gradients, not the graph's other leaves (the simulated attacker's copies)."""
+        with self.placement.autocast():
+            loss, logs = self.loss(generator)
+        self.check_finite(loss.item())
+        grads = torch.autograd.grad(self.scaler.scale(loss), list(self.params.values()))
+        return loss.item(), dict(zip(self.params, grads, strict=True)), logs
+
+    def check_finite(self, value: float) -> None:
+        """The NaN guard: stop with the step named, before the optimizer touches the weights."""
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite {self.settings.loss_name} {value} at {self.settings.step_name} {self.step + 1}; "
+                f"the last checkpoint in '{self.settings.checkpoint_dir}' is intact (lower the learning rate)"
+            )
 
     def at_checkpoint(self) -> None:
         """Called at step 0 of a fresh run, at every checkpoint and at the last step (nothing by default)."""
@@ -75,29 +95,18 @@ class TrainingLoop(ABC):
                 if self.step % settings.save_every == 0 or self.step == settings.steps:
                     self.at_checkpoint()
                 if self.step % settings.save_every == 0 and self.step < settings.steps:
-                    save_checkpoint(settings.checkpoint_dir, self.params, self.optimizer, self.step, self.log,
-                                    self.scaler)
+                    save_checkpoint(folder, self.params, self.optimizer, self.step, self.log, self.scaler)
         return self.log
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step on the loss of this step's generator; returns the values to log."""
-        with self.placement.autocast():
-            loss, logs = self.loss(step_generator(self.settings.seed, self.step))
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite {self.settings.loss_name} {loss.item()} at {self.settings.step_name} {self.step + 1}; "
-                f"the last checkpoint in '{self.settings.checkpoint_dir}' is intact (lower the learning rate)"
-            )
-        # autograd.grad rather than backward: only the trained parameters get gradients, not the graph's other
-        # leaves (the simulated attacker's copies of the lower-level parameters).
-        params = list(self.params.values())
-        grads = torch.autograd.grad(self.scaler.scale(loss), params)
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = grad
+        """One optimizer step on this step's generator; returns the values to log."""
+        value, grads, logs = self.gradients(step_generator(self.settings.seed, self.step))
+        for name, param in self.params.items():
+            param.grad = grads[name].to(param.dtype)
         self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.grad_clip)
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {self.settings.loss_name: loss.item(), **logs}
+        return {self.settings.loss_name: value, **logs}
