@@ -11,7 +11,6 @@ from mima.utils.device import (
     Placement,
     free_memory,
     peak_memory_bytes,
-    reset_peak_memory,
     resolve_device,
     resolve_placement,
     seed_everything,
@@ -90,7 +89,6 @@ def test_solve_device_keeps_float64_off_mps():
 
 def test_memory_helpers_on_cpu():
     free_memory()
-    reset_peak_memory("cpu")
     peak = peak_memory_bytes(torch.device("cpu"))
     assert peak is None or peak > 1 << 20
     assert peak_memory_bytes("meta") is None

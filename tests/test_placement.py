@@ -105,6 +105,9 @@ def test_fp16_immunization_is_refused_on_a_gpu_too(monkeypatch):
     with pytest.raises(ConfigError, match="fp16 is not supported for immunization .* use bf16"):
         resolve_placement("cuda", "fp16", loss_scaling=False)
     assert resolve_placement("cuda", "fp16").mixed_precision == "fp16"  # attacks: loss-scaled (tests/test_training.py)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100 or a T4
+    with pytest.raises(ConfigError, match="bf16: cuda:0 has no bfloat16 support"):
+        resolve_placement("cuda", "bf16")
 
 
 def _outer_step(components, specs, mixed_precision: str) -> tuple[float, torch.Tensor]:

@@ -132,6 +132,8 @@ def resolve_placement(
     resolved = resolve_device(device)
     if mixed_precision == "fp16" and resolved.type == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 (or no)")
+    if mixed_precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--mixed-precision bf16: {resolved} has no bfloat16 support; use no (or fp16 for attacks)")
     if mixed_precision == "fp16" and not loss_scaling:
         raise ConfigError("--mixed-precision fp16 is not supported for immunization (its inner gradients are "
                           "not loss-scaled); use bf16")
@@ -150,8 +152,8 @@ def free_memory() -> None:
 def peak_memory_bytes(device: torch.device | str) -> int | None:
     """Peak memory used on `device`, in bytes.
 
-    For CUDA this is the peak allocated by torch since the last [`reset_peak_memory`]; for the CPU it is the
-    process's peak resident set size since it started (it cannot be reset).
+    For CUDA this is the peak allocated by torch (since the process started, or since
+    `torch.cuda.reset_peak_memory_stats`); for the CPU it is the process's peak resident set size since it started.
 
     Args:
         device (`torch.device` or `str`):
@@ -172,18 +174,6 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
         # ru_maxrss is in bytes on macOS but in KiB on Linux and the BSDs.
         return peak if sys.platform == "darwin" else peak * 1024
     return None
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Reset the peak measured by [`peak_memory_bytes`] where the backend allows it (CUDA); a no-op elsewhere.
-
-    Args:
-        device (`torch.device` or `str`):
-            The device whose peak to reset.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
