@@ -52,10 +52,11 @@ def test_an_unavailable_device_is_one_line_before_any_model_loads(tmp_path, caps
     assert f"device '{device}' requested but" in lines[0] and MISSING not in err and "Traceback" not in err
 
 
-def test_bf16_immunization_runs_end_to_end_and_records_its_placement(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_bf16_immunization_runs_end_to_end_and_records_its_placement(tiny_model_dir, tmp_path, capsys, method):
     out = tmp_path / "run"
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
-                 "--steps", "2", *FAST, "--device", "cpu", "--mixed-precision", "bf16"])
+                 "--steps", "2", *FAST, "--device", "cpu", "--mixed-precision", "bf16", "--method", method])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.err.count("device cpu (bf16 autocast, float32 weights)") == 1
