@@ -49,7 +49,7 @@ def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = Non
 
     if recorded is None:
         pieces = Benchmark(config, Path()).immunization_pieces(load_concepts(list(config.targets)))
-        made_with = next(p for p in pieces if p.config.method == method).runner().resolved_config()
+        made_with = next(p for p in pieces if p.config.method == method).config
     else:
         made_with = ImmunizeConfig.from_record(recorded)
     deciding = set(immunizers.get(method).deciding_fields(made_with))

@@ -145,3 +145,15 @@ def test_attack_sweep_runs_the_grid_and_skips_finished_runs(tiny_model_dir, tmp_
     written = [r.stat().st_mtime_ns for r in records]
     assert main(args) == 0
     assert [r.stat().st_mtime_ns for r in records] == written
+
+
+def test_unset_settings_take_the_methods_defaults_when_the_run_is_built(tmp_path):
+    concept = toy_concept_spec("star")
+    for method in attacks.names():
+        defaults = attacks.get(method)
+        config = AttackRun("toy", concept, AttackConfig(method=method), tmp_path).config
+        assert (config.steps, config.lr) == (defaults.default_steps, defaults.default_lr)
+        assert config.save_every == defaults.default_steps // 4
+    given = AttackRun("toy", concept, AttackConfig(steps=10, lr=0.5, save_every=3), tmp_path).config
+    assert (given.steps, given.lr, given.save_every) == (10, 0.5, 3)
+    assert AttackRun("toy", concept, AttackConfig(steps=3), tmp_path).config.save_every == 1

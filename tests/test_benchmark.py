@@ -76,14 +76,15 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
 
 
 def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
-    from mima.attacks import AttackConfig
+    from mima.attacks import AttackConfig, AttackRun
     from mima.benchmark import AttackPiece, run_pieces
     from mima.data.concepts import load_concepts
     from mima.errors import ModelError
 
     concept = load_concepts(["toy:star"])[0]
     config = AttackConfig.from_dict({"method": "lora", "steps": 1, "n_images": 2})
-    pieces = [AttackPiece(str(tmp_path / "no-model"), concept, config, tmp_path / f"run{i}") for i in range(2)]
+    runs = [AttackRun(str(tmp_path / "no-model"), concept, config, tmp_path / f"run{i}") for i in range(2)]
+    pieces = [AttackPiece(run) for run in runs]
     with pytest.raises(ModelError, match="no-model") as error:
         run_pieces(pieces, jobs=2)
     assert "\n" not in str(error.value)
@@ -146,22 +147,22 @@ def test_a_bad_suite_is_one_clear_error(tmp_path, capsys):
 
 def test_before_attack_skips_attacks_that_rewrite_the_prompt():
     from mima.attacks import attacks
-    from mima.evaluate.benchmark_report import _before_attack
+    from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation
+    from mima.evaluate.summary import Drawing, before_attack
 
     assert not attacks.get("lora").rewrites_prompts() and not attacks.get("dreambooth").rewrites_prompts()
     assert attacks.get("textual-inversion").rewrites_prompts() and attacks.get("custom-diffusion").rewrites_prompts()
 
-    def block(s_with: float, rate: float) -> dict:
-        return {"s_with": [s_with, 0.9], "s_without": [0.8, 0.9], "asr_with": [rate, 1.0], "asr_without": [1.0, 1.0]}
+    def evaluation(s_with: float, rate: float) -> Evaluation:
+        waves = ConceptResult("lora", False, [0, 5], [0.8, 0.9], [s_with, 0.9], [0.0, 0.0], 0.0, [1.0, 1.0],
+                              [rate, 1.0])
+        return Evaluation({}, {}, ["waves"], {"toy-judge": EncoderResult({"waves": waves}, {})})
 
-    def result(s_with: float, rate: float) -> dict:
-        return {"encoders": {"toy-judge": {"concepts": {"waves": block(s_with, rate)}}}}
-
-    results = {"mima": {"textual-inversion": {"0": result(0.1, 0.0)},
-                        "lora": {"0": result(0.6, 0.5), "1": result(0.7, 0.75)}}}
-    assert _before_attack(results, ["textual-inversion"], ["waves"]) == {}
-    before = _before_attack(results, ["textual-inversion", "lora"], ["waves"])
-    assert before["attack"] == "lora"
-    waves = before["models"]["mima"]["toy-judge"]["waves"]
-    assert abs(waves["similarity"] - 0.65) < 1e-12 and abs(waves["success_rate"] - 0.625) < 1e-12
-    assert before["models"]["none"]["toy-judge"]["waves"] == {"similarity": 0.8, "success_rate": 1.0}
+    evaluations = {"mima": {"textual-inversion": {0: evaluation(0.1, 0.0)},
+                            "lora": {0: evaluation(0.6, 0.5), 1: evaluation(0.7, 0.75)}}}
+    assert before_attack(evaluations, ["textual-inversion"], ["waves"]) is None
+    before = before_attack(evaluations, ["textual-inversion", "lora"], ["waves"])
+    assert before.attack == "lora"
+    waves = before.models["mima"]["toy-judge"]["waves"]
+    assert abs(waves.similarity - 0.65) < 1e-12 and abs(waves.success_rate - 0.625) < 1e-12
+    assert before.models["none"]["toy-judge"]["waves"] == Drawing(similarity=0.8, success_rate=1.0)

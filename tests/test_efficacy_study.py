@@ -33,7 +33,7 @@ def _finished_benchmark(study, folder: Path, overrides: dict, drop: str | None =
     folder.mkdir(parents=True)
     config.save_json(folder / "benchmark_config.json")
     for piece in Benchmark(config, folder).immunization_pieces(load_concepts(list(config.targets))):
-        made_with = piece.runner().resolved_config().to_dict()
+        made_with = piece.config.to_dict()
         made_with.pop(drop, None)
         piece.out.mkdir(parents=True)
         (piece.out / "immunization.json").write_text(json.dumps({"config": made_with}))

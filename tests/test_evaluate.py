@@ -8,10 +8,12 @@ import torch
 
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
-from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+from mima.evaluate import evaluate_runs, pair_runs, read_evaluation, resolve_references, write_evaluation
 from mima.evaluate.cache import FeatureCache
 from mima.evaluate.encoders import ImageEncoder
 from mima.evaluate.evaluate import read_attack_run, write_toy_references
+from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, NonTargetSGR, SimilarityAfterAttack
+from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation, RunPair
 from mima.evaluate.toy_judge_encoder import ToyJudgeEncoder
 from mima.toy import world as toy_world
 
@@ -53,21 +55,23 @@ def runs(tmp_path) -> dict:
 
 def test_evaluate_runs_end_to_end_and_cached_reevaluation(runs, tmp_path, monkeypatch):
     result = evaluate_runs(runs["pairs"], runs["references"], ["toy-judge"], non_targets=["dots"])
-    block = result["encoders"]["toy-judge"]
-    stripes, dots = block["concepts"]["stripes"], block["concepts"]["dots"]
-    assert stripes["steps"] == [0, 2] and stripes["target"] and not dots["target"]
-    assert stripes["s_without"][0] == stripes["s_with"][0] and stripes["sgr"][0] == 0  # same images before attack
-    assert stripes["s_without"][1] > stripes["s_without"][0]
-    assert stripes["sgr"][1] > 0.2 and block["msgr"] == pytest.approx(100 * stripes["sgr"][1])
-    assert block["mrsgr"] == pytest.approx(100 * stripes["rsgr"]) and block["mrsgr"] > 0
-    assert stripes["asr_without"][1] >= 0.8 and stripes["asr_with"][1] <= 0.2
-    assert block["attack_success_rate"] == stripes["asr_with"][1]
-    assert block["similarity_after_attack"] == pytest.approx(stripes["s_with"][1])
-    assert block["non_target_sgr"] == 0 and dots["sgr"] == [0, 0]
+    block = result.encoders["toy-judge"]
+    stripes, dots = block.concepts["stripes"], block.concepts["dots"]
+    assert stripes.steps == [0, 2] and stripes.target and not dots.target
+    assert stripes.s_without[0] == stripes.s_with[0] and stripes.sgr[0] == 0  # same images before attack
+    assert stripes.s_without[1] > stripes.s_without[0]
+    assert stripes.sgr[1] > 0.2 and block.value(MSGR) == pytest.approx(100 * stripes.sgr[1])
+    assert block.value(MRSGR) == pytest.approx(100 * stripes.rsgr) and block.value(MRSGR) > 0
+    assert stripes.asr_without[1] >= 0.8 and stripes.asr_with[1] <= 0.2
+    assert block.value(AttackSuccessRate) == stripes.asr_with[1]
+    assert block.value(SimilarityAfterAttack) == pytest.approx(stripes.s_with[1])
+    assert block.value(NonTargetSGR) == 0 and dots.sgr == [0, 0]
 
     metrics_file = write_evaluation(result, tmp_path / "out")
     record = json.loads(metrics_file.read_text())
-    assert record["results"] == result
+    assert record["results"] == result.to_json()
+    assert read_evaluation(metrics_file).to_json() == record["results"]  # the reader inverts the writer
+    assert record["results"]["encoders"]["toy-judge"]["msgr"] == block.value(MSGR)  # the schema of metrics.json
     assert record["metrics"]["msgr"]["higher_is_better"] is True
     assert record["metrics"]["similarity_after_attack"]["higher_is_better"] is False
     assert {"versions", "git_commit", "date"} <= set(record["provenance"])
@@ -80,7 +84,7 @@ def test_evaluate_runs_end_to_end_and_cached_reevaluation(runs, tmp_path, monkey
     monkeypatch.setattr(ToyJudgeEncoder, "features", lambda self, images: calls.append(len(images)))
     monkeypatch.setattr(ToyJudgeEncoder, "predict_labels", lambda self, images: calls.append(len(images)))
     again = evaluate_runs(runs["pairs"], runs["references"], ["toy-judge"], non_targets=["dots"])
-    assert calls == [] and again == result
+    assert calls == [] and again.to_json() == result.to_json()
     second = json.loads(write_evaluation(again, tmp_path / "out2").read_text())
     record["provenance"].pop("date"), second["provenance"].pop("date")
     assert second == record
@@ -96,7 +100,7 @@ def test_cache_encodes_only_new_images(runs, monkeypatch):
     monkeypatch.setattr(ToyJudgeEncoder, "features", lambda self, ims: encoded.append(len(ims)) or original(self, ims))
     result = evaluate_runs(pairs, runs["references"], ["toy-judge"])
     assert encoded == [6]
-    assert result["encoders"]["toy-judge"]["concepts"]["stripes"]["sgr"][1] < 0.2
+    assert result.encoders["toy-judge"].concepts["stripes"].sgr[1] < 0.2
 
 
 class MeanColour(ImageEncoder):
@@ -126,8 +130,8 @@ def test_encoder_instances_and_cache_invalidation_by_weights(runs, tmp_path):
             feats, labels = cache.encode(images)
         assert encoder.calls == expected_calls and feats.shape == (4, 4) and labels is None
     result = evaluate_runs({"dots": runs["pairs"]["dots"]}, runs["references"], [MeanColour()])
-    assert result["encoders"]["mean-colour"]["msgr"] == 0
-    assert result["encoders"]["mean-colour"]["concepts"]["dots"]["asr_with"] is None
+    assert result.encoders["mean-colour"].value(MSGR) == 0
+    assert result.encoders["mean-colour"].concepts["dots"].asr_with is None
 
 
 def test_pair_runs_by_concept(runs, tmp_path):
@@ -195,7 +199,8 @@ def test_cli_ls(capsys):
 
     parser = argparse.ArgumentParser()
     ls.register(parser.add_subparsers())
-    for kind, expected in (("encoders", "efficientnet-lite0"), ("metrics", "msgr")):
+    for kind, expected in (("encoders", "efficientnet-lite0"), ("metrics", "msgr"),
+                           ("attacks", "(defaults: 300 steps, lr 0.005)")):
         args = parser.parse_args(["ls", kind])
         args.func(args)
         assert expected in capsys.readouterr().out
@@ -209,3 +214,16 @@ def test_grid_of_differently_sized_images(tmp_path):
     write_image_folder([rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)] * 2, ["p"] * 2, tmp_path / "b")
     path = save_comparison_grid(tmp_path / "a", tmp_path / "b", tmp_path / "grid.png")
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_results_json_round_trip_keeps_undefined_values():
+    nan = float("nan")
+    concept = ConceptResult("lora", True, [0, 1], [0.0, 0.0], [0.0, 0.5], [nan, nan], nan)
+    evaluation = Evaluation({"c": RunPair("wo", "w", [0, 1])}, {"c": "refs/c"}, [],
+                            {"judge": EncoderResult({"c": concept}, {"msgr": nan, "mrsgr": 1.5})})
+    data = json.loads(json.dumps(evaluation.to_json(), allow_nan=False))
+    assert data["encoders"]["judge"]["concepts"]["c"]["rsgr"] is None and data["encoders"]["judge"]["msgr"] is None
+    again = Evaluation.from_json(data)
+    assert np.isnan(again.encoders["judge"].concepts["c"].rsgr) and np.isnan(again.encoders["judge"].value(MSGR))
+    assert again.encoders["judge"].value(MRSGR) == 1.5 and again.pairs["c"].immunized == "w"
+    assert again.to_json() == data

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from mima.cli import main
+from mima.data.captions import load_caption_bank
 from mima.data.concepts import load_concepts
 from mima.errors import ConfigError, DataError, ModelError, TrainingError
 from mima.immunize import ImmunizationRun, ImmunizeConfig
@@ -113,7 +114,7 @@ def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_d
 
     def nan_after_first_checkpoint(loop):
         if loop.step == 1:
-            monkeypatch.setattr(loop.immunizer, "objective", lambda *a: (torch.tensor(float("nan")), {}))
+            monkeypatch.setattr(loop.immunizer, "gradients", lambda *a: (float("nan"), {}, {}))
         return original_step(loop)
 
     monkeypatch.setattr(trainer_module._Loop, "train_step", nan_after_first_checkpoint)
@@ -261,3 +262,36 @@ def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_compo
     _assert_term_adds_its_weighted_log(immunizer, batches, "anchor", 2.0)
     with pytest.raises(ConfigError, match="anchor_weight"):
         ImmunizeConfig(anchor_weight=-1.0)
+
+
+def test_erase_erases_the_targets_once_in_either_setting(tiny_model_dir, tmp_path):
+    """`--method erase` is the erased model: in relearn (which erases first) the same as `none`, and the same as
+    erasing without the setting's step (personalize); erasing twice would move K/V further."""
+    closed_form = dict(prior_weight=0.0, retain_weight=0.0)
+    models = {(method, setting): _unet_weights(_run(tiny_model_dir, tmp_path / f"{method}-{setting}",
+                                                    method=method, setting=setting, **closed_form))
+              for method, setting in (("none", "relearn"), ("erase", "relearn"), ("erase", "personalize"))}
+    erased = models["none", "relearn"]
+    assert any(not torch.equal(erased[n], w) for n, w in _unet_weights(tiny_model_dir).items())  # it did erase
+    for key in (("erase", "relearn"), ("erase", "personalize")):
+        assert all(torch.equal(erased[name], weights) for name, weights in models[key].items()), key
+
+
+def test_caption_bank_auto_follows_the_tokenizer(tiny_model_dir, tmp_path):
+    """`auto` is resolved when the run is built: `toy` for the toy model or a folder made from it, else `generic`."""
+    specs = load_concepts(["toy:stripes"])
+    config = ImmunizeConfig(caption_bank="auto")
+    other = tmp_path / "other"  # the tiny model with a tokenizer that knows general English
+    shutil.copytree(tiny_model_dir, other)
+    shutil.rmtree(other / "tokenizer")
+    words = {w for bank in ("toy", "generic") for caption in load_caption_bank(bank) for w in caption.split()}
+    tokens = [*"abcdefghijklmnopqrstuvwxyz", *(w + "</w>" for w in sorted(words)), "<|startoftext|>", "<|endoftext|>"]
+    (other / "tokenizer").mkdir()
+    (other / "tokenizer" / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (other / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    banks = {model: ImmunizationRun(model, specs, config, tmp_path / "out").config.caption_bank
+             for model in ("toy", str(tiny_model_dir), str(other), "CompVis/stable-diffusion-v1-4")}
+    assert banks == {"toy": "toy", str(tiny_model_dir): "toy", str(other): "generic",
+                     "CompVis/stable-diffusion-v1-4": "generic"}
+    assert ImmunizationRun("toy", specs, config.with_overrides(caption_bank="generic"), tmp_path).config.caption_bank \
+        == "generic"

@@ -9,18 +9,23 @@ import torch
 from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, immunizers
 from mima.losses import diffusion_loss
-from mima.models.cross_attention import key_value_parameter_names
+from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages
 
 SEED = 7
 
 
-def _random_concept(name: str, components, seed: int) -> EncodedConcept:
-    g = torch.Generator().manual_seed(seed)
+def _random_images(prompt: str, components, g: torch.Generator) -> EncodedImages:
     size = components.unet.config.sample_size
     mean = torch.randn(3, 4, size, size, generator=g, dtype=torch.float64)
-    hidden = components.encode_prompts([f"a painting in {name} style"] * 3).detach().double()
-    return EncodedConcept(name, EncodedImages(mean, 0.1 * torch.ones_like(mean), hidden), prior=None)
+    hidden = components.encode_prompts([prompt] * 3).detach().double()
+    return EncodedImages(mean, 0.1 * torch.ones_like(mean), hidden)
+
+
+def _random_concept(name: str, components, seed: int, with_prior: bool = False) -> EncodedConcept:
+    g = torch.Generator().manual_seed(seed)
+    instance = _random_images(f"a painting in {name} style", components, g)
+    return EncodedConcept(name, instance, _random_images("a painting", components, g) if with_prior else None)
 
 
 @pytest.fixture
@@ -30,10 +35,10 @@ def setup(tiny_components):
     specs = [toy_concept_spec("stripes"), toy_concept_spec("dots")]
     concepts = [_random_concept(s.name, components, i) for i, s in enumerate(specs)]
 
-    def make(order: str, method: str = "mima", inner_clip: float = 0.0):
+    def make(order: str, method: str = "mima", inner_clip: float = 0.0, **overrides):
         config = ImmunizeConfig(
             method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
-            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
+            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"), **overrides,
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
@@ -116,7 +121,8 @@ def test_meta_gradient_matches_hand_unrolled_reference(setup, order, clip):
     grads = _gradient(immunizer, objective)
     g = torch.Generator().manual_seed(SEED)
     batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in immunizer.concepts}
-    reference, norms = _hand_unrolled_gradient(immunizer, batches, SEED + 1, order == "second-order", clip)
+    with differentiable_attention():  # the fused attention kernels have no double backward
+        reference, norms = _hand_unrolled_gradient(immunizer, batches, SEED + 1, order == "second-order", clip)
     assert not clip or min(norms) > clip  # the clip binds on every concept's step
     for name in grads:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-12)
@@ -151,3 +157,61 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
     assert (w - free).norm().item() > 10
     assert torch.allclose(step(w, 1e6)["w"], free)  # a clip above the norm changes nothing
     assert torch.autograd.gradcheck(lambda v: (step(v, 1.0)["w"] ** 2).sum(), (w,))
+
+
+@pytest.mark.parametrize(
+    ("method", "order", "overrides"),
+    [
+        ("mima", "second-order",
+         {"inner_clip": 0.05, "prior_weight": 0.7, "anchor_weight": 0.3, "retain_weight": 0.5}),
+        ("mima", "second-order", {"inner_steps": 2, "inner_clip": 0.05}),
+        ("mima", "first-order", {"inner_clip": 0.05, "prior_weight": 0.7, "retain_weight": 0.5}),
+        ("mima", "second-order", {"lower_params": ("*attn*", "*conv_in*"), "inner_clip": 0.0}),
+        ("imma-joint", "second-order", {"inner_clip": 0.05}),
+        ("imma-joint", "second-order", {"inner_steps": 2}),
+        ("imma", "second-order", {"inner_clip": 0.05}),
+    ],
+)
+def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
+    """`gradients` (one concept's double-backward graph at a time) gives the value and gradient of `objective`
+    (every concept's graph at once), with the prior, anchor and retain terms too."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy",
+                            **{"prior_weight": 0.0, "retain_weight": 0.0, **overrides})
+    immunizer = immunizers.get(method)(config)
+    immunizer.prepare(components, specs, concepts)
+
+    def batches():
+        g = torch.Generator().manual_seed(SEED)
+        return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+
+    objective, logs = immunizer.objective(batches(), torch.Generator().manual_seed(SEED + 1))
+    params = immunizer.trainable_parameters()
+    expected = dict(zip(params, torch.autograd.grad(objective, list(params.values())), strict=True))
+    value, grads, step_logs = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+    assert value == pytest.approx(objective.item(), rel=1e-10)
+    assert step_logs == pytest.approx(logs, rel=1e-10)
+    assert set(grads) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
+    """Checkpointed UNet blocks are recomputed with the substituted weights and the math attention kernel, so the
+    second-order meta-gradient is unchanged (diffusers' own checkpointing would recompute with the module's
+    weights under functional_call)."""
+    components, make, _ = setup
+    g = torch.Generator().manual_seed(SEED)
+    immunizer = make("second-order", method, inner_clip=0.05)
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in immunizer.concepts}
+    plain = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
+    checkpointed = make("second-order", method, inner_clip=0.05, gradient_checkpointing=True)
+    assert components.unet.down_blocks[0].gradient_checkpointing
+    again = checkpointed.gradients(batches, torch.Generator().manual_seed(SEED + 1))
+    assert again[0] == pytest.approx(plain[0], rel=1e-12)
+    for name in plain[1]:
+        torch.testing.assert_close(again[1][name], plain[1][name], rtol=1e-10, atol=1e-14)

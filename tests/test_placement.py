@@ -112,7 +112,8 @@ def test_fp16_immunization_is_refused_on_a_gpu_too(monkeypatch):
 
 
 def _outer_step(components, specs, mixed_precision: str) -> tuple[float, torch.Tensor]:
-    """MIMA's objective and meta-gradient over S^u at one outer step, as the training loop computes them."""
+    """MIMA's objective and meta-gradient over S^u at one outer step, as the training loop computes them
+    (`immunize.trainer._Loop.gradients`)."""
     from mima.immunize import ImmunizeConfig, immunizers
     from mima.models.encoding import encode_concept
 
@@ -124,9 +125,8 @@ def _outer_step(components, specs, mixed_precision: str) -> tuple[float, torch.T
     generator = torch.Generator().manual_seed(0)
     batches = {c.name: (c.batch(2, generator), c.batch(2, generator)) for c in encoded}
     with Placement(torch.device("cpu"), mixed_precision).autocast():
-        objective, _ = immunizer.objective(batches, torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad(objective, list(immunizer.trainable_parameters().values()))
-    return objective.item(), torch.cat([g.flatten() for g in grads])
+        objective, grads, _ = immunizer.gradients(batches, torch.Generator().manual_seed(1))
+    return objective, torch.cat([grads[name].flatten() for name in sorted(grads)])
 
 
 def test_a_bf16_outer_step_stays_within_tolerance_of_float32(tmp_path):

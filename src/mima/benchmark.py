@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from mima.config import Config
 from mima.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mima.attacks import AttackConfig, AttackRun
+    from mima.attacks import AttackRun
     from mima.data.concepts import ConceptSpec
-    from mima.immunize import ImmunizationRun, ImmunizeConfig
+    from mima.evaluate.summary import Evaluations
+    from mima.immunize import ImmunizationRun
 
 PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
@@ -85,26 +85,31 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
     return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
-class _Piece(ABC):
-    """One finished-or-not run of a benchmark (`runner()`: an ImmunizationRun or AttackRun), with its record."""
+class _Piece:
+    """One finished-or-not run of a benchmark: the run, its settings resolved when it was built, and its record."""
 
-    out: Path
+    runner: ImmunizationRun | AttackRun
     record_name: ClassVar[str]
 
-    @abstractmethod
-    def runner(self) -> ImmunizationRun | AttackRun:
-        """The run that makes this piece."""
+    @property
+    def out(self) -> Path:
+        return self.runner.out_dir
 
-    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
-        """The settings that differ between the finished run's `record` and this piece's resolved `config`."""
-        return config.differences(record["config"])
+    @property
+    def config(self) -> Config:
+        """The settings the run uses (every default applied)."""
+        return self.runner.config
+
+    def stale_settings(self, record: dict) -> dict[str, tuple]:
+        """The settings that differ between the finished run's `record` and this piece's."""
+        return self.config.differences(record["config"])
 
     def finished(self) -> bool:
         """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
         record_path = self.out / self.record_name
         if not record_path.is_file():
             return False
-        differences = self.stale_settings(json.loads(record_path.read_text()), self.runner().resolved_config())
+        differences = self.stale_settings(json.loads(record_path.read_text()))
         if differences:
             changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
             raise ConfigError(f"'{self.out}' was made with other settings ({changes}); delete it or use another --out")
@@ -113,31 +118,23 @@ class _Piece(ABC):
     def run(self) -> None:
         from mima.utils.checkpoint import has_checkpoint
 
-        self.runner().run(resume=has_checkpoint(self.out / "checkpoint"))
+        self.runner.run(resume=has_checkpoint(self.out / "checkpoint"))
 
 
 @dataclass(frozen=True)
 class ImmunizationPiece(_Piece):
     """One immunization of a benchmark; resumes its own checkpoint."""
 
-    model: str
-    targets: list[ConceptSpec]
-    config: ImmunizeConfig
-    out: Path
-    device: str = "auto"
+    runner: ImmunizationRun
     record_name: ClassVar[str] = "immunization.json"
 
-    def runner(self) -> ImmunizationRun:
-        from mima.immunize import ImmunizationRun
-
-        return ImmunizationRun(self.model, self.targets, self.config, self.out, self.device)
-
-    def stale_settings(self, record: dict, config: Config) -> dict[str, tuple]:
+    def stale_settings(self, record: dict) -> dict[str, tuple]:
         from mima.immunize import immunizers
 
+        config = self.runner.config
         differences = config.differences(record["config"], immunizers.get(config.method).deciding_fields(config))
-        targets = [t.name for t in self.targets]
-        for name, recorded, current in (("model", record["model"], self.model),
+        targets = [t.name for t in self.runner.specs]
+        for name, recorded, current in (("model", record["model"], self.runner.model),
                                         ("targets", [c["name"] for c in record["concepts"]], targets)):
             if recorded != current:
                 differences[name] = (recorded, current)
@@ -148,17 +145,8 @@ class ImmunizationPiece(_Piece):
 class AttackPiece(_Piece):
     """One attack run of a benchmark; resumes its own checkpoint."""
 
-    model_dir: str
-    concept: ConceptSpec
-    config: AttackConfig
-    out: Path
-    device: str = "auto"
+    runner: AttackRun
     record_name: ClassVar[str] = "attack.json"
-
-    def runner(self) -> AttackRun:
-        from mima.attacks import AttackRun
-
-        return AttackRun(self.model_dir, self.concept, self.config, self.out, self.device)
 
 
 def _quiet_worker(threads: int) -> None:
@@ -229,14 +217,14 @@ class Benchmark:
 
     def immunization_pieces(self, targets: list[ConceptSpec]) -> list[ImmunizationPiece]:
         """One piece per model: the `none` reference, then each method."""
-        from mima.immunize import ImmunizeConfig
+        from mima.immunize import ImmunizationRun, ImmunizeConfig
 
         pieces = []
         for method in ("none", *self.config.methods):
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
-            out = self.out_dir / "models" / method
             config = ImmunizeConfig.from_dict(overrides)
-            pieces.append(ImmunizationPiece(self.config.model, targets, config, out, self.device))
+            run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method, self.device)
+            pieces.append(ImmunizationPiece(run))
         return pieces
 
     def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
@@ -245,7 +233,7 @@ class Benchmark:
         return {piece.config.method: piece.out / "model" for piece in pieces}
 
     def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
-        from mima.attacks import AttackConfig
+        from mima.attacks import AttackConfig, AttackRun
 
         runs: dict = {}
         pieces = []
@@ -256,15 +244,37 @@ class Benchmark:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                        pieces.append(AttackPiece(str(model_dir), concept, config, out, self.device))
+                        pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out, self.device)))
         run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "attacks")
         return runs
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
         from mima.evaluate.benchmark_report import write_benchmark_report
 
+        target_names, non_target_names = [c.name for c in targets], [c.name for c in non_targets]
+        evaluations = self._evaluate(runs, target_names, non_target_names)
         timings = {"this run": self.timings, "recorded by the pieces": self.recorded_seconds(runs)}
         return write_benchmark_report(
-            runs, targets=[c.name for c in targets], non_targets=[c.name for c in non_targets],
-            config=self.config, timings=timings, out_dir=self.out_dir / "report", device=self.device,
+            evaluations, runs, targets=target_names, non_targets=non_target_names, config=self.config,
+            timings=timings, out_dir=self.out_dir / "report",
         )
+
+    def _evaluate(self, runs: dict, targets: list[str], non_targets: list[str]) -> Evaluations:
+        """Every (method, attack, seed) against the un-immunized runs, each also written to its own folder."""
+        from mima.evaluate.evaluate import evaluate_runs, write_evaluation, write_toy_references
+        from mima.evaluate.summary import UNIMMUNIZED
+
+        out, concepts = self.out_dir / "report", targets + non_targets
+        references = (write_toy_references(concepts, out / "references") if self.config.references == "toy"
+                      else {c: Path(self.config.references) / c for c in concepts})
+        evaluations: Evaluations = {}
+        for method in self.config.methods:
+            for attack in self.config.attacks:
+                for seed in self.config.seeds:
+                    pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)])
+                             for c in concepts}
+                    evaluation = evaluate_runs(pairs, references, self.config.encoders, non_targets=non_targets,
+                                               device=self.device)
+                    write_evaluation(evaluation, out / "evaluations" / method / attack / f"seed{seed}")
+                    evaluations.setdefault(method, {}).setdefault(attack, {})[seed] = evaluation
+        return evaluations

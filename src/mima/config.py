@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import functools
 import json
 import os
@@ -31,7 +30,7 @@ import types
 import typing
 import warnings
 from collections.abc import Collection, Mapping
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -39,15 +38,6 @@ import yaml
 from .errors import ConfigError
 
 C = TypeVar("C", bound="Config")
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-REQUIRED: Any = _Required()
-"""Default reported by [`Config.help_table`] for fields without a default."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +49,7 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], *, strict: bool = True) -> C:
-        """Build a config from a mapping, recursively building nested configs and turning lists into tuples.
+        """Build a config from a mapping, turning lists into tuples.
 
         Args:
             data (`Mapping[str, Any]`):
@@ -69,7 +59,7 @@ class Config:
                 dropped with a warning.
 
         Raises:
-            [`~mima.errors.ConfigError`]: On unknown keys (strict), missing required keys or ill-typed values.
+            [`~mima.errors.ConfigError`]: On unknown keys (strict) or ill-typed values.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}: {data!r}")
@@ -82,10 +72,7 @@ class Config:
                     raise ConfigError(_unknown_key_message(cls, key))
                 warnings.warn(f"ignoring {_unknown_key_message(cls, key)}", UserWarning, stacklevel=2)
                 continue
-            kwargs[key] = _coerce(hints[key], value, _Where(cls, key, strict))
-        missing = [name for name, f in fields.items() if name not in kwargs and _has_no_default(f)]
-        if missing:
-            raise ConfigError(f"missing required key '{missing[0]}' in {cls.__name__}")
+            kwargs[key] = _coerce(hints[key], value, _Where(cls, key))
         return cls(**kwargs)
 
     @classmethod
@@ -96,7 +83,7 @@ class Config:
         return cls.from_dict({**_absent_values(cls), **data}, strict=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict of the init fields: tuples become lists, nested configs dicts and paths strings."""
+        """JSON-safe dict of the init fields: tuples become lists."""
         return {name: _to_jsonable(getattr(self, name)) for name in _init_fields(type(self))}
 
     def differences(self, recorded: Mapping[str, Any], fields: Collection[str] | None = None) -> dict[str, tuple]:
@@ -116,8 +103,6 @@ class Config:
                 old = recorded[name]
             elif name in absent:
                 old = _to_jsonable(absent[name])
-            elif _has_no_default(f):
-                old = None
             else:
                 old = _to_jsonable(f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
             if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
@@ -207,22 +192,8 @@ class Config:
                 continue
             if key not in fields:
                 raise ConfigError(_unknown_key_message(cls, key))
-            changes[key] = _coerce(hints[key], value, _Where(cls, key, strict=True))
+            changes[key] = _coerce(hints[key], value, _Where(cls, key))
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def help_table(cls) -> list[tuple[str, str, object]]:
-        """`(name, help, default)` for every init field, in declaration order; required fields show [`REQUIRED`]."""
-        rows = []
-        for name, f in _init_fields(cls).items():
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = REQUIRED
-            rows.append((name, f.metadata.get("help", ""), default))
-        return rows
 
 
 @functools.cache
@@ -237,10 +208,6 @@ def _init_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
 def _absent_values(cls: type) -> dict[str, Any]:
     """{field: value a record without the field was made with}, for fields whose default changed since."""
     return {name: f.metadata["absent"] for name, f in _init_fields(cls).items() if "absent" in f.metadata}
-
-
-def _has_no_default(f: dataclasses.Field[Any]) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _unknown_key_message(cls: type, key: object) -> str:
@@ -270,7 +237,6 @@ def _yaml_error_line(error: yaml.YAMLError) -> str:
 class _Where(typing.NamedTuple):
     cls: type
     key: str
-    strict: bool
 
     def invalid(self, tp: Any, value: Any) -> ConfigError:
         name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -289,7 +255,7 @@ def _coerce(tp: Any, value: Any, where: _Where) -> Any:
         if value not in typing.get_args(tp):
             raise where.invalid(f"one of {', '.join(map(repr, typing.get_args(tp)))}", value)
         return value
-    if origin in (tuple, list):
+    if origin is tuple:
         return _coerce_sequence(tp, value, where)
     if origin is dict:
         if not isinstance(value, Mapping):
@@ -313,38 +279,18 @@ def _coerce_union(tp: Any, value: Any, where: _Where) -> Any:
     raise where.invalid(tp, value)
 
 
-def _coerce_sequence(tp: Any, value: Any, where: _Where) -> tuple[Any, ...] | list[Any]:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+def _coerce_sequence(tp: Any, value: Any, where: _Where) -> tuple[Any, ...]:
+    """A variable-length tuple, `tuple[X, ...]`, from a list or tuple."""
     if not isinstance(value, (list, tuple)):
         raise where.invalid(tp, value)
-    if origin is tuple and args and args[-1] is not Ellipsis and args != ((),):
-        # Fixed-length tuple such as tuple[int, int].
-        if len(args) != len(value):
-            raise where.invalid(tp, value)
-        item_types = list(args)
-    else:
-        item_types = [args[0] if args else Any] * len(value)
-    items = [_coerce(item_tp, item, where) for item_tp, item in zip(item_types, value, strict=True)]
-    return tuple(items) if origin is tuple else items
+    item_tp = typing.get_args(tp)[0]
+    return tuple(_coerce(item_tp, item, where) for item in value)
 
 
 def _coerce_plain(tp: type, value: Any, where: _Where) -> Any:
-    if issubclass(tp, Config):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, Mapping):
-            return tp.from_dict(value, strict=where.strict)
-        raise where.invalid(tp, value)
-    if issubclass(tp, PurePath) and isinstance(value, (str, PurePath)):
-        return tp(value)
-    if issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise where.invalid(tp, value) from None
     if tp is float:
         return _coerce_float(value, where)
-    if tp in _SCALARS or issubclass(tp, PurePath):
+    if tp in _SCALARS:
         # bool is a subclass of int, but True is not a valid step count.
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
@@ -368,14 +314,8 @@ _SCALARS = (bool, int, str)
 
 
 def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, Config):
-        return value.to_dict()
     if isinstance(value, (list, tuple)):
         return [_to_jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(_to_jsonable(k)): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return _to_jsonable(value.value)
     return value

@@ -1,7 +1,14 @@
-"""Parameter-dict helpers: the UNet as a pure function of its parameters, and the differentiable inner step."""
+"""Parameter-dict helpers: the UNet as a pure function of its parameters, and the differentiable inner step.
+
+The inner step exists twice on purpose: `sgd_step` keeps its graph (the readable definition, differentiated as a
+whole), while `unroll` + `unrolled_vjp` give the same gradient without keeping any graph between batches, so that
+the memory of a meta-gradient does not grow with the number of batches (concepts) it spans.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -11,6 +18,8 @@ from mima.losses import UNetCall
 
 Params = dict[str, torch.Tensor]
 Order = Literal["first-order", "second-order"]
+BatchLoss = Callable[[Params, torch.Generator], torch.Tensor]
+"""The loss of one batch at the given parameters, drawing its noise and timesteps from the generator."""
 
 
 def unet_call_with(unet: torch.nn.Module, params: Params) -> UNetCall:
@@ -20,6 +29,12 @@ def unet_call_with(unet: torch.nn.Module, params: Params) -> UNetCall:
         return functional_call(unet, params, (noisy, timesteps), {"encoder_hidden_states": hidden}).sample
 
     return call
+
+
+def clip_scale(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The factor min(1, max_norm / |grads|) that scales `grads` down to global norm `max_norm`, as attacks clip."""
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    return torch.clamp(max_norm / (norm + 1e-12), max=1.0)
 
 
 def sgd_step(params: Params, loss: torch.Tensor, lr: float, order: Order, max_norm: float = 0.0) -> Params:
@@ -34,7 +49,115 @@ def sgd_step(params: Params, loss: torch.Tensor, lr: float, order: Order, max_no
     if not second_order:
         grads = [g.detach() for g in grads]
     if max_norm > 0:
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-        scale = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+        scale = clip_scale(grads, max_norm)
         grads = [g * scale for g in grads]
     return {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+
+
+@dataclass
+class Unrolled:
+    """SGD steps on the mean of several batch losses, kept as values only: what `unrolled_vjp` replays.
+
+    Args:
+        params (`Params`): the final parameters.
+        iterates (`list[Params]`): the parameters each step started from.
+        gradients (`list[Params]`): each step's mean gradient (empty after `for_replay`).
+        states (`list[list[torch.Tensor]]`): the generator's state before each batch loss of each step.
+        first_loss (`float`): the mean loss before the first step.
+    """
+
+    params: Params
+    iterates: list[Params]
+    gradients: list[Params]
+    states: list[list[torch.Tensor]]
+    first_loss: float
+
+    def for_replay(self) -> Unrolled:
+        """What a VJP over ONE batch needs: the run without its final parameters and gradients (which it
+        recomputes), so keeping one per concept costs no parameter copy for one inner step."""
+        return Unrolled({}, self.iterates, [], self.states, self.first_loss)
+
+
+def _leaves(params: Params) -> Params:
+    return {name: p.detach().requires_grad_() for name, p in params.items()}
+
+
+def unroll(
+    params: Params, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, *,
+    steps: int, lr: float, max_norm: float = 0.0,
+) -> Unrolled:
+    """`steps` SGD steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
+
+    The values equal those of `sgd_step` applied `steps` times to the stacked mean loss.
+    """
+    phi, iterates, gradients, states, first = {n: p.detach() for n, p in params.items()}, [], [], [], None
+    for _ in range(steps):
+        step_states, mean, total = [], {n: torch.zeros_like(p) for n, p in phi.items()}, 0.0
+        for loss_fn in losses:
+            step_states.append(generator.get_state())
+            leaves = _leaves(phi)
+            loss = loss_fn({**fixed, **leaves}, generator)
+            for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
+                mean[name] += grad / len(losses)
+            total += loss.item() / len(losses)
+        first = total if first is None else first
+        scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 else 1.0
+        iterates.append(phi)
+        gradients.append(mean)
+        states.append(step_states)
+        phi = {n: p - lr * scale * mean[n] for n, p in phi.items()}
+    return Unrolled(phi, iterates, gradients, states, first)
+
+
+def _replay(generator: torch.Generator, state: torch.Tensor) -> torch.Generator:
+    replay = torch.Generator(device=generator.device)
+    replay.set_state(state)
+    return replay
+
+
+def _clipped_cotangent(cotangent: Params, mean_grad: Params, max_norm: float) -> Params:
+    """u = d<cotangent, s(G) G>/dG for the clip scale s, through the same code that clips (`clip_scale`)."""
+    if max_norm <= 0:
+        return cotangent
+    leaves = _leaves(mean_grad)
+    scale = clip_scale(list(leaves.values()), max_norm)
+    inner = sum((cotangent[n] * scale * g).sum() for n, g in leaves.items())
+    return dict(zip(leaves, torch.autograd.grad(inner, list(leaves.values())), strict=True))
+
+
+def unrolled_vjp(
+    run: Unrolled, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, cotangent: Params,
+    wrt: list[str], *, lr: float, max_norm: float = 0.0, order: Order = "second-order",
+) -> Params:
+    """The gradient of <cotangent, run.params> with respect to the starting or fixed parameters named `wrt`.
+
+    Second order replays each step backwards, batch by batch: recompute the batch's gradient with its graph and
+    backpropagate through it (a Hessian-vector product), so at most one batch's double-backward graph is alive.
+    First order treats each step's gradient as a constant: d run.params / d params = I.
+    """
+    lam = dict(cotangent)
+    if order == "first-order":
+        return {n: lam[n] for n in wrt if n in lam}
+    fixed_grads = {n: torch.zeros_like(fixed[n]) for n in wrt if n in fixed and n not in lam}
+    for step in reversed(range(len(run.iterates))):
+        if not run.gradients and len(losses) != 1:
+            raise ValueError("a run over several batches needs its gradients to be replayed")
+        phi = _leaves(run.iterates[step])
+        extra = _leaves({n: fixed[n] for n in fixed_grads})
+        targets = {**phi, **extra} if step else {**{n: phi[n] for n in wrt if n in phi}, **extra}
+        hvp = {n: torch.zeros_like(p) for n, p in targets.items()}
+        u = _clipped_cotangent(lam, run.gradients[step], max_norm) if run.gradients else None
+        for loss_fn, state in zip(losses, run.states[step], strict=True):
+            loss = loss_fn({**fixed, **extra, **phi}, _replay(generator, state))
+            grads = dict(zip(phi, torch.autograd.grad(loss, list(phi.values()), create_graph=True), strict=True))
+            if u is None:  # one batch: its gradient is the step's mean gradient
+                u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
+            inner = sum((u[n] * g).sum() for n, g in grads.items())
+            hs = torch.autograd.grad(inner, list(targets.values()), allow_unused=True)
+            for name, h in zip(targets, hs, strict=True):
+                if h is not None:  # None: that parameter's gradient does not depend on it
+                    hvp[name] += h / len(losses)
+        lam = {n: lam[n] - lr * hvp[n] for n in (phi if step else hvp) if n in lam}
+        for name in fixed_grads:
+            fixed_grads[name] -= lr * hvp[name]
+    return {**{n: lam[n] for n in wrt if n in lam}, **fixed_grads}

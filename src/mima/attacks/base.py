@@ -19,7 +19,8 @@ class Attack(ABC):
     """An adaptation method: `prepare` injects adapters or tokens; the shared trainer optimises
     `trainable_parameters` on `loss`; `export` writes what plain diffusers loads.
 
-    Class attributes give the method's documented defaults, scaled to the toy world.
+    Each method declares its defaults here, as class attributes (its documented values, scaled to the toy world);
+    [`Attack.settings`] is the one place that applies them.
     """
 
     default_lr: ClassVar[float]
@@ -28,6 +29,16 @@ class Attack(ABC):
 
     def __init__(self, config: AttackConfig) -> None:
         self.config = config
+
+    @classmethod
+    def settings(cls, config: AttackConfig) -> AttackConfig:
+        """`config` as this method runs it: unset (None) steps and learning rate take the method's `default_steps`
+        and `default_lr`, an unset checkpoint period a quarter of the steps (at least 1)."""
+        steps = cls.default_steps if config.steps is None else config.steps
+        return config.with_overrides(
+            steps=steps, lr=cls.default_lr if config.lr is None else config.lr,
+            save_every=max(1, steps // 4) if config.save_every is None else config.save_every,
+        )
 
     @abstractmethod
     def prepare(self, components: Components, concept: ConceptSpec) -> None:

@@ -11,7 +11,8 @@ from mima.errors import ConfigError
 
 @dataclass(frozen=True)
 class AttackConfig(Config):
-    """Settings of one attack run. None means "the method's own default" (see `mima ls attacks`)."""
+    """Settings of one attack run. None means "not given": the method's default, which the method declares and
+    [`~mima.attacks.base.Attack.settings`] applies when the run is built (`attack.json` records the values used)."""
 
     method: str = field(default="lora", metadata={"help": "adaptation method (see `mima ls attacks`)"})
     steps: int | None = field(default=None, metadata={"help": "training steps (default: the method's budget)"})

@@ -39,10 +39,13 @@ class AttackRun:
     out_dir: Path
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        self.config = attacks.get(self.config.method).settings(self.config)  # unset fields: the method's defaults
+
     def run(self, resume: bool = False) -> Path:
         started = time.time()
         method = attacks.get(self.config.method)
-        config = self.resolved_config()
+        config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
         validate_images(concept)
@@ -65,14 +68,6 @@ class AttackRun:
         atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         return export_dir
-
-    def resolved_config(self) -> AttackConfig:
-        """The config this run uses: unset steps, learning rate and checkpoint period take the method's defaults."""
-        method = attacks.get(self.config.method)
-        config = self.config.with_overrides(
-            steps=self.config.steps or method.default_steps, lr=self.config.lr or method.default_lr,
-        )
-        return config.with_overrides(save_every=config.save_every or max(1, config.steps // 4))
 
 
 def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:

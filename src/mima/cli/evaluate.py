@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from mima.cli._args import add_device_argument
@@ -42,18 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+    from mima.evaluate.metrics import MRSGR, MSGR
     from mima.utils.device import resolve_device
 
     resolve_device(args.device)  # an unavailable device: one line, before any run is read
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
-    result = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets, device=args.device)
-    path = write_evaluation(result, args.out)
-    for encoder, block in result["encoders"].items():
-        print(f"{encoder}: MSGR {_fmt(block['msgr'])}  MRSGR {_fmt(block['mrsgr'])}")
+    evaluation = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets, device=args.device)
+    path = write_evaluation(evaluation, args.out)
+    for encoder, result in evaluation.encoders.items():
+        print(f"{encoder}: MSGR {_fmt(result.value(MSGR))}  MRSGR {_fmt(result.value(MRSGR))}")
     print(f"metrics: {path}")
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"

@@ -28,7 +28,8 @@ def _lines(kind: str) -> list[str]:
             from mima.immunize import immunizers as registry
         else:
             from mima.attacks import attacks as registry
-        return [f"{name:<20} {_summary(registry.get(name))}" for name in registry.names()]
+        classes = {name: registry.get(name) for name in registry.names()}
+        return [f"{name:<20} {_summary(cls)}{_defaults(cls)}" for name, cls in classes.items()]
     if kind == "encoders":
         from mima.evaluate.encoders import encoders
 
@@ -37,6 +38,11 @@ def _lines(kind: str) -> list[str]:
 
     return [f"{name:<24} {'higher' if metrics.get(name).higher_is_better else 'lower'} is better"
             for name in metrics.names()]
+
+
+def _defaults(cls: type) -> str:
+    """An attack's declared defaults (see `Attack.settings`); nothing for an immunizer."""
+    return f" (defaults: {cls.default_steps} steps, lr {cls.default_lr:g})" if hasattr(cls, "default_steps") else ""
 
 
 def _summary(cls: type) -> str:

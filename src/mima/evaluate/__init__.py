@@ -7,8 +7,12 @@ not re-exported here, where their names would hide the submodules of the same na
 from mima.evaluate.encoders import ImageEncoder, get_encoder
 from mima.evaluate.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
 from mima.evaluate.metrics import Metric, SimilarityCurve, mrsgr, msgr, sgr, similarity
+from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation, read_evaluation
 
 __all__ = [
+    "ConceptResult",
+    "EncoderResult",
+    "Evaluation",
     "ImageEncoder",
     "Metric",
     "SimilarityCurve",
@@ -17,6 +21,7 @@ __all__ = [
     "mrsgr",
     "msgr",
     "pair_runs",
+    "read_evaluation",
     "resolve_references",
     "sgr",
     "similarity",

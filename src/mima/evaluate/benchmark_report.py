@@ -1,87 +1,37 @@
 """The benchmark's report: every method against the un-immunized model, per attack, encoder and seed.
 
-Writes `metrics.json` (summary + every evaluation + timings + provenance), `report.md`, a self-contained
-`report.html` (images embedded), similarity-vs-step figures with one line per method, and sample grids with one
-row per method.
+It only formats: the benchmark ([`mima.benchmark.Benchmark`]) makes the evaluations. Writes `metrics.json` (summary +
+every evaluation + timings + provenance), `report.md`, a self-contained `report.html` (images embedded),
+similarity-vs-step figures with one line per method, and sample grids with one row per method.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mima.data.image_folder import read_image_folder
-from mima.evaluate.evaluate import evaluate_runs, write_evaluation, write_toy_references
 from mima.evaluate.report import slug
+from mima.evaluate.summary import (
+    UNIMMUNIZED,
+    BeforeAttack,
+    Evaluations,
+    Summary,
+    before_attack,
+    evaluations_to_json,
+    mean,
+    summarize,
+)
 from mima.sampling import save_grid
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
-UNIMMUNIZED = "none"
 
-
-def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _summarize(results: dict, targets: list[str], non_targets: list[str]) -> dict:
-    """method -> attack -> encoder -> {msgr, mrsgr, sgr, non_target_sgr (percent), attack-success rate (fraction)},
-    averaged over seeds."""
-    summary: dict = {}
-    for method, by_attack in results.items():
-        for attack, by_seed in by_attack.items():
-            encoders = next(iter(by_seed.values()))["encoders"]
-            for encoder in encoders:
-                blocks = [r["encoders"][encoder] for r in by_seed.values()]
-
-                def concept_sgr(name: str, blocks: list = blocks) -> float | None:
-                    per_seed = [_mean(b["concepts"][name]["sgr"][1:]) for b in blocks]  # t >= 1
-                    value = _mean(per_seed)
-                    return None if value is None else 100 * value
-
-                summary.setdefault(method, {}).setdefault(attack, {})[encoder] = {
-                    "msgr": _mean([b["msgr"] for b in blocks]),
-                    "mrsgr": _mean([b["mrsgr"] for b in blocks]),
-                    "sgr": {name: concept_sgr(name) for name in targets},
-                    "non_target_sgr": {name: concept_sgr(name) for name in non_targets},
-                    "attack_success_rate_with": _mean([b.get("attack_success_rate") for b in blocks]),
-                }
-    return summary
-
-
-def _before_attack(results: dict, attacks: list[str], concepts: list[str]) -> dict:
-    """Each model's own samples of each concept's prompt before any attack step, seed means:
-    `{"attack": a, "models": {model: {encoder: {concept: {"similarity", "success_rate"}}}}}`.
-
-    Read from step 0 of the first attack that keeps prompts as they are (a token method's step 0 draws its new
-    token instead); `{}` when every attack rewrites prompts.
-    """
-    from mima.attacks import attacks as registry
-
-    plain = [a for a in attacks if not registry.get(a).rewrites_prompts()]
-    if not plain:
-        return {}
-    models: dict = {}
-    for method, by_attack in results.items():
-        runs = list(by_attack[plain[0]].values())
-        for encoder in runs[0]["encoders"]:
-            for concept in concepts:
-                blocks = [r["encoders"][encoder]["concepts"][concept] for r in runs]
-                for model, side in ((UNIMMUNIZED, "without"), (method, "with")):
-                    rates = [b[f"asr_{side}"][0] if b[f"asr_{side}"] else None for b in blocks]
-                    models.setdefault(model, {}).setdefault(encoder, {})[concept] = {
-                        "similarity": _mean([b[f"s_{side}"][0] for b in blocks]), "success_rate": _mean(rates),
-                    }
-    return {"attack": plain[0], "models": models}
-
-
-def _curve_figure(results: dict, attack: str, encoder: str, concepts: list[str], path: Path) -> Path:
+def _curve_figure(evaluations: Evaluations, attack: str, encoder: str, concepts: list[str], path: Path) -> Path:
     """One panel per concept: S(t) of the attacked un-immunized model and of each immunized one (seed mean)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -91,14 +41,14 @@ def _curve_figure(results: dict, attack: str, encoder: str, concepts: list[str],
     for i, concept in enumerate(concepts):
         axes = figure.add_subplot(1, len(concepts), i + 1)
         first = True
-        for method, by_attack in results.items():
-            blocks = [r["encoders"][encoder]["concepts"][concept] for r in by_attack[attack].values()]
-            steps = blocks[0]["steps"]
+        for method, by_attack in evaluations.items():
+            results = [e.encoders[encoder].concepts[concept] for e in by_attack[attack].values()]
+            steps = results[0].steps
             if first:
-                axes.plot(steps, np.mean([b["s_without"] for b in blocks], axis=0), "k--", label=UNIMMUNIZED)
+                axes.plot(steps, np.mean([r.s_without for r in results], axis=0), "k--", label=UNIMMUNIZED)
                 first = False
-            axes.plot(steps, np.mean([b["s_with"] for b in blocks], axis=0), "o-", label=method)
-        axes.set_title(concept + ("" if blocks[0]["target"] else " (non-target)"))
+            axes.plot(steps, np.mean([r.s_with for r in results], axis=0), "o-", label=method)
+        axes.set_title(concept + ("" if results[0].target else " (non-target)"))
         axes.set_xlabel(f"{attack} step")
         axes.set_ylabel(f"similarity ({encoder})")
         axes.grid(alpha=0.3)
@@ -122,57 +72,51 @@ def _embed(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
 
 
-def _table(summary: dict) -> list[list[str]]:
+def _table(summary: Summary) -> list[list[str]]:
     rows = [["method", "attack", "encoder", "MSGR %", "MRSGR %", "mean non-target |SGR| %"]]
     for method, by_attack in summary.items():
         for attack, by_encoder in by_attack.items():
-            for encoder, s in by_encoder.items():
-                non_target = _mean([abs(v) for v in s["non_target_sgr"].values() if v is not None])
+            for encoder, row in by_encoder.items():
+                non_target = mean(abs(v) for v in row.non_target_sgr.values() if v is not None)
                 rows.append([method, attack, encoder, *(f"{v:.1f}" if v is not None else "n/a"
-                                                        for v in (s["msgr"], s["mrsgr"], non_target))])
+                                                        for v in (row.msgr, row.mrsgr, non_target))])
     return rows
 
 
-def _before_attack_table(before: dict, concepts: list[str], non_targets: list[str]) -> list[list[str]]:
+def _before_attack_table(before: BeforeAttack, concepts: list[str], non_targets: list[str]) -> list[list[str]]:
     """Rows (encoder, concept), columns the models: similarity to the references, and the judge's rate if known."""
-    models = list(before["models"])
+    models = list(before.models)
     rows = [["encoder", "concept", *models]]
-    for encoder in before["models"][models[0]]:
+    for encoder in before.models[models[0]]:
         for concept in concepts:
             cells = []
             for model in models:
-                entry = before["models"][model][encoder][concept]
-                cell = "n/a" if entry["similarity"] is None else f"{entry['similarity']:.3f}"
-                cells.append(cell + (f" ({100 * entry['success_rate']:.0f} %)" if entry["success_rate"] is not None
+                drawing = before.models[model][encoder][concept]
+                cell = "n/a" if drawing.similarity is None else f"{drawing.similarity:.3f}"
+                cells.append(cell + (f" ({100 * drawing.success_rate:.0f} %)" if drawing.success_rate is not None
                                      else ""))
             rows.append([encoder, concept + (" (non-target)" if concept in non_targets else ""), *cells])
     return rows
 
 
 def write_benchmark_report(
-    runs: dict, *, targets: list[str], non_targets: list[str], config: Any, timings: dict[str, dict[str, float]],
-    out_dir: Path, device: str = "auto",
+    evaluations: Evaluations, runs: dict[str, dict[tuple[str, str, int], Path]], *, targets: list[str],
+    non_targets: list[str], config: Any, timings: dict[str, dict[str, float]], out_dir: Path
 ) -> Path:
-    """Evaluate every (method, attack, seed) against the un-immunized runs and write the report folder."""
+    """Write the report folder of a benchmark's `evaluations` (sample grids from the attack `runs`' folders)."""
     concepts = targets + non_targets
-    references = write_toy_references(concepts, out_dir / "references") if config.references == "toy" else {
-        c: Path(config.references) / c for c in concepts}
-    results: dict = {}
-    for method in config.methods:
-        for attack in config.attacks:
-            for seed in config.seeds:
-                pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)]) for c in concepts}
-                result = evaluate_runs(pairs, references, config.encoders, non_targets=non_targets, device=device)
-                write_evaluation(result, out_dir / "evaluations" / method / attack / f"seed{seed}")
-                results.setdefault(method, {}).setdefault(attack, {})[str(seed)] = result
-    summary = _summarize(results, targets, non_targets)
-    figures = [_curve_figure(results, a, e, concepts, out_dir / "figures" / f"similarity-{slug(a)}-{slug(e)}.png")
+    summary = summarize(evaluations, targets, non_targets)
+    figures = [_curve_figure(evaluations, a, e, concepts, out_dir / "figures" / f"similarity-{slug(a)}-{slug(e)}.png")
                for a in config.attacks for e in config.encoders]
     grids = [_sample_grid(runs, a, c, config.seeds[0], out_dir / "grids" / f"{slug(a)}-{slug(c)}.png")
              for a in config.attacks for c in concepts]
-    before = _before_attack(results, list(config.attacks), concepts)
-    record = {"summary": summary, "before_attack": before, "evaluations": results, "config": config.to_dict(),
-              "timings_s": timings, **provenance()}
+    before = before_attack(evaluations, list(config.attacks), concepts)
+    record = {
+        "summary": {method: {attack: {encoder: row.to_json() for encoder, row in by_encoder.items()}
+                             for attack, by_encoder in by_attack.items()} for method, by_attack in summary.items()},
+        "before_attack": before.to_json() if before else {}, "evaluations": evaluations_to_json(evaluations),
+        "config": config.to_dict(), "timings_s": timings, **provenance(),
+    }
     atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     before_table = _before_attack_table(before, concepts, non_targets) if before else None
     _write_documents(summary, before_table, figures, grids, list(runs), timings, out_dir)
@@ -190,7 +134,7 @@ def _html_table(rows: list[list[str]], table_id: str) -> str:
     return f"<table id='{table_id}'>{cells}</table>"
 
 
-def _write_documents(summary: dict, before_table: list[list[str]] | None, figures: list[Path], grids: list[Path],
+def _write_documents(summary: Summary, before_table: list[list[str]] | None, figures: list[Path], grids: list[Path],
                      methods: list[str], timings: dict[str, dict[str, float]], out_dir: Path) -> None:
     table = _table(summary)
     legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "

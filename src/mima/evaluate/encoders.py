@@ -1,6 +1,6 @@
 """Image encoders f for the similarity metrics: one interface, the `encoders` registry and `get_encoder`.
 
-Every encoder returns unit-normalised features, so S(G, R) is a mean cosine similarity (method.md, "Metrics"). The
+Every encoder returns unit-normalised features, so S(G, R) is a mean cosine similarity (docs/metrics.md). The
 concrete encoders are lazy registry entries, so importing this module loads neither transformers nor EfficientNet:
 
 - `efficientnet-lite0`: 1280-d pooled features of an ImageNet-pretrained EfficientNet-Lite0; weights shipped in the

@@ -13,13 +13,11 @@ Features are cached per image content in `<folder>/.feature_cache/<encoder>.safe
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,6 +27,7 @@ from mima.evaluate.cache import FeatureCache
 from mima.evaluate.encoders import ImageEncoder, get_encoder
 from mima.evaluate.metrics import CONDITIONS, CurveSet, SimilarityCurve, metrics, relative_gap, sgr, similarity
 from mima.evaluate.report import plot_curves, save_comparison_grid, slug
+from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation, RunPair
 from mima.toy import world as toy_world
 from mima.utils.device import resolve_device
 from mima.utils.io import atomic_write_text
@@ -175,7 +174,7 @@ def evaluate_runs(
     *,
     non_targets: Collection[str] = (),
     device: str | None = "auto",
-) -> dict[str, Any]:
+) -> Evaluation:
     """Similarity curves, SGR, MSGR, MRSGR (and every registered metric) for each encoder.
 
     Args:
@@ -191,9 +190,7 @@ def evaluate_runs(
             Where the encoders built from specs run (see [`~mima.utils.device.resolve_device`]).
 
     Returns:
-        `dict[str, Any]`: JSON-serialisable (undefined values are `None`): `{"inputs": {...}, "encoders": {spec:
-        {"concepts": {name: {"steps", "s_without", "s_with", "sgr", "rsgr", "asr_without", "asr_with", "attack",
-        "target"}}, "msgr": x, "mrsgr": y, ...}}}`.
+        [`~mima.evaluate.results.Evaluation`]: The inputs and, by encoder, each concept's curves and every metric.
 
     Raises:
         [`~mima.errors.ConfigError`], [`~mima.errors.DataError`], [`~mima.errors.ModelError`]: On invalid inputs,
@@ -209,15 +206,13 @@ def evaluate_runs(
         encoders[key] = get_encoder(spec, resolved) if isinstance(spec, str) else spec
     if not encoders:
         raise ConfigError("no encoder given; e.g. 'efficientnet-lite0'")
-    inputs = {
-        "pairs": {c: {"without": str(p.without.path), "with": str(p.immunized.path), "steps": p.steps}
-                  for c, p in runs.items()},
-        "references": {concept: str(references[concept]) for concept in runs},
-        "non_targets": sorted(non_targets),
-    }
-    results = {key: _evaluate_encoder(encoder, runs, references, frozenset(non_targets))
-               for key, encoder in encoders.items()}
-    return _json_safe({"inputs": inputs, "encoders": results})
+    return Evaluation(
+        pairs={c: RunPair(str(p.without.path), str(p.immunized.path), p.steps) for c, p in runs.items()},
+        references={concept: str(references[concept]) for concept in runs},
+        non_targets=sorted(non_targets),
+        encoders={key: _evaluate_encoder(encoder, runs, references, frozenset(non_targets))
+                  for key, encoder in encoders.items()},
+    )
 
 
 def _validate(
@@ -247,8 +242,8 @@ def _validate(
 
 def _evaluate_encoder(
     encoder: ImageEncoder, runs: Mapping[str, _Pair], references: Mapping[str, PathLike], non_targets: frozenset[str]
-) -> dict[str, Any]:
-    concepts: dict[str, Any] = {}
+) -> EncoderResult:
+    concepts: dict[str, ConceptResult] = {}
     similarities, successes = {}, {}
     for concept, pair in runs.items():
         with FeatureCache(references[concept], encoder) as cache:
@@ -260,9 +255,9 @@ def _evaluate_encoder(
         if len(rates) == len(CONDITIONS):
             successes[concept] = rates
         target = concept not in non_targets
-        concepts[concept] = _concept_block(pair, similarities[concept], successes.get(concept), target)
+        concepts[concept] = _concept_result(pair, similarities[concept], successes.get(concept), target)
     curve_set = CurveSet(similarities, successes, non_targets)
-    return {"concepts": concepts, **{name: metrics.get(name)().compute(curve_set) for name in metrics.names()}}
+    return EncoderResult(concepts, {name: metrics.get(name)().compute(curve_set) for name in metrics.names()})
 
 
 def _run_curves(
@@ -279,39 +274,28 @@ def _run_curves(
     return SimilarityCurve(steps, values), SimilarityCurve(steps, rates) if known else None
 
 
-def _concept_block(
+def _concept_result(
     pair: _Pair, curves: Mapping[str, SimilarityCurve], rates: Mapping[str, SimilarityCurve] | None, target: bool
-) -> dict[str, Any]:
+) -> ConceptResult:
     without, immunized = curves["without"], curves["with"]
-    return {
-        "attack": pair.without.method,
-        "target": target,
-        "steps": list(pair.steps),
-        "s_without": without.values,
-        "s_with": immunized.values,
-        "sgr": [sgr(wo, w) for wo, w in zip(without.values, immunized.values, strict=True)],
-        "rsgr": relative_gap(without, immunized),
-        "asr_without": rates["without"].values if rates else None,
-        "asr_with": rates["with"].values if rates else None,
-    }
+    return ConceptResult(
+        attack=pair.without.method,
+        target=target,
+        steps=list(pair.steps),
+        s_without=without.values,
+        s_with=immunized.values,
+        sgr=[sgr(wo, w) for wo, w in zip(without.values, immunized.values, strict=True)],
+        rsgr=relative_gap(without, immunized),
+        asr_without=rates["without"].values if rates else None,
+        asr_with=rates["with"].values if rates else None,
+    )
 
 
-def _json_safe(value: Any) -> Any:
-    """Undefined floats (NaN, inf) become `None`; tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_evaluation(result: Mapping[str, Any], out_dir: PathLike) -> Path:
+def write_evaluation(evaluation: Evaluation, out_dir: PathLike) -> Path:
     """Write `metrics.json`, similarity-vs-step plots and sample grids of an [`evaluate_runs`] result.
 
-    - `metrics.json`: `{"results": result, "metrics": {name: direction, aggregation, definition}, "provenance": ...}`,
-      sorted keys; only `provenance` changes when the same inputs are evaluated again.
+    - `metrics.json`: `{"results": evaluation.to_json(), "metrics": {name: direction, aggregation, definition},
+      "provenance": ...}`, sorted keys; only `provenance` changes when the same inputs are evaluated again.
     - `plots/<encoder>/<concept>.png`: S(t) without and with immunization (and the attack-success rate when known).
     - `grids/<concept>.png`: last-step samples, top row without immunization, bottom row with.
 
@@ -320,18 +304,18 @@ def write_evaluation(result: Mapping[str, Any], out_dir: PathLike) -> Path:
     """
     out_dir = Path(out_dir)
     record = {
-        "results": result,
+        "results": evaluation.to_json(),
         "metrics": {name: metrics.get(name).info() for name in metrics.names()},
         "provenance": provenance(),
     }
     path = out_dir / "metrics.json"
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    for key, block in result["encoders"].items():
-        for concept, curves in block["concepts"].items():
-            title = f"{concept} ({curves['attack']}), encoder {key}"
+    for key, result in evaluation.encoders.items():
+        for concept, curves in result.concepts.items():
+            title = f"{concept} ({curves.attack}), encoder {key}"
             plot_curves(curves, title, out_dir / "plots" / slug(key) / f"{slug(concept)}.png")
-    for concept, runs in result["inputs"]["pairs"].items():
-        last = f"step_{runs['steps'][-1]}"
-        without, immunized = Path(runs["without"]) / "samples" / last, Path(runs["with"]) / "samples" / last
+    for concept, pair in evaluation.pairs.items():
+        last = f"step_{pair.steps[-1]}"
+        without, immunized = Path(pair.without) / "samples" / last, Path(pair.immunized) / "samples" / last
         save_comparison_grid(without, immunized, out_dir / "grids" / f"{slug(concept)}.png")
     return path

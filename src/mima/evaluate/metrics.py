@@ -1,6 +1,6 @@
 """Immunization metrics as pure functions of features and similarity curves, and the `metrics` registry.
 
-Notation (method.md, "Metrics"): f is an image encoder with unit-normalised features, R_n the reference images of
+Notation (docs/metrics.md): f is an image encoder with unit-normalised features, R_n the reference images of
 concept n, and after t steps of an attack A
 
     S_wo_n(t) = S(images of A(theta_base, n, t), R_n)      attacked WITHOUT immunization
@@ -162,6 +162,8 @@ class CurveSet:
 class Metric(ABC):
     """A scalar summary of a [`CurveSet`], with its direction and aggregation (for reports and comparisons)."""
 
+    name: ClassVar[str]
+    """The name it is registered and recorded under (`mima ls metrics`)."""
     higher_is_better: ClassVar[bool]
     aggregation: ClassVar[str]
     definition: ClassVar[Literal["paper", "project"]]
@@ -186,6 +188,7 @@ def _last_with(curves: Curves) -> float:
 class MSGR(Metric):
     """Mean similarity gap ratio on target concepts, in percent (IMMA/MIMA)."""
 
+    name = "msgr"
     higher_is_better = True
     aggregation = "mean over target concepts and checkpoints t >= 1"
     definition = "paper"
@@ -197,6 +200,7 @@ class MSGR(Metric):
 class MRSGR(Metric):
     """Mean relative similarity gap on target concepts, in percent: the share of the attacker's gain removed."""
 
+    name = "mrsgr"
     higher_is_better = True
     aggregation = "mean over target concepts of a ratio of sums over checkpoints t >= 1"
     definition = "project"
@@ -208,6 +212,7 @@ class MRSGR(Metric):
 class SimilarityAfterAttack(Metric):
     """Similarity S_w(T) of the immunized model's attacked samples to the target references at the last step T."""
 
+    name = "similarity_after_attack"
     higher_is_better = False
     aggregation = "mean over target concepts at the last checkpoint"
     definition = "project"
@@ -219,6 +224,7 @@ class SimilarityAfterAttack(Metric):
 class AttackSuccessRate(Metric):
     """Share of the immunized model's attacked samples the concept classifier assigns to the target, last step."""
 
+    name = "attack_success_rate"
     higher_is_better = False
     aggregation = "mean over target concepts the classifier knows, at the last checkpoint"
     definition = "project"
@@ -230,6 +236,7 @@ class AttackSuccessRate(Metric):
 class NonTargetSGR(Metric):
     """|MSGR| on non-target concepts, in percent: immunization should leave them learnable (near 0 is best)."""
 
+    name = "non_target_sgr"
     higher_is_better = False
     aggregation = "absolute value of the mean over non-target concepts and checkpoints t >= 1"
     definition = "project"
@@ -239,8 +246,5 @@ class NonTargetSGR(Metric):
 
 
 metrics: Registry[Metric] = Registry("metric", Metric)
-metrics.register("msgr", MSGR)
-metrics.register("mrsgr", MRSGR)
-metrics.register("similarity_after_attack", SimilarityAfterAttack)
-metrics.register("attack_success_rate", AttackSuccessRate)
-metrics.register("non_target_sgr", NonTargetSGR)
+for _metric in (MSGR, MRSGR, SimilarityAfterAttack, AttackSuccessRate, NonTargetSGR):
+    metrics.register(_metric.name, _metric)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mima.data.image_folder import read_image_folder
+from mima.evaluate.metrics import CONDITIONS
+from mima.evaluate.results import ConceptResult
 
 _COLOURS = {"without": "tab:blue", "with": "tab:red"}
 _LABELS = {"without": "without immunization", "with": "with immunization"}
@@ -21,13 +21,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "_"
 
 
-def plot_curves(concept: Mapping[str, Any], title: str, path: str | Path) -> Path:
+def plot_curves(concept: ConceptResult, title: str, path: str | Path) -> Path:
     """Plot S(t) without and with immunization against the attack step; a second panel shows the attack-success rate.
 
     Args:
-        concept (`Mapping[str, Any]`):
-            One concept's block of an `evaluate_runs` result (`steps`, `s_without`, `s_with`, `asr_without`,
-            `asr_with`).
+        concept (`ConceptResult`):
+            One concept's curves of an `evaluate_runs` result.
         title (`str`):
             Figure title.
         path (`str` or `Path`):
@@ -37,19 +36,18 @@ def plot_curves(concept: Mapping[str, Any], title: str, path: str | Path) -> Pat
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    panels = [("s", "similarity S(G, R)")]
-    if concept.get("asr_without") is not None:
-        panels.append(("asr", "attack-success rate"))
+    panels = [(concept.similarity, "similarity S(G, R)", None)]
+    if concept.asr_without is not None:
+        panels.append((concept.success_rate, "attack-success rate", (-0.05, 1.05)))
     figure = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
-    for index, (prefix, label) in enumerate(panels):
+    for index, (curve, label, limits) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), index + 1)
-        for condition in ("without", "with"):
-            values = [np.nan if v is None else v for v in concept[f"{prefix}_{condition}"]]
-            axes.plot(concept["steps"], values, "o-", color=_COLOURS[condition], label=_LABELS[condition])
+        for condition in CONDITIONS:
+            axes.plot(concept.steps, curve(condition), "o-", color=_COLOURS[condition], label=_LABELS[condition])
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if prefix == "asr":
-            axes.set_ylim(-0.05, 1.05)
+        if limits is not None:
+            axes.set_ylim(*limits)
         axes.set_xlabel("attack step")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)

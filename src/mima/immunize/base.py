@@ -21,7 +21,8 @@ class Immunizer(ABC):
 
     iterative: ClassVar[bool] = True
     depends_on: ClassVar[tuple[str, ...] | None] = None
-    """The config fields that decide this method's result (None: all but `save_every`); a benchmark reuses a
+    """The config fields that decide this method's result (None: all but `save_every` and
+    `gradient_checkpointing`); a benchmark reuses a
     finished model only if they match."""
 
     def __init__(self, config: ImmunizeConfig) -> None:
@@ -29,8 +30,9 @@ class Immunizer(ABC):
 
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:
-        """The fields of `config` that decide this method's result: `depends_on`, or all but `save_every`."""
-        return list(cls.depends_on or [name for name in config.to_dict() if name != "save_every"])
+        """The fields of `config` that decide this method's result: `depends_on`, or all but how it is computed."""
+        how = ("save_every", "gradient_checkpointing")
+        return list(cls.depends_on or [name for name in config.to_dict() if name not in how])
 
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
@@ -41,7 +43,14 @@ class Immunizer(ABC):
         return {}
 
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The quantity to MINIMISE at one outer step, and per-concept logs."""
+        """The quantity to MINIMISE at one outer step (differentiable in S^u), and per-concept logs."""
+        raise NotImplementedError(f"{type(self).__name__} is not iterative")
+
+    def gradients(
+        self, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+        """The value of `objective` and its gradient on S^u (name -> tensor), computed by the method itself
+        (the outer loop sets them as `.grad` and steps), and the logs."""
         raise NotImplementedError(f"{type(self).__name__} is not iterative")
 
 

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params, sgd_step, unet_call_with
+from mima.functional import BatchLoss, Params, Unrolled, sgd_step, unet_call_with, unroll, unrolled_vjp
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.losses import diffusion_loss
 from mima.models.components import Components
-from mima.models.cross_attention import select_parameters, use_differentiable_attention
+from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
 
 
 class BilevelImmunizer(Immunizer):
-    """max over S^u of the upper loss of adapted copies (method.md), minus a prior-preservation term.
+    """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
     """
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
-        self.unet, self.scheduler, self.concepts = components.unet, components.scheduler, concepts
-        if self.config.order == "second-order":  # only double backward needs the plain-math attention kernel
-            use_differentiable_attention(self.unet)
+        self.unet, self.scheduler = components.unet, components.scheduler
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
@@ -56,11 +58,106 @@ class BilevelImmunizer(Immunizer):
         """
         lower = {name: base[name] for name in self.lower_names}
         losses = []
-        for _ in range(self.config.inner_steps):
-            loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
-            lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
-            losses.append(loss.item())
+        with self.double_backward_attention():
+            for _ in range(self.config.inner_steps):
+                loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
+                lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
+                losses.append(loss.item())
         return lower, losses[0]
+
+    def batch_loss(self, batch: Batch) -> BatchLoss:
+        """The loss of `batch` as a function of the parameters and the generator."""
+        return lambda params, generator: self.loss(params, batch, generator)
+
+    def unroll(self, base: Params, batches: list[Batch], generator: torch.Generator) -> Unrolled:
+        """`adapt`'s values without its graph (same numbers, same draws from `generator`)."""
+        lower = {name: base[name] for name in self.lower_names}
+        config = self.config
+        losses = [self.batch_loss(b) for b in batches]
+        return unroll(lower, base, losses, generator, steps=config.inner_steps, lr=config.inner_lr,
+                      max_norm=config.inner_clip)
+
+    def unrolled_vjp(
+        self, run: Unrolled, base: Params, batches: list[Batch], generator: torch.Generator, cotangent: Params
+    ) -> Params:
+        """The gradient on S^u of <cotangent, adapted S^l>, replaying `run` batch by batch (`unrolled_vjp`)."""
+        losses = [self.batch_loss(b) for b in batches]
+        with self.double_backward_attention():
+            return unrolled_vjp(run, base, losses, generator, cotangent, self.upper_names, lr=self.config.inner_lr,
+                                max_norm=self.config.inner_clip, order=self.config.order)
+
+    def double_backward_attention(self) -> AbstractContextManager[None]:
+        """The plain-math attention kernel where the inner step is differentiated twice (second order only)."""
+        return differentiable_attention() if self.config.order == "second-order" else nullcontext()
+
+    def mean_loss_gradient(
+        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
+    ) -> tuple[list[float], Params]:
+        """Each batch's loss at `params`, and the gradient of their mean on the names `wrt`, one graph at a time."""
+        leaves = {name: params[name].detach().requires_grad_() for name in wrt}
+        losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
+        for batch in batches:
+            loss = self.loss({**params, **leaves}, batch, generator)
+            for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
+                grads[name] += grad / len(batches)
+            losses.append(loss.item())
+        return losses, grads
+
+    def adapted_loss_gradient(
+        self, base: Params, lowers: list[Batch], uppers: list[Batch], generator: torch.Generator
+    ) -> tuple[list[float], Params, float]:
+        """The losses of `uppers` after one simulated attack on all of `lowers` (imma-joint, the retain term),
+        the gradient of their mean on S^u, and the first lower-level loss."""
+        run = self.unroll(base, lowers, generator)
+        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
+        losses, grads = self.mean_loss_gradient({**base, **run.params}, uppers, generator, wrt)
+        pulled = self.unrolled_vjp(run, base, lowers, generator, {n: grads[n] for n in self.lower_names})
+        direct = {n: grads[n] for n in self.upper_names if n not in run.params}  # S^u outside S^l
+        return losses, add_grads(pulled, direct), run.first_loss
+
+    @abstractmethod
+    def upper_gradient(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[float], Params, dict[str, float]]:
+        """Each concept's upper loss, the gradient of their mean on S^u and the lower-level losses to log,
+        concept by concept."""
+
+    def gradients(
+        self, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[float, Params, dict[str, float]]:
+        """The value of `objective` and its gradient on S^u, computed so that at most one concept's double-backward
+        graph is alive at a time (same numbers and draws as differentiating `objective`)."""
+        batches = self.protected(batches)
+        base = {name: p.detach() for name, p in self.base_parameters().items()}
+        uppers, grads, logs = self.upper_gradient(base, batches, generator)
+        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}
+        logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
+        for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
+            weight, value = getattr(self.config, f"{name}_weight"), sum(losses) / max(len(losses), 1)
+            objective += weight * value
+            grads = add_grads(grads, {n: weight * g for n, g in term_grads.items()})
+            logs[name] = value
+        return objective, grads, logs
+
+    def preservation_gradients(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
+        """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
+        pairs = [(lower.prior, upper) for lower, upper in batches.values() if upper.prior is not None]
+        uppers, wrt = [up for _, up in pairs], self.upper_names
+        if self.config.prior_weight > 0:
+            yield "prior", self._mean_or_zero(base, [Batch(*up.prior) for up in uppers], generator, wrt)
+        if self.config.anchor_weight > 0:
+            yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
+        if self.config.retain_weight > 0:
+            lowers = [Batch(*lo) for lo, _ in pairs if lo is not None]
+            classes = [Batch(*up.prior) for lo, up in pairs if lo is not None]
+            yield "retain", self.adapted_loss_gradient(base, lowers, classes, generator)[:2] if lowers else ([], {})
+
+    def _mean_or_zero(
+        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
+    ) -> tuple[list[float], Params]:
+        return self.mean_loss_gradient(params, batches, generator, wrt) if batches else ([], {})
 
     @abstractmethod
     def adapted_parameters(
@@ -128,3 +225,8 @@ class BilevelImmunizer(Immunizer):
         adapted, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], generator)
         adapted = {**base, **adapted}
         return torch.stack([self.loss(adapted, Batch(*upper), generator) for _, upper in pairs]).mean()
+
+
+def add_grads(grads: Params, more: Params) -> Params:
+    """The sum of two gradient dicts (a name missing from one counts as zero)."""
+    return {**more, **grads, **{name: grads[name] + g for name, g in more.items() if name in grads}}

@@ -13,7 +13,7 @@ Setting = Literal["relearn", "personalize"]
 
 @dataclass(frozen=True)
 class ImmunizeConfig(Config):
-    """Settings of one immunization run (method.md). Method-specific fields are ignored by other methods."""
+    """Settings of one immunization run (docs/method.md). Method-specific fields are ignored by other methods."""
 
     method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
@@ -41,7 +41,12 @@ class ImmunizeConfig(Config):
                           "class images, so erased targets stay erased (0: off)"},
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
-    caption_bank: str = field(default="auto", metadata={"help": "'toy', 'generic', a file, or 'auto'"})
+    caption_bank: str = field(
+        default="auto",
+        metadata={"help": "'toy', 'generic', a file, or 'auto': 'toy' for a model whose tokenizer knows the toy "
+                          "world's words and not general English (the toy model and models made from it), else "
+                          "'generic'"},
+    )
     batch_size: int = field(default=4, metadata={"help": "images per concept per batch"})
     n_images: int = field(default=32, metadata={"help": "images generated per toy concept"})
     n_class_images: int = field(default=32, metadata={"help": "class images generated per class prompt"})
@@ -49,6 +54,11 @@ class ImmunizeConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of the upper step (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of data, noise and timesteps"})
     save_every: int = field(default=25, metadata={"help": "checkpoint period in outer steps"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute UNet activations in the backward instead of keeping them: less memory, "
+                          "about a third more time"},
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"}
     )
@@ -65,6 +75,16 @@ class ImmunizeConfig(Config):
         for name in ("prior_weight", "retain_weight", "anchor_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+
+    def for_model(self, model: str) -> ImmunizeConfig:
+        """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
+        the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
+        embedded model and every model made from it), `generic` for any other."""
+        if self.caption_bank != "auto":
+            return self
+        from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
+
+        return self.with_overrides(caption_bank="toy" if speaks_toy_vocabulary(model) else "generic")
 
     @property
     def uses_class_images(self) -> bool:

@@ -67,13 +67,17 @@ CLOSED_FORM_SETTINGS = ("method", "setting", "seed", "n_images", "caption_bank",
 
 @immunizers.register("erase")
 class Erase(Immunizer):
-    """Erase every target concept: its prompts are mapped to its class prompt; caption-bank prompts are kept."""
+    """Erase every target concept: its prompts are mapped to its class prompt; caption-bank prompts are kept.
+
+    In the relearn setting the run has already erased the targets before any method runs, so this is `none` there.
+    """
 
     iterative = False
     depends_on = CLOSED_FORM_SETTINGS
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
-        erase_targets(components, specs, self.config)
+        if self.config.setting != "relearn":  # relearn erased them already: erasing again moves K/V further
+            erase_targets(components, specs, self.config)
 
 
 @immunizers.register("none")

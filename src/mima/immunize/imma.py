@@ -27,6 +27,13 @@ class IMMAJoint(BilevelImmunizer):
         adapted, loss = self.adapt(base, [lower for lower, _ in batches.values()], generator)
         return adapted, {"lower/joint": loss}
 
+    def upper_gradient(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[float], Params, dict[str, float]]:
+        lowers, uppers = [lower for lower, _ in batches.values()], [upper for _, upper in batches.values()]
+        losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, generator)
+        return losses, grads, {"lower/joint": first_loss}
+
 
 @immunizers.register("imma")
 class IMMA(IMMAJoint):

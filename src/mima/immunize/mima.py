@@ -1,4 +1,18 @@
-"""MIMA (Zheng & Yeh, AAAI 2025): one adapted copy per concept, merged in closed form, ascended through."""
+"""MIMA (Zheng & Yeh, AAAI 2025): one adapted copy per concept, merged in closed form, ascended through.
+
+One outer step k, whole (docs/method.md, "One outer step"); each line names the function that does it:
+
+    x^l_n, x^u_n   two batches of each target's images             immunize.trainer._Loop._batches
+    theta          theta^{k-1} on S^l and S^u                      BilevelImmunizer.base_parameters
+    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))      BilevelImmunizer.adapt -> functional.sgd_step
+    theta'         Merge(theta'_1 .. theta'_N)                     MIMA.adapted_parameters -> MergePlan.merge
+    W_hat          W_0 + (V^T - W_0 C^T)(C M^-1 C^T)^-1 C M^-1     merge.closed_form.closed_form_merge
+    upper          mean_n L(x^u_n, c_n; theta')                    BilevelImmunizer.loss -> losses.diffusion_loss
+    terms          prior + anchor + retain (utility)               BilevelImmunizer.{prior,anchor,retain}_loss
+    objective      -upper + terms                                  BilevelImmunizer.objective
+    g              d objective / d S^u, back through Merge, adapt  MIMA.upper_gradient (one concept at a time)
+    S^u            AdamW step on clip(g) with rate beta            training.TrainingLoop.train_step
+"""
 
 from __future__ import annotations
 
@@ -8,7 +22,7 @@ from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params
 from mima.immunize.base import ConceptBatches, immunizers
-from mima.immunize.bilevel import BilevelImmunizer
+from mima.immunize.bilevel import BilevelImmunizer, add_grads
 from mima.merge.plan import MergePlan
 from mima.models.components import Components
 from mima.models.encoding import EncodedConcept
@@ -31,3 +45,26 @@ class MIMA(BilevelImmunizer):
             adapted, logs[f"lower/{name}"] = self.adapt(base, [lower], generator)
             copies.append(adapted)
         return self.plan.merge(base, copies), logs
+
+    def upper_gradient(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[float], Params, dict[str, float]]:
+        """Concept by concept: adapt each copy, keeping only what the Merge needs; merge; take the upper gradient
+        at the merged parameters; pull it back through the Merge; replay each copy's inner step with its graph
+        and backpropagate its share (so one concept's double-backward graph is alive at a time)."""
+        lowers = [lower for lower, _ in batches.values()]
+        inputs, runs, logs = self.plan.inputs(), [], {}
+        for name, lower in zip(batches, lowers, strict=True):
+            run = self.unroll(base, [lower], generator)
+            inputs.add(run.params)
+            runs.append(run.for_replay())
+            logs[f"lower/{name}"] = run.first_loss
+        merged = {**base, **inputs.merge(base)}
+        uppers = [upper for _, upper in batches.values()]
+        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
+        losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt)
+        copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
+        grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
+        for n, (run, lower) in enumerate(zip(runs, lowers, strict=True)):
+            grads = add_grads(grads, self.unrolled_vjp(run, base, [lower], generator, copy_grad(n)))
+        return losses, grads, logs

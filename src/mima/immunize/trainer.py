@@ -17,10 +17,10 @@ import torch
 
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.immunize import immunizers
-from mima.immunize.base import Immunizer
+from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
-from mima.models.components import TOY_MODEL_NAME, Components
+from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
@@ -40,9 +40,12 @@ class ImmunizationRun:
     out_dir: Path
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        self.config = self.config.for_model(self.model)
+
     def run(self, resume: bool = False) -> Path:
         started = time.time()
-        config = self.resolved_config()
+        config = self.config
         immunizers.get(config.method)  # unknown method: fail before any heavy work
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
         print(f"immunize: {placement.describe()}", file=sys.stderr)
@@ -65,12 +68,6 @@ class ImmunizationRun:
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
-
-    def resolved_config(self) -> ImmunizeConfig:
-        """The config this run uses: `caption_bank: auto` becomes `toy` for the toy model, `generic` otherwise."""
-        if self.config.caption_bank != "auto":
-            return self.config
-        return self.config.with_overrides(caption_bank="toy" if self.model == TOY_MODEL_NAME else "generic")
 
     def _prepare_specs(
         self, components: Components, config: ImmunizeConfig, placement: Placement
@@ -105,7 +102,13 @@ class _Loop(TrainingLoop):
         super().__init__(params, torch.optim.AdamW(params.values(), lr=config.outer_lr, weight_decay=0.0), settings,
                          placement)
 
-    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+        """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`)."""
+        with self.placement.autocast():
+            objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
+        self.check_finite(objective)
+        return objective, grads, logs
+
+    def _batches(self, generator: torch.Generator) -> ConceptBatches:
         size = self.config.batch_size
-        batches = {c.name: (c.batch(size, generator), c.batch(size, generator)) for c in self.encoded}
-        return self.immunizer.objective(batches, generator)
+        return {c.name: (c.batch(size, generator), c.batch(size, generator)) for c in self.encoded}

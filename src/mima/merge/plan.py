@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ class MergePlan:
 
     They live on the UNet's device, except on MPS (no float64): there they stay on the CPU, and each K/V weight
     goes there for the float64 solve and comes back. `merge` maps the base parameters and N adapted copies to the
-    merged parameters: cross-attention keys and values in closed form (method.md, the Merge layer), every other
+    merged parameters: cross-attention keys and values in closed form (docs/method.md, "The Merge"), every other
     adapted parameter averaged over concepts.
     """
 
@@ -68,26 +69,82 @@ class MergePlan:
             gram=factorize_gram(reg_bank.to(device), ridge),
         )
 
-    def merge_key_value(self, w0: torch.Tensor, adapted: list[torch.Tensor]) -> torch.Tensor:
-        """Closed-form merge of one K/V weight: W_hat c = W_n c for concept n's tokens c (shared tokens: mean).
+    def merge_key_value(self, w0: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        """Closed-form merge of one K/V weight given each copy's outputs V_n = C_n W_n^T on its concept's tokens
+        (float64, from `copy_values`): W_hat c = W_n c for concept n's tokens c (shared tokens: mean).
 
-        Computed in float64 (so also exact under autocast, which leaves float64 alone), returned in w0's device
-        and dtype."""
+        Solved in float64 where the plan lives (autocast leaves float64 alone), returned in w0's device and dtype.
+        """
         device = self.targets.device
-        w0_64 = w0.to(device, torch.float64)
-        _, stacked = merged_values([a.to(device, torch.float64) for a in adapted], self.concept_targets)
+        stacked = torch.cat([v.to(device) for v in values])  # (sum m_n, d_out)
         counts = torch.bincount(self.row_index, minlength=self.targets.shape[0]).to(stacked)[:, None]
-        values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=device)
-        values = values.index_add(0, self.row_index, stacked) / counts  # (m, d_out)
-        return closed_form_merge(w0_64, self.targets, values, self.gram).to(w0.device, w0.dtype)
+        merged = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=device)
+        merged = merged.index_add(0, self.row_index, stacked) / counts  # (m, d_out)
+        w0_64 = w0.to(device, torch.float64)
+        return closed_form_merge(w0_64, self.targets, merged, self.gram).to(w0.device, w0.dtype)
+
+    def copy_values(self, n: int, weight: torch.Tensor) -> torch.Tensor:
+        """V_n = C_n W_n^T of concept n's adapted copy of a K/V weight, in float64 where the plan lives."""
+        return merged_values([weight.to(self.targets.device, torch.float64)], [self.concept_targets[n]])[1]
+
+    def inputs(self) -> MergeInputs:
+        """An empty `MergeInputs` to add the adapted copies to, one at a time."""
+        return MergeInputs(self)
 
     def merge(self, base: Params, adapted: list[Params]) -> Params:
         """Merge(theta'_1 .. theta'_N) over the adapted parameter names."""
-        merged = {}
-        for name in adapted[0]:
-            copies = [a[name] for a in adapted]
-            if name in self.key_value_names:
-                merged[name] = self.merge_key_value(base[name], copies)
+        inputs = self.inputs()
+        for copy in adapted:
+            inputs.add(copy)
+        return inputs.merge(base)
+
+
+class MergeInputs:
+    """What the Merge keeps of N adapted copies, added one at a time: the sum of every parameter it averages and,
+    for each K/V weight, each copy's outputs on its own concept's tokens (V_n = C_n W_n^T, a few rows).
+
+    So memory does not grow with N by a parameter copy per concept, and the Merge is linear in what is kept:
+    the gradient reaching copy n is the mean's share for averaged parameters and dV_n^T C_n for K/V weights.
+    """
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan, self.count = plan, 0
+        self.sums: Params = {}
+        self.values: dict[str, list[torch.Tensor]] = {}  # K/V name -> N x (m_n, d_out)
+
+    def add(self, copy: Params) -> None:
+        """Add the next concept's adapted copy (concepts in the plan's order)."""
+        for name, tensor in copy.items():
+            if name in self.plan.key_value_names:
+                self.values.setdefault(name, []).append(self.plan.copy_values(self.count, tensor))  # (m_n, d_out)
             else:
-                merged[name] = torch.stack(copies).mean(dim=0)
-        return merged
+                self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor
+        self.count += 1
+
+    def merge(self, base: Params) -> Params:
+        """Merge(theta'_1 .. theta'_N): K/V weights in closed form from W_0 = base, the rest averaged."""
+        merged = {name: self.plan.merge_key_value(base[name], values) for name, values in self.values.items()}
+        return {**merged, **{name: total / self.count for name, total in self.sums.items()}}
+
+    def pull_back(self, base: Params, merged_grad: Params, wrt: list[str]) -> tuple[Callable[[int], Params], Params]:
+        """The gradient reaching each copy, and the base parameters named `wrt` (W_0 of merged K/V weights), from
+        the gradient `merged_grad` of the merged parameters.
+
+        Returns a function of the concept index giving that copy's gradient (built on demand: one at a time),
+        and the gradient of the base parameters.
+        """
+        w0 = {name: base[name].detach().requires_grad_() for name in self.values if name in wrt}
+        values = {name: [v.detach().requires_grad_() for v in vs] for name, vs in self.values.items()}
+        merged = {name: self.plan.merge_key_value(w0.get(name, base[name]), vs) for name, vs in values.items()}
+        inputs = [v for vs in values.values() for v in vs] + list(w0.values())
+        grads = iter(torch.autograd.grad([merged[n] for n in merged], inputs, [merged_grad[n] for n in merged]))
+        value_grads = {name: [next(grads) for _ in vs] for name, vs in values.items()}  # N x (m_n, d_out)
+        base_grads = {name: next(grads) for name in w0}
+        mean_grads = {name: merged_grad[name] / self.count for name in self.sums}
+
+        def copy_grad(n: int) -> Params:
+            targets = self.plan.concept_targets[n]  # float64, like the value gradients
+            kv = {name: (gs[n].T @ targets).to(base[name]) for name, gs in value_grads.items()}  # (d_out, d)
+            return {**mean_grads, **kv}
+
+        return copy_grad, base_grads

@@ -14,6 +14,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from mima.data.captions import load_caption_bank
 from mima.errors import ModelError
 from mima.utils.io import atomic_directory
 
@@ -23,6 +24,23 @@ TOY_MODEL_NAME = "toy"
 def toy_model_dir() -> Path:
     """The folder of the embedded default model, the pretrained toy pipeline (diffusers format)."""
     return Path(str(resources.files("mima") / "assets" / "toy-model"))
+
+
+def speaks_toy_vocabulary(model: str | Path) -> bool:
+    """Whether `model`'s tokenizer has the toy world's words and not general English: every word of the toy caption
+    bank is one of its tokens and some word of the generic bank is not. True for "toy", its exports and the models
+    made from it (immunized, fine-tuned, pretrained again); a hub id is not read (False)."""
+    if str(model) == TOY_MODEL_NAME:
+        return True
+    folder = Path(model) / "tokenizer"
+    if not folder.is_dir():
+        return False
+    vocab = CLIPTokenizer.from_pretrained(folder).get_vocab()
+
+    def knows(bank: str) -> bool:
+        return all(f"{word}</w>" in vocab for caption in load_caption_bank(bank) for word in caption.split())
+
+    return knows("toy") and not knows("generic")
 
 
 @dataclass

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from fnmatch import fnmatchcase
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from mima.errors import ConfigError, ModelError
 
@@ -35,6 +39,50 @@ def select_parameters(names: Iterable[str], patterns: Iterable[str], *, what: st
     return selected
 
 
-def use_differentiable_attention(unet: torch.nn.Module) -> None:
-    """Install the plain-math attention processor everywhere: fused CPU kernels have no double backward."""
-    unet.set_attn_processor(AttnProcessor())
+class _MathKernel(AbstractContextManager[None]):
+    """The plain-math attention kernel while inside; re-enterable, as a checkpoint may recompute more than once."""
+
+    depth = 0  # how many are entered: a checkpoint's forward records it for its recomputation
+
+    def __init__(self) -> None:
+        self._kernels: list[AbstractContextManager[None]] = []
+
+    def __enter__(self) -> None:
+        self._kernels.append(sdpa_kernel(SDPBackend.MATH))
+        self._kernels[-1].__enter__()
+        _MathKernel.depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        _MathKernel.depth -= 1
+        self._kernels.pop().__exit__(*exc_info)
+
+
+def differentiable_attention() -> AbstractContextManager[None]:
+    """Within it, attention runs the plain-math kernel, the only one with a double backward (fused CPU and GPU
+    kernels have none). Only forwards whose gradient is differentiated again need it; the rest keep the fast ones.
+    """
+    return _MathKernel()
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
+    """Keep only each UNet block's inputs and recompute its activations in the backward, also when that backward
+    is differentiated again and when the UNet runs under `torch.func.functional_call`.
+
+    diffusers' own checkpointing would recompute with the module's own weights (functional_call has restored
+    them by then) and with whatever attention kernel is current; here the weights in use are inputs of the
+    checkpoint and the recomputation runs under the kernel of the forward.
+    """
+
+    def checkpointed(module: torch.nn.Module, *args: object) -> object:
+        params = dict(module.named_parameters())  # the tensors in use now, substituted ones included
+        math_kernel = _MathKernel.depth > 0
+
+        def run(*inputs: object) -> object:
+            return functional_call(module, dict(zip(params, inputs[: len(params)], strict=True)), inputs[len(params):])
+
+        def contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+            return nullcontext(), differentiable_attention() if math_kernel else nullcontext()
+
+        return checkpoint(run, *params.values(), *args, use_reentrant=False, context_fn=contexts)
+
+    unet.enable_gradient_checkpointing(checkpointed)

@@ -1,0 +1,124 @@
+"""The numbers of a benchmark's report: seed means of its evaluations, per method, attack and encoder.
+
+`summarize` gives the main table ([`SummaryRow`]); `before_attack` what each model draws of each concept before any
+attack step ([`BeforeAttack`]). Both are typed, with `to_json` for the report's `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, Condition
+from mima.evaluate.results import ConceptResult, Evaluation
+
+UNIMMUNIZED = "none"
+
+Evaluations = dict[str, dict[str, dict[int, Evaluation]]]
+"""A benchmark's evaluations: method -> attack -> seed -> [`Evaluation`] against the un-immunized model."""
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the finite values; None when there is none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def evaluations_to_json(evaluations: Evaluations) -> dict[str, Any]:
+    return {method: {attack: {str(seed): e.to_json() for seed, e in by_seed.items()}
+                     for attack, by_seed in by_attack.items()} for method, by_attack in evaluations.items()}
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One (method, attack, encoder), averaged over seeds: MSGR and MRSGR (percent), each concept's mean SGR over
+    t >= 1 (percent), and the attack-success rate on the immunized model at the last step (fraction)."""
+
+    msgr: float | None
+    mrsgr: float | None
+    sgr: dict[str, float | None]
+    non_target_sgr: dict[str, float | None]
+    attack_success_rate_with: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"msgr": self.msgr, "mrsgr": self.mrsgr, "sgr": self.sgr, "non_target_sgr": self.non_target_sgr,
+                "attack_success_rate_with": self.attack_success_rate_with}
+
+
+Summary = dict[str, dict[str, dict[str, SummaryRow]]]
+"""method -> attack -> encoder -> [`SummaryRow`]."""
+
+
+def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[str]) -> Summary:
+    """The report's main table: every (method, attack, encoder), seed means."""
+    summary: Summary = {}
+    for method, by_attack in evaluations.items():
+        for attack, by_seed in by_attack.items():
+            for encoder in next(iter(by_seed.values())).encoders:
+                results = [e.encoders[encoder] for e in by_seed.values()]
+
+                def concept_sgr(name: str, results: list = results) -> float | None:
+                    value = mean(mean(r.concepts[name].sgr[1:]) for r in results)  # t >= 1
+                    return None if value is None else 100 * value
+
+                summary.setdefault(method, {}).setdefault(attack, {})[encoder] = SummaryRow(
+                    msgr=mean(r.value(MSGR) for r in results),
+                    mrsgr=mean(r.value(MRSGR) for r in results),
+                    sgr={name: concept_sgr(name) for name in targets},
+                    non_target_sgr={name: concept_sgr(name) for name in non_targets},
+                    attack_success_rate_with=mean(r.value(AttackSuccessRate) for r in results),
+                )
+    return summary
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """What a model draws of a concept's prompt before any attack step, seed means: similarity to the references
+    and, where the encoder knows the concept, the share it recognises."""
+
+    similarity: float | None
+    success_rate: float | None
+
+
+@dataclass(frozen=True)
+class BeforeAttack:
+    """Each model's own samples of each concept, read from step 0 of `attack`: model -> encoder -> concept."""
+
+    attack: str
+    models: dict[str, dict[str, dict[str, Drawing]]]
+
+    def to_json(self) -> dict[str, Any]:
+        models = {model: {encoder: {concept: {"similarity": d.similarity, "success_rate": d.success_rate}
+                                    for concept, d in by_concept.items()}
+                          for encoder, by_concept in by_encoder.items()}
+                  for model, by_encoder in self.models.items()}
+        return {"attack": self.attack, "models": models}
+
+
+def before_attack(evaluations: Evaluations, attacks: list[str], concepts: list[str]) -> BeforeAttack | None:
+    """Each model's own samples of each concept's prompt before any attack step (seed means).
+
+    Read from step 0 of the first attack that keeps prompts as they are (a token method's step 0 draws its new
+    token instead); None when every attack rewrites prompts.
+    """
+    from mima.attacks import attacks as registry
+
+    plain = [a for a in attacks if not registry.get(a).rewrites_prompts()]
+    if not plain:
+        return None
+    models: dict[str, dict[str, dict[str, Drawing]]] = {}
+    for method, by_attack in evaluations.items():
+        runs = list(by_attack[plain[0]].values())
+        for encoder in runs[0].encoders:
+            for concept in concepts:
+                results = [e.encoders[encoder].concepts[concept] for e in runs]
+                for model, side in ((UNIMMUNIZED, "without"), (method, "with")):
+                    models.setdefault(model, {}).setdefault(encoder, {})[concept] = _drawing(results, side)
+    return BeforeAttack(plain[0], models)
+
+
+def _drawing(results: list[ConceptResult], side: Condition) -> Drawing:
+    rates = [r.success_rate(side) for r in results]
+    return Drawing(mean(r.similarity(side)[0] for r in results), mean(r[0] if r else None for r in rates))
