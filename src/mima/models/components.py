@@ -84,11 +84,6 @@ class Components:
             module.to(device=device, dtype=dtype)
         return self
 
-    @property
-    def device(self) -> torch.device:
-        """Where the UNet (and, after [`to`], every module) lives."""
-        return self.unet.device
-
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A diffusers pipeline sharing these modules, with a DDIM sampler and no safety checker."""
         return StableDiffusionPipeline(

@@ -19,7 +19,6 @@ from ..errors import ConfigError
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 _COMPUTE_DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEVICE_HELP = "where models run: 'auto' (CUDA, then MPS, then the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 def _mps_available() -> bool:
