@@ -81,7 +81,8 @@ class Components:
                 float32 weights and runs in lower precision under autocast instead.
         """
         for module in self.modules().values():
-            module.to(device=device, dtype=dtype)
+            # diffusers warns about any dtype argument, None included: pass one only when casting
+            module.to(device) if dtype is None else module.to(device, dtype)
         return self
 
     def to_pipeline(self) -> StableDiffusionPipeline:
