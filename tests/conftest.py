@@ -39,3 +39,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sd15_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random pipeline shaped like SD 1.5 (tests/sd_shaped.py), saved once per session (read-only by convention)."""
+    from sd_shaped import build_sd15_shaped
+
+    return build_sd15_shaped(tmp_path_factory.mktemp("sd15") / "model")
+
+
+@pytest.fixture(scope="session")
+def sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random pipeline shaped like SD 2.x (v-prediction, 1024-wide text), saved once per session."""
+    from sd_shaped import build_sd2_shaped
+
+    return build_sd2_shaped(tmp_path_factory.mktemp("sd2") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random pipeline shaped like SDXL (two text encoders, 2,048-wide text features, added conditions)."""
+    from sd_shaped import build_sdxl_shaped
+
+    return build_sdxl_shaped(tmp_path_factory.mktemp("sdxl") / "model")

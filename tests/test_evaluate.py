@@ -200,7 +200,7 @@ def test_cli_ls(capsys):
     parser = argparse.ArgumentParser()
     ls.register(parser.add_subparsers())
     for kind, expected in (("encoders", "efficientnet-lite0"), ("metrics", "msgr"),
-                           ("attacks", "(defaults: 300 steps, lr 0.005)")):
+                           ("attacks", "(defaults: 300 steps, lr 0.005; on a real model 0.0005)")):
         args = parser.parse_args(["ls", kind])
         args.func(args)
         assert expected in capsys.readouterr().out

@@ -14,6 +14,7 @@ from PIL import Image
 from mima.data.concepts import ConceptSpec
 from mima.data.image_folder import write_image_folder
 from mima.models.components import Components
+from mima.models.encoding import images_per_call
 
 DEFAULT_SAMPLING_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
@@ -27,16 +28,18 @@ def sample_images(
     seed: int = 0,
     steps: int = DEFAULT_SAMPLING_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     height: int | None = None,
 ) -> np.ndarray:
     """Generate one image per prompt with DDIM; image i's noise depends only on (seed, i), not on batching.
 
+    `batch_size` (default: chosen from the resolution, `images_per_call`) images go through the pipeline at a time.
     Returns uint8 (N, H, W, 3).
     """
     pipe = components.to_pipeline()
     pipe.set_progress_bar_config(disable=True)
     size = height or components.unet.config.sample_size * pipe.vae_scale_factor
+    batch_size = batch_size or images_per_call(size)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -72,10 +75,12 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None) 
 
 
 def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Path, n_images: int) -> ConceptSpec:
-    """Generate the class images with the base model once, when the spec has a class prompt but no images."""
+    """Generate the class images with the base model once, when the spec has a class prompt but no images: into its
+    `class_images` folder when it names one that does not exist yet (later runs reuse it), else into `cache_dir`."""
     if spec.class_prompt is None or (spec.class_images is not None and spec.class_images.exists()):
         return spec
-    folder = cache_dir / ("class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-"))
+    slug = "class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-")
+    folder = spec.class_images or cache_dir / slug
     if not (folder / "metadata.csv").is_file():
         images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
         write_image_folder(images, [spec.class_prompt] * n_images, folder)

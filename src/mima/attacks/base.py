@@ -24,6 +24,8 @@ class Attack(ABC):
     """
 
     default_lr: ClassVar[float]
+    reference_lr: ClassVar[float]
+    """The learning rate of the method's reference implementation for Stable Diffusion, the default on real models."""
     default_steps: ClassVar[int]
     uses_prior: ClassVar[bool] = False
 
@@ -31,12 +33,14 @@ class Attack(ABC):
         self.config = config
 
     @classmethod
-    def settings(cls, config: AttackConfig) -> AttackConfig:
+    def settings(cls, config: AttackConfig, toy: bool = True) -> AttackConfig:
         """`config` as this method runs it: unset (None) steps and learning rate take the method's `default_steps`
-        and `default_lr`, an unset checkpoint period a quarter of the steps (at least 1)."""
+        and `default_lr` (`reference_lr` on a real model, `toy=False`), an unset checkpoint period a quarter of the
+        steps (at least 1)."""
         steps = cls.default_steps if config.steps is None else config.steps
+        default_lr = cls.default_lr if toy else cls.reference_lr
         return config.with_overrides(
-            steps=steps, lr=cls.default_lr if config.lr is None else config.lr,
+            steps=steps, lr=default_lr if config.lr is None else config.lr,
             save_every=max(1, steps // 4) if config.save_every is None else config.save_every,
         )
 

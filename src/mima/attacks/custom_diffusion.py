@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
 from mima.attacks.base import Attack, attacks
-from mima.attacks.tokens import EMBEDDINGS_FILE, NewToken, with_token
+from mima.attacks.tokens import NewToken, load_token_embeddings, with_token
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
@@ -49,12 +49,13 @@ def load_custom_diffusion(pipe: DiffusionPipeline, directory: str | Path) -> Non
     kv = {p: (weights[f"{p}.processor.to_k_custom_diffusion.weight"],
               weights[f"{p}.processor.to_v_custom_diffusion.weight"]) for p in paths}
     install_processors(pipe.unet, kv)
-    pipe.load_textual_inversion(directory, weight_name=EMBEDDINGS_FILE)
+    load_token_embeddings(pipe, directory)
 
 
 @attacks.register("custom-diffusion")
 class CustomDiffusion(Attack):
     default_lr = 1e-3  # the reference 1e-5 x batch scaling is for SD; raised for the toy model
+    reference_lr = 1e-5  # diffusers examples/custom_diffusion/train_custom_diffusion.py (unscaled)
     default_steps = 200
     uses_prior = True
 
@@ -68,13 +69,14 @@ class CustomDiffusion(Attack):
         self.new_token = NewToken(components, self.config.token or f"<new-{concept.name}>", init_word)
 
     def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept.name, f"{self.new_token.token} {self.concept.name}")
+        return with_token(prompt, self.concept, self.new_token.token, keep_words=True)
 
     def trains_text(self) -> bool:
         return True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [*(p for processor in self.processors.values() for p in processor.parameters()), self.new_token.vector]
+        kv = [p for processor in self.processors.values() for p in processor.parameters()]
+        return [*kv, *self.new_token.vectors]
 
     def export(self, out_dir: Path) -> Path:
         """The K/V processors, in the file layout of diffusers' `save_attn_procs`, plus the modifier token:

@@ -15,6 +15,7 @@ from mima.models.components import Components
 @attacks.register("dreambooth")
 class DreamBooth(Attack):
     default_lr = 2e-4  # the reference 5e-6 is for SD's 860 M parameters; the toy UNet is 1 M
+    reference_lr = 5e-6  # diffusers examples/dreambooth/train_dreambooth.py
     default_steps = 200
     uses_prior = True
 
@@ -32,5 +33,5 @@ class DreamBooth(Attack):
         return [p for m in modules for p in m.parameters()]
 
     def export(self, out_dir: Path) -> Path:
-        """A full pipeline folder: `StableDiffusionPipeline.from_pretrained(out_dir)`."""
+        """A full pipeline folder: `DiffusionPipeline.from_pretrained(out_dir)` (the model's own pipeline class)."""
         return self.components.save_pretrained(out_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
@@ -17,6 +16,7 @@ from mima.models.components import Components
 @attacks.register("lora")
 class LoRA(Attack):
     default_lr = 1e-3  # diffusers' LoRA example uses 1e-4 on SD; the toy model's smaller layers take more
+    reference_lr = 1e-4  # diffusers examples/text_to_image/train_text_to_image_lora.py
     default_steps = 200
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
@@ -35,5 +35,6 @@ class LoRA(Attack):
     def export(self, out_dir: Path) -> Path:
         """`pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(out_dir)`."""
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.components.unet))
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        pipeline_class = self.components.family.pipeline_class
+        pipeline_class.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
         return out_dir

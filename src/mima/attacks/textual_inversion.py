@@ -15,6 +15,7 @@ from mima.models.components import Components
 @attacks.register("textual-inversion")
 class TextualInversion(Attack):
     default_lr = 5e-3  # the reference 5e-4 x batch scaling, raised for the toy world's short budget
+    reference_lr = 5e-4  # diffusers examples/textual_inversion/textual_inversion.py (unscaled)
     default_steps = 300
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
@@ -25,14 +26,15 @@ class TextualInversion(Attack):
         self.new_token = NewToken(components, self.config.token or f"<{concept.name}>", init_word)
 
     def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept.name, self.new_token.token)
+        return with_token(prompt, self.concept, self.new_token.token)
 
     def trains_text(self) -> bool:
         return True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.new_token.vector]
+        return list(self.new_token.vectors)
 
     def export(self, out_dir: Path) -> Path:
-        """`learned_embeds.safetensors`: `pipe.load_textual_inversion(out_dir)`."""
+        """`learned_embeds.safetensors`: `pipe.load_textual_inversion(out_dir)`, for SDXL once per text encoder
+        (`mima.attacks.tokens.load_token_embeddings`)."""
         return self.new_token.export(out_dir)

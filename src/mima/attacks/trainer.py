@@ -20,7 +20,7 @@ from mima.attacks.base import Attack
 from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.image_folder import write_image_folder
-from mima.models.components import Components
+from mima.models.components import Components, speaks_toy_vocabulary
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.training import LoopSettings, TrainingLoop
@@ -40,7 +40,8 @@ class AttackRun:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self.config = attacks.get(self.config.method).settings(self.config)  # unset fields: the method's defaults
+        method = attacks.get(self.config.method)  # unset fields: the method's defaults for this model's family
+        self.config = method.settings(self.config, toy=speaks_toy_vocabulary(self.model))
 
     def run(self, resume: bool = False) -> Path:
         started = time.time()

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from mima.cli._args import add_device_argument
 
-_DEFAULT_ENCODERS = ["efficientnet-lite0", "toy-judge"]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per concept, and/or CONCEPT=DIR entries",
     )
     parser.add_argument(
-        "--encoder", nargs="+", default=_DEFAULT_ENCODERS, metavar="SPEC",
-        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: %(default)s)",
+        "--encoder", nargs="+", metavar="SPEC",
+        help="image encoders, NAME or NAME:MODEL (see `mima ls encoders`; default: efficientnet-lite0, and toy-judge "
+        "when every concept is a toy concept)",
     )
     parser.add_argument(
         "--non-targets", nargs="+", default=[], metavar="CONCEPT",
@@ -43,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
+    from mima.evaluate.evaluate import default_encoders
     from mima.evaluate.metrics import MRSGR, MSGR
     from mima.utils.device import resolve_device
 
@@ -50,7 +50,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
-    evaluation = evaluate_runs(pairs, references, args.encoder, non_targets=args.non_targets, device=args.device)
+    encoders = args.encoder or default_encoders(list(pairs))
+    evaluation = evaluate_runs(pairs, references, encoders, non_targets=args.non_targets, device=args.device)
     path = write_evaluation(evaluation, args.out)
     for encoder, result in evaluation.encoders.items():
         print(f"{encoder}: MSGR {_fmt(result.value(MSGR))}  MRSGR {_fmt(result.value(MRSGR))}")

@@ -42,7 +42,9 @@ def _lines(kind: str) -> list[str]:
 
 def _defaults(cls: type) -> str:
     """An attack's declared defaults (see `Attack.settings`); nothing for an immunizer."""
-    return f" (defaults: {cls.default_steps} steps, lr {cls.default_lr:g})" if hasattr(cls, "default_steps") else ""
+    if not hasattr(cls, "default_steps"):
+        return ""
+    return f" (defaults: {cls.default_steps} steps, lr {cls.default_lr:g}; on a real model {cls.reference_lr:g})"
 
 
 def _summary(cls: type) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -22,3 +24,18 @@ def load_caption_bank(name_or_path: str | Path) -> list[str]:
     if not captions:
         raise DataError(f"caption bank '{path}' has no captions")
     return captions
+
+
+def words(text: str) -> list[str]:
+    """The lowercase words of `text` (letters, digits and apostrophes)."""
+    return re.findall(r"[\w']+", text.lower())
+
+
+def frequent_words(captions: list[str], share: float = 0.1) -> frozenset[str]:
+    """Words found in at least `share` of `captions`: the templates' words ("a", "photo", "of"), which name no concept.
+
+    A concept named in a tenth of a generic caption bank would not be a concept worth protecting; below that, a word
+    of a concept's prompts is taken as naming it (see `mima.data.concepts.naming_words`).
+    """
+    counts = Counter(word for caption in captions for word in set(words(caption)))
+    return frozenset(word for word, n in counts.items() if n >= share * len(captions))

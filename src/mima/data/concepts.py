@@ -8,13 +8,15 @@ missing). Everything is validated before any heavy work.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mima.data.captions import words
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
 from mima.toy import world as toy_world
@@ -117,6 +119,32 @@ def materialize(spec: ConceptSpec, cache_dir: Path, n_images: int, seed: int = 0
         images, prompts = toy_world.sample_concept_images(spec.toy, n_images, seed=seed)
         write_image_folder(images, prompts, folder)
     return replace(spec, images=folder)
+
+
+def naming_words(spec: ConceptSpec, frequent: Collection[str]) -> frozenset[str]:
+    """The words that name the concept: those of its name and those all its prompts share, except its class prompt's
+    words and `frequent` ones (e.g. {"zorblax", "quenn", "style"} for "a painting in the style of Zorblax Quenn",
+    class "a painting", named "zorblax-style")."""
+    shared = set.intersection(*(set(words(p)) for p in spec.prompts))
+    return frozenset((set(words(spec.name)) | shared) - set(words(spec.class_prompt or "")) - set(frequent))
+
+
+def concept_phrase(prompt: str, spec: ConceptSpec, frequent: Collection[str]) -> str | None:
+    """The part of `prompt` that names the concept: its name where it occurs, else the longest run of its naming
+    words ("Zorblax Quenn"); None when the prompt names it in no word."""
+    if spec.name in prompt:
+        return spec.name
+    naming = naming_words(spec, frequent)
+    runs, run = [], []
+    for match in re.finditer(r"[\w']+", prompt):
+        gap = prompt[run[-1].end() : match.start()] if run else ""
+        if match.group().lower() in naming and (not run or gap.isspace()):
+            run.append(match)
+        else:
+            runs.append(run)
+            run = [match] if match.group().lower() in naming else []
+    longest = max([*runs, run], key=len)
+    return prompt[longest[0].start() : longest[-1].end()] if longest else None
 
 
 def validate_images(spec: ConceptSpec) -> None:

@@ -114,6 +114,13 @@ def _by_concept(paths: Sequence[PathLike], side: str) -> dict[str, Path]:
     return runs
 
 
+def default_encoders(concepts: Collection[str]) -> tuple[str, ...]:
+    """`DEFAULT_ENCODERS` when every concept is a toy concept; else without the toy judge (it knows only those)."""
+    if all(concept in toy_world.STYLES + toy_world.OBJECTS for concept in concepts):
+        return DEFAULT_ENCODERS
+    return tuple(encoder for encoder in DEFAULT_ENCODERS if encoder != "toy-judge")
+
+
 def write_toy_references(
     concepts: Sequence[str], out_dir: PathLike, n: int = TOY_REFERENCE_IMAGES, seed: int = TOY_REFERENCE_SEED
 ) -> dict[str, Path]:

@@ -18,11 +18,8 @@ Params = dict[str, torch.Tensor]
 @torch.no_grad()
 def prompt_token_embeddings(components: Components, prompts: list[str]) -> torch.Tensor:
     """Text-encoder outputs of each prompt's tokens after the start token, up to its first end token (rows, d)."""
-    tokens = components.tokenizer(
-        prompts, padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    hidden = components.text_encoder(tokens.to(components.text_encoder.device))[0].float().cpu()  # (B, T, d)
+    tokens, hidden = components.token_features(prompts)
+    hidden = hidden.float().cpu()  # (B, T, d)
     rows = []
     for ids, states in zip(tokens, hidden, strict=True):
         end = int((ids == components.tokenizer.eos_token_id).nonzero()[0])

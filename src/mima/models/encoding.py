@@ -54,8 +54,18 @@ class EncodedConcept:
         return Batch(latents, hidden, prior)
 
 
+# Pixels per VAE or sampling call: 8 images at 512 px (SD 1.x on a GPU), 32 toy images of 32 px, 2 at SDXL's size.
+PIXELS_PER_CALL = 8 * 512 * 512
+MAX_IMAGES_PER_CALL = 32
+
+
 def model_resolution(components: Components) -> int:
     return components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+def images_per_call(resolution: int) -> int:
+    """How many images of `resolution` pixels a side one VAE or sampling call takes (1 to 32)."""
+    return max(1, min(MAX_IMAGES_PER_CALL, PIXELS_PER_CALL // (resolution * resolution)))
 
 
 def to_pixels(images: list[Image.Image | np.ndarray], resolution: int) -> torch.Tensor:
@@ -76,12 +86,17 @@ def encode_folder(components: Components, folder: Path, default_prompt: str) -> 
     """Encode every image of `folder` with its metadata prompt (or `default_prompt`); the encodings stay on the
     model's device, where training batches are drawn from them."""
     images, prompts = read_image_folder(folder)
-    pixels = to_pixels(images, model_resolution(components))
-    posterior = components.vae.encode(pixels.to(components.vae.device, components.vae.dtype)).latent_dist
+    resolution = model_resolution(components)
+    means, stds = [], []
+    for start in range(0, len(images), images_per_call(resolution)):
+        pixels = to_pixels(images[start : start + images_per_call(resolution)], resolution)
+        posterior = components.vae.encode(pixels.to(components.vae.device, components.vae.dtype)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
     scale = components.vae.config.scaling_factor
     prompts = [p or default_prompt for p in prompts]
     hidden = components.encode_prompts(prompts)
-    return EncodedImages(posterior.mean.float() * scale, posterior.std.float() * scale, hidden.float(), prompts)
+    return EncodedImages(torch.cat(means) * scale, torch.cat(stds) * scale, hidden.float(), prompts)
 
 
 def encode_concept(components: Components, spec: ConceptSpec, *, with_prior: bool) -> EncodedConcept:

@@ -71,14 +71,19 @@ def train_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
 
 def build_toy_tokenizer(out_dir: Path) -> CLIPTokenizer:
     """A CLIP-format BPE (vocab.json + merges.txt) whose merges make every toy word a single token."""
-    merges = train_bpe_merges(toy_vocabulary())
+    return build_bpe_tokenizer(toy_vocabulary(), out_dir, MAX_PROMPT_TOKENS)
+
+
+def build_bpe_tokenizer(words: list[str], out_dir: Path, model_max_length: int) -> CLIPTokenizer:
+    """A CLIP-format BPE whose merges make each of `words` one token; other words split into byte-level pieces."""
+    merges = train_bpe_merges(words)
     # CLIP's vocabulary starts with the 256 byte symbols, alone and word-final, so any text is encodable.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     vocab_list += [left + right for left, right in merges]
     vocab_list += list(_SPECIAL_TOKENS)
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     save_tokenizer(tokenizer, out_dir)
     return tokenizer
 
