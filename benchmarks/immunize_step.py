@@ -1,11 +1,22 @@
-"""Step time and peak memory of MIMA (second and first order) against plain fine-tuning, on the toy model.
+"""Time and peak memory of one outer immunization step against plain fine-tuning, as the number of concepts grows.
 
-Each (method, N) is measured in its own subprocess so that peak memory (max RSS on CPU, max allocated on CUDA)
-belongs to that configuration alone. Prints a table of ratios measured in this one run:
+Each (method, N) runs in its own subprocess, so its peak memory is its own:
 
-    python benchmarks/immunize_step.py [--model toy] [--concepts 1 2 3 5] [--steps 3] [--batch-size 4] [--threads 1]
-                                       [--methods mima-2nd mima-1st imma-joint imma] [--with-prior]
+- CPU: the peak resident set size (RSS) of the child process (`ru_maxrss`, which includes the model and the
+  Python runtime), and the peak RSS growth during the steps above the RSS once model and data are loaded
+  (sampled from /proc/self/statm every 2 ms; what the steps themselves cost).
+- CUDA: `torch.cuda.max_memory_allocated` over the timed steps (via mima.utils.device), after loading.
 
+Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
+timed in the same child right after, so that both see the same load on a shared machine),
+the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), and peak memory at N
+over peak memory at the smallest N. Prints a table and writes JSON:
+
+    python benchmarks/immunize_step.py [--model toy|sd15-shaped|FOLDER] [--concepts 1 3 8 16] [--steps 2]
+        [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
+        [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
+
+`sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
 the prior-preservation and retain terms of the default settings are paid for too.
 """
@@ -16,129 +27,227 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-CONCEPTS = ("stripes", "checker", "dots", "circle", "star", "waves", "square", "heart")
+REPO = Path(__file__).resolve().parents[1]
+BARS = {"peak_ratio": {8: 1.5, 16: 2.0}, "time_per_concept": 4.0, "merge_share": 0.05}
+_SYLLABLES = ("zor", "blax", "quen", "vel", "trin", "osk", "mur", "daph", "kel", "yth", "rond", "pim")
 
 
-TARGET_RATIO = {"mima-2nd": 3.5, "mima-1st": 2.0}
+class _RssSampler(threading.Thread):
+    """The peak resident set size of this process while running, sampled (CPU has no allocator peak counter)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.start_rss = self.peak = self.rss()
+        self.running = True
+
+    @staticmethod
+    def rss() -> int:
+        import os
+
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
 
 
-def _measure(model: str, method: str, n: int, steps: int, batch_size: int, with_prior: bool) -> dict[str, float]:
+def _model_dir(model: str) -> str:
+    if model != "sd15-shaped":
+        return model
+    sys.path.insert(0, str(REPO / "tests"))
+    from sd_shaped import build_sd15_shaped
+
+    return str(build_sd15_shaped(Path(tempfile.mkdtemp()) / "sd15-shaped"))
+
+
+def _specs(model: str, n: int) -> list:
+    """N concepts: toy concepts on the toy model, invented multi-token names (as rare words are) otherwise."""
+    from mima.data.concepts import ConceptSpec, toy_concept_spec
+    from mima.toy.world import toy_concepts
+
+    if model == "toy":
+        return [toy_concept_spec(c.name) for c in toy_concepts()[:n]]
+    names = [(_SYLLABLES[i % 12] + _SYLLABLES[(5 * i + 3) % 12]).capitalize() for i in range(n)]
+    return [ConceptSpec(name.lower(), (f"a painting in the style of {name}", f"{name} style artwork"),
+                        class_prompt="a painting") for name in names]
+
+
+def _measure(args: argparse.Namespace) -> dict[str, float]:
     """Run in the child process: mean seconds per step (after one warm-up), Merge seconds, peak memory."""
     import torch
 
-    from mima.data.concepts import toy_concept_spec
     from mima.immunize import ImmunizeConfig, immunizers
-    from mima.losses import diffusion_loss, unet_caller
+    from mima.merge.plan import MergeInputs
     from mima.models.components import Components
     from mima.models.encoding import EncodedConcept, EncodedImages
-    from mima.utils.device import peak_memory_bytes
+    from mima.utils.device import peak_memory_bytes, reset_peak_memory, resolve_device
 
-    components = Components.from_pretrained(model)
+    device = resolve_device(args.device)
+    components = Components.from_pretrained(args.model_dir)
+    components.unet.to(device)
     size = components.unet.config.sample_size
-    specs = [toy_concept_spec(name) for name in CONCEPTS[:n]]
+    specs = _specs(args.model, args.n)
     g = torch.Generator().manual_seed(0)
 
     def images(prompt: str) -> EncodedImages:
         latents = torch.randn(8, 4, size, size, generator=g)
-        return EncodedImages(latents, torch.zeros_like(latents), components.encode_prompts([prompt] * 8).detach())
+        hidden = components.encode_prompts([prompt] * 8).detach().cpu()
+        return EncodedImages(latents, torch.zeros_like(latents), hidden)
 
-    concepts = [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt or "") if with_prior else None)
+    concepts = [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt) if args.with_prior else None)
                 for s in specs]
-    if method == "finetune":
-        unet = components.unet
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
-        def step() -> None:
-            latents, hidden, _ = concepts[0].instance.sample(batch_size, g)
-            diffusion_loss(unet_caller(unet), components.scheduler, latents, hidden, generator=g).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    def to_device(batch):
+        prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
+        return type(batch)(batch.latents.to(device), batch.hidden.to(device), prior)
 
-        merge_seconds = []
+    merge_seconds: list[float] = []
+    if args.child == "finetune":
+        step = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
     else:
-        order = "first-order" if method == "mima-1st" else "second-order"
-        config = ImmunizeConfig(order=order, caption_bank="toy", prior_weight=1.0 if with_prior else 0.0,
-                                retain_weight=1.0 if with_prior else 0.0)
-        immunizer = immunizers.get(method.removesuffix("-2nd").removesuffix("-1st"))(config)
+        config = ImmunizeConfig(
+            order="first-order" if args.child == "mima-1st" else "second-order",
+            caption_bank="toy" if args.model == "toy" else "generic", prior_weight=1.0 if args.with_prior else 0.0,
+            retain_weight=1.0 if args.with_prior else 0.0, gradient_checkpointing=args.gradient_checkpointing,
+        )
+        immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
         immunizer.prepare(components, specs, concepts)
+        for method in ("add", "merge", "pull_back"):
+            _time_calls(MergeInputs, method, merge_seconds)
         params = immunizer.trainable_parameters()
         optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
-        merge_seconds = []
-        if hasattr(immunizer, "plan"):
-            merge = immunizer.plan.merge
-
-            def timed_merge(*args):
-                start = time.perf_counter()
-                out = merge(*args)
-                merge_seconds.append(time.perf_counter() - start)
-                return out
-
-            immunizer.plan.merge = timed_merge
 
         def step() -> None:
-            batches = {c.name: (c.batch(batch_size, g), c.batch(batch_size, g)) for c in concepts}
-            objective, _ = immunizer.objective(batches, g)
-            objective.backward()
+            batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
+                       for c in concepts}
+            _, grads, _ = immunizer.gradients(batches, g)
+            for name, param in params.items():
+                param.grad = grads[name]
             optimizer.step()
             optimizer.zero_grad()
 
-    step()  # warm-up
+    reset_peak_memory(device)
+    sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
+    sampler.start()
+    step()  # warm-up: first-call allocations and kernel selection
     merge_seconds.clear()
+    seconds = _seconds_per_step(step, args.steps)
+    sampler.running = False
+    sampler.join()
+    result = {"step_s": seconds, "merge_s": sum(merge_seconds) / args.steps,
+              "peak_bytes": peak_memory_bytes(device) or 0,
+              "step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0}
+    if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
+        plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
+        plain()
+        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
+    return result
+
+
+def _seconds_per_step(step, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    seconds = (time.perf_counter() - start) / steps
-    # The merge's forward time; its backward runs inside autograd and is not separable here.
-    merge = sum(merge_seconds) / steps if merge_seconds else 0.0
-    return {"step_s": seconds, "merge_s": merge, "peak_bytes": peak_memory_bytes("cpu") or 0}
+    return (time.perf_counter() - start) / steps
 
 
-def _child(args: argparse.Namespace) -> None:
+def _finetune_step(components, concept, batch_size: int, g, to_device):
+    """Plain fine-tuning of the whole UNet (AdamW), the unit step times are measured in."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    print(json.dumps(_measure(args.model, args.child, args.n, args.steps, args.batch_size, args.with_prior)))
+    from mima.losses import diffusion_loss, unet_caller
+
+    unet = components.unet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+
+    def step() -> None:
+        batch = to_device(concept.batch(batch_size, g))
+        diffusion_loss(unet_caller(unet), components.scheduler, batch.latents, batch.hidden, generator=g).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def _time_calls(cls: type, method: str, seconds: list[float]) -> None:
+    original = getattr(cls, method)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    setattr(cls, method, timed)
+
+
+def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--model", args.model, "--model-dir", model_dir, "--child", method,
+               "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--device", args.device,
+               *(["--with-prior"] if args.with_prior else []),
+               *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{method} at N = {n} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder")
-    parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 3, 5])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--model", default="toy", help="'toy', 'sd15-shaped' or a diffusers folder")
+    parser.add_argument("--concepts", type=int, nargs="+", default=[1, 3, 8, 16])
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", nargs="+", default=["mima-2nd", "mima-1st"],
-                        choices=["mima-2nd", "mima-1st", "imma-joint", "imma"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
+    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return _child(args)
+        import torch
 
-    def run(method: str, n: int) -> dict[str, float]:
-        command = [sys.executable, __file__, "--model", args.model, "--child", method, "--n", str(n),
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                   *(["--with-prior"] if args.with_prior else [])]
-        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-
-    import warnings
-
-    warnings.filterwarnings("ignore", message="imma protects one concept")
-    plain = run("finetune", 1)
-    print(f"plain fine-tuning step (toy model, batch {args.batch_size}): {plain['step_s']:.3f} s, "
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_measure(args)))
+        return
+    model_dir = _model_dir(args.model)
+    plain = _run_child(args, model_dir, "finetune", 1)
+    print(f"plain fine-tuning step ({args.model}, batch {args.batch_size}, {args.device}): {plain['step_s']:.3f} s, "
           f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
-    print(f"{'N':>2} {'method':>12} {'step s':>8} {'/ N plain':>10} {'target':>7} {'merge %':>8} {'peak MiB':>9}")
-    for n in args.concepts:
-        for method in args.methods:
-            r = run(method, n)
-            ratio = r["step_s"] / (n * plain["step_s"])
-            # The targets are for the core objective; the prior and retain terms add their own passes.
-            target = f"{TARGET_RATIO[method]:.1f}" if method in TARGET_RATIO and not args.with_prior else "-"
-            print(f"{n:>2} {method:>12} {r['step_s']:>8.3f} {ratio:>10.2f} {target:>7} "
-                  f"{100 * r['merge_s'] / r['step_s']:>7.1f}% {r['peak_bytes'] / 2**20:>9.0f}")
+    smallest = f"x N={min(args.concepts)}"
+    print(f"{'N':>3} {'method':>10} {'step s':>8} {'/ N plain':>10} {'merge %':>8} {'peak MiB':>9} {smallest:>7}"
+          f" {'step MiB':>9} {'x':>6}")
+    rows = []
+    for method in args.methods:
+        first = None
+        for n in sorted(args.concepts):
+            r = _run_child(args, model_dir, method, n)
+            first = first or r
+            row = {"method": method, "n": n, **r, "per_concept": r["step_s"] / (n * r["plain_step_s"]),
+                   "merge_share": r["merge_s"] / r["step_s"], "peak_ratio": r["peak_bytes"] / first["peak_bytes"],
+                   "step_peak_ratio": r["step_peak_bytes"] / max(first["step_peak_bytes"], 1)}
+            rows.append(row)
+            print(f"{n:>3} {method:>10} {r['step_s']:>8.3f} {row['per_concept']:>10.2f}"
+                  f" {100 * row['merge_share']:>7.1f}% {r['peak_bytes'] / 2**20:>9.0f} {row['peak_ratio']:>7.2f}"
+                  f" {r['step_peak_bytes'] / 2**20:>9.0f} {row['step_peak_ratio']:>6.2f}")
+    print(f"bars (second order): peak x N=1 <= {BARS['peak_ratio']}, step / N plain <= {BARS['time_per_concept']}, "
+          f"merge < {100 * BARS['merge_share']:.0f} %")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "n", "json")}
+        record = {"settings": settings, "plain": plain, "rows": rows, "bars": BARS}
+        args.json.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def setup(tiny_components):
     def objective(immunizer):
         return immunizer.objective(batches(), torch.Generator().manual_seed(SEED + 1))[0]
 
+    make.concepts = concepts  # the concepts every immunizer is prepared on
     return components, make, objective
 
 
@@ -120,7 +121,7 @@ def test_meta_gradient_matches_hand_unrolled_reference(setup, order, clip):
     immunizer = make(order, inner_clip=clip)
     grads = _gradient(immunizer, objective)
     g = torch.Generator().manual_seed(SEED)
-    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in immunizer.concepts}
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
     with differentiable_attention():  # the fused attention kernels have no double backward
         reference, norms = _hand_unrolled_gradient(immunizer, batches, SEED + 1, order == "second-order", clip)
     assert not clip or min(norms) > clip  # the clip binds on every concept's step
@@ -207,7 +208,7 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
     components, make, _ = setup
     g = torch.Generator().manual_seed(SEED)
     immunizer = make("second-order", method, inner_clip=0.05)
-    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in immunizer.concepts}
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
     plain = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
     checkpointed = make("second-order", method, inner_clip=0.05, gradient_checkpointing=True)
     assert components.unet.down_blocks[0].gradient_checkpointing

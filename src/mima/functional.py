@@ -64,6 +64,8 @@ class Unrolled:
         gradients (`list[Params]`): each step's mean gradient (empty after `for_replay`).
         states (`list[list[torch.Tensor]]`): the generator's state before each batch loss of each step.
         first_loss (`float`): the mean loss before the first step.
+        kept (`tuple[Params, Params]`, *optional*): the leaves and graph-carrying gradient of the last batch of
+            the last step, kept so that the VJP need not replay that one batch.
     """
 
     params: Params
@@ -71,11 +73,12 @@ class Unrolled:
     gradients: list[Params]
     states: list[list[torch.Tensor]]
     first_loss: float
+    kept: tuple[Params, Params] | None = None
 
     def for_replay(self) -> Unrolled:
         """What a VJP over ONE batch needs: the run without its final parameters and gradients (which it
         recomputes), so keeping one per concept costs no parameter copy for one inner step."""
-        return Unrolled({}, self.iterates, [], self.states, self.first_loss)
+        return Unrolled({}, self.iterates, [], self.states, self.first_loss, self.kept)
 
 
 def _leaves(params: Params) -> Params:
@@ -84,21 +87,27 @@ def _leaves(params: Params) -> Params:
 
 def unroll(
     params: Params, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, *,
-    steps: int, lr: float, max_norm: float = 0.0,
+    steps: int, lr: float, max_norm: float = 0.0, keep: list[str] | None = None,
 ) -> Unrolled:
     """`steps` SGD steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
 
-    The values equal those of `sgd_step` applied `steps` times to the stacked mean loss.
+    The values equal those of `sgd_step` applied `steps` times to the stacked mean loss. With `keep` (the names
+    a VJP will differentiate), the last batch's gradient keeps its graph (`Unrolled.kept`): one graph alive,
+    and one forward and backward fewer for the VJP.
     """
-    phi, iterates, gradients, states, first = {n: p.detach() for n, p in params.items()}, [], [], [], None
-    for _ in range(steps):
+    phi, iterates, gradients, states, first, kept = {n: p.detach() for n, p in params.items()}, [], [], [], None, None
+    for step in range(steps):
         step_states, mean, total = [], {n: torch.zeros_like(p) for n, p in phi.items()}, 0.0
-        for loss_fn in losses:
+        for index, loss_fn in enumerate(losses):
             step_states.append(generator.get_state())
-            leaves = _leaves(phi)
+            keep_graph = keep is not None and step == steps - 1 and index == len(losses) - 1
+            leaves = {**_leaves({n: fixed[n] for n in keep or () if n in fixed and n not in phi}), **_leaves(phi)}
             loss = loss_fn({**fixed, **leaves}, generator)
-            for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
-                mean[name] += grad / len(losses)
+            grads = dict(zip(phi, torch.autograd.grad(loss, [leaves[n] for n in phi], create_graph=keep_graph),
+                             strict=True))
+            kept = (leaves, grads) if keep_graph else kept
+            for name, grad in grads.items():
+                mean[name] += grad.detach() / len(losses)
             total += loss.item() / len(losses)
         first = total if first is None else first
         scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 else 1.0
@@ -106,7 +115,7 @@ def unroll(
         gradients.append(mean)
         states.append(step_states)
         phi = {n: p - lr * scale * mean[n] for n, p in phi.items()}
-    return Unrolled(phi, iterates, gradients, states, first)
+    return Unrolled(phi, iterates, gradients, states, first, kept)
 
 
 def _replay(generator: torch.Generator, state: torch.Tensor) -> torch.Generator:
@@ -131,33 +140,39 @@ def unrolled_vjp(
 ) -> Params:
     """The gradient of <cotangent, run.params> with respect to the starting or fixed parameters named `wrt`.
 
-    Second order replays each step backwards, batch by batch: recompute the batch's gradient with its graph and
-    backpropagate through it (a Hessian-vector product), so at most one batch's double-backward graph is alive.
-    First order treats each step's gradient as a constant: d run.params / d params = I.
+    Second order replays each step backwards, batch by batch (the kept last batch first, freeing its graph):
+    recompute the batch's gradient with its graph and backpropagate through it (a Hessian-vector product), so
+    at most one batch's double-backward graph is alive. First order treats each step's gradient as a constant:
+    d run.params / d params = I.
     """
     lam = dict(cotangent)
     if order == "first-order":
         return {n: lam[n] for n in wrt if n in lam}
-    fixed_grads = {n: torch.zeros_like(fixed[n]) for n in wrt if n in fixed and n not in lam}
+    extra = [n for n in wrt if n in fixed and n not in lam]
+    fixed_grads = {n: torch.zeros_like(fixed[n]) for n in extra}
+    kept, last = run.kept, len(run.iterates) - 1
     for step in reversed(range(len(run.iterates))):
         if not run.gradients and len(losses) != 1:
             raise ValueError("a run over several batches needs its gradients to be replayed")
-        phi = _leaves(run.iterates[step])
-        extra = _leaves({n: fixed[n] for n in fixed_grads})
-        targets = {**phi, **extra} if step else {**{n: phi[n] for n in wrt if n in phi}, **extra}
-        hvp = {n: torch.zeros_like(p) for n, p in targets.items()}
+        targets = [*(lam if step else [n for n in wrt if n in lam]), *extra]
+        hvp = {n: torch.zeros_like(lam[n] if n in lam else fixed[n]) for n in targets}
         u = _clipped_cotangent(lam, run.gradients[step], max_norm) if run.gradients else None
-        for loss_fn, state in zip(losses, run.states[step], strict=True):
-            loss = loss_fn({**fixed, **extra, **phi}, _replay(generator, state))
-            grads = dict(zip(phi, torch.autograd.grad(loss, list(phi.values()), create_graph=True), strict=True))
+        for index in reversed(range(len(losses))):
+            if kept is not None and step == last and index == len(losses) - 1:
+                (leaves, grads), kept = kept, None
+            else:
+                leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
+                loss = losses[index]({**fixed, **leaves}, _replay(generator, run.states[step][index]))
+                grads = dict(zip(lam, torch.autograd.grad(loss, [leaves[n] for n in lam], create_graph=True),
+                                 strict=True))
             if u is None:  # one batch: its gradient is the step's mean gradient
                 u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
             inner = sum((u[n] * g).sum() for n, g in grads.items())
-            hs = torch.autograd.grad(inner, list(targets.values()), allow_unused=True)
+            hs = torch.autograd.grad(inner, [leaves[n] for n in targets], allow_unused=True)
             for name, h in zip(targets, hs, strict=True):
                 if h is not None:  # None: that parameter's gradient does not depend on it
                     hvp[name] += h / len(losses)
-        lam = {n: lam[n] - lr * hvp[n] for n in (phi if step else hvp) if n in lam}
+        lam = {n: lam[n] - lr * hvp[n] for n in targets if n in lam}
         for name in fixed_grads:
             fixed_grads[name] -= lr * hvp[name]
     return {**{n: lam[n] for n in wrt if n in lam}, **fixed_grads}

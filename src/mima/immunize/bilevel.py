@@ -69,13 +69,17 @@ class BilevelImmunizer(Immunizer):
         """The loss of `batch` as a function of the parameters and the generator."""
         return lambda params, generator: self.loss(params, batch, generator)
 
-    def unroll(self, base: Params, batches: list[Batch], generator: torch.Generator) -> Unrolled:
-        """`adapt`'s values without its graph (same numbers, same draws from `generator`)."""
+    def unroll(
+        self, base: Params, batches: list[Batch], generator: torch.Generator, *, keep_last: bool = True
+    ) -> Unrolled:
+        """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
+        (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
         lower = {name: base[name] for name in self.lower_names}
-        config = self.config
+        config, keep = self.config, keep_last and self.config.order == "second-order"
         losses = [self.batch_loss(b) for b in batches]
-        return unroll(lower, base, losses, generator, steps=config.inner_steps, lr=config.inner_lr,
-                      max_norm=config.inner_clip)
+        with self.double_backward_attention() if keep else nullcontext():
+            return unroll(lower, base, losses, generator, steps=config.inner_steps, lr=config.inner_lr,
+                          max_norm=config.inner_clip, keep=self.upper_names if keep else None)
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], generator: torch.Generator, cotangent: Params

@@ -2,16 +2,19 @@
 
 One outer step k, whole (docs/method.md, "One outer step"); each line names the function that does it:
 
-    x^l_n, x^u_n   two batches of each target's images             immunize.trainer._Loop._batches
-    theta          theta^{k-1} on S^l and S^u                      BilevelImmunizer.base_parameters
-    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))      BilevelImmunizer.adapt -> functional.sgd_step
-    theta'         Merge(theta'_1 .. theta'_N)                     MIMA.adapted_parameters -> MergePlan.merge
-    W_hat          W_0 + (V^T - W_0 C^T)(C M^-1 C^T)^-1 C M^-1     merge.closed_form.closed_form_merge
-    upper          mean_n L(x^u_n, c_n; theta')                    BilevelImmunizer.loss -> losses.diffusion_loss
-    terms          prior + anchor + retain (utility)               BilevelImmunizer.{prior,anchor,retain}_loss
-    objective      -upper + terms                                  BilevelImmunizer.objective
-    g              d objective / d S^u, back through Merge, adapt  MIMA.upper_gradient (one concept at a time)
-    S^u            AdamW step on clip(g) with rate beta            training.TrainingLoop.train_step
+    x^l_n, x^u_n   two batches of each target's images              immunize.trainer._Loop._batches
+    theta          theta^{k-1} on S^l and S^u                       BilevelImmunizer.base_parameters
+    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))       BilevelImmunizer.unroll -> functional.unroll
+    theta'         Merge(theta'_1 .. theta'_N), K/V in closed form  MergeInputs.merge -> closed_form_merge
+    upper, g'      mean_n L(x^u_n, c_n; theta') and its gradient    BilevelImmunizer.mean_loss_gradient
+    g'_n           g' pulled back through the Merge to copy n       MergeInputs.pull_back
+    g              g'_n pulled back through copy n's inner step     BilevelImmunizer.unrolled_vjp (one at a time)
+    terms          prior, anchor and retain terms and gradients     BilevelImmunizer.preservation_gradients
+    objective      -upper + terms, and its gradient on S^u          BilevelImmunizer.gradients
+    S^u            AdamW step on clip(gradient) with rate beta      training.TrainingLoop.train_step
+
+`MIMA.upper_gradient` runs lines 3-7. `BilevelImmunizer.objective` is the same objective as one differentiable
+expression (`adapted_parameters` then autograd), kept as the reference the tests compare the gradient with.
 """
 
 from __future__ import annotations
@@ -49,13 +52,13 @@ class MIMA(BilevelImmunizer):
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
-        """Concept by concept: adapt each copy, keeping only what the Merge needs; merge; take the upper gradient
-        at the merged parameters; pull it back through the Merge; replay each copy's inner step with its graph
-        and backpropagate its share (so one concept's double-backward graph is alive at a time)."""
+        """Concept by concept: adapt each copy, keeping only what the Merge needs (and the last copy's graph);
+        merge; take the upper gradient at the merged parameters; pull it back through the Merge; replay each
+        copy's inner step with its graph and backpropagate its share (one double-backward graph alive at a time)."""
         lowers = [lower for lower, _ in batches.values()]
         inputs, runs, logs = self.plan.inputs(), [], {}
-        for name, lower in zip(batches, lowers, strict=True):
-            run = self.unroll(base, [lower], generator)
+        for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
+            run = self.unroll(base, [lower], generator, keep_last=n == len(lowers) - 1)  # the last one's graph
             inputs.add(run.params)
             runs.append(run.for_replay())
             logs[f"lower/{name}"] = run.first_loss
@@ -65,6 +68,6 @@ class MIMA(BilevelImmunizer):
         losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
         grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
-        for n, (run, lower) in enumerate(zip(runs, lowers, strict=True)):
-            grads = add_grads(grads, self.unrolled_vjp(run, base, [lower], generator, copy_grad(n)))
+        for n in reversed(range(len(runs))):  # the kept graph first, so that one graph is alive at a time
+            grads = add_grads(grads, self.unrolled_vjp(runs[n], base, [lowers[n]], generator, copy_grad(n)))
         return losses, grads, logs
