@@ -19,12 +19,12 @@ def sweep_folder(out_dir: Path, method: str, lr: float | None, steps: int | None
 
 def run_sweep(
     model: str, concept: ConceptSpec, base: AttackConfig, methods: list[str], lrs: list[float | None],
-    budgets: list[int | None], out_dir: Path,
+    budgets: list[int | None], out_dir: Path, device: str = "auto",
 ) -> list[Path]:
-    """Run every (method, lr, steps) not yet finished; returns every run folder of the grid."""
+    """Run every (method, lr, steps) not yet finished, on `device`; returns every run folder of the grid."""
     runs = [
         AttackRun(model, concept, base.with_overrides(method=method, lr=lr, steps=steps),
-                  sweep_folder(out_dir, method, lr, steps))
+                  sweep_folder(out_dir, method, lr, steps), device)
         for method, lr, steps in itertools.product(methods, lrs, budgets)
     ]
     for run in runs:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 
 if TYPE_CHECKING:
     from mima.executors import Executor
@@ -42,6 +42,7 @@ def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--piece-cpus", type=positive_int, default=None,
                      help="CPUs each piece declares and uses as torch threads (default 1)")
     ray.add_argument("--piece-gpus", type=float, default=None, help="GPUs each piece declares (default 0)")
+    add_device_argument(parser)
 
 
 def _executor(args: argparse.Namespace) -> Executor:
@@ -65,12 +66,14 @@ def _run(benchmarks: dict, out: Path, args: argparse.Namespace) -> None:
     """Run every benchmark of a file or preset; a suite's part P goes to OUT/P. Every part's whole grid is resolved
     before the first piece of any part runs."""
     from mima.benchmark import Benchmark
+    from mima.utils.device import resolve_device
 
-    plans = {part: Benchmark(config, out / part).plan() for part, config in benchmarks.items()}
+    resolve_device(args.device)  # an unavailable device: one line, before anything runs
+    plans = {part: Benchmark(config, out / part, device=args.device).plan() for part, config in benchmarks.items()}
     with _executor(args) as executor:
         for part, config in benchmarks.items():
             started = time.time()
-            report = Benchmark(config, out / part, executor=executor).run(plans[part])
+            report = Benchmark(config, out / part, executor=executor, device=args.device).run(plans[part])
             name = f"{part}: " if part else ""
             elapsed = time.time() - started
             print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")

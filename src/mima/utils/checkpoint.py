@@ -1,6 +1,6 @@
-"""Training checkpoints as a directory, written atomically: named tensors (safetensors), optimizer state, progress
-(step and log) and the settings of the run that made them. A crash leaves either the previous checkpoint or the new
-one, never half of one."""
+"""Training checkpoints as a directory, written atomically: named tensors (safetensors), optimizer state, the fp16
+loss scale when there is one, progress (step and log) and the settings of the run that made them. A crash leaves
+either the previous checkpoint or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from mima.utils.io import (
 
 PROGRESS_FILE = "progress.json"
 SETTINGS_FILE = "settings.json"
+SCALER_FILE = "grad_scaler.pt"
 
 
 def has_checkpoint(directory: Path) -> bool:
@@ -47,21 +48,26 @@ def read_settings(directory: Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(
-    directory: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int, log: list
+    directory: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int, log: list,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     with atomic_directory(directory) as tmp:
         if (directory / SETTINGS_FILE).is_file():
             shutil.copy2(directory / SETTINGS_FILE, tmp / SETTINGS_FILE)
         save_tensors(tmp / "trainable.safetensors", {name: t.detach() for name, t in tensors.items()})
         save_torch_state(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scaler is not None and scaler.is_enabled():
+            save_torch_state(scaler.state_dict(), tmp / SCALER_FILE)
         (tmp / PROGRESS_FILE).write_text(json.dumps({"step": step, "log": log}))
 
 
 @torch.no_grad()
 def load_checkpoint(
-    directory: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    directory: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[int, list]:
-    """Copy the saved values into `tensors` (in place) and restore `optimizer`; returns (step, log).
+    """Copy the saved values into `tensors` (in place, on their device) and restore `optimizer` (and `scaler`);
+    returns (step, log).
 
     Raises:
         [`~mima.errors.ConfigError`]: If there is no checkpoint.
@@ -82,5 +88,7 @@ def load_checkpoint(
         optimizer.load_state_dict(load_torch_state(directory / "optimizer.pt"))
     except (ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"the optimizer state in '{directory}' does not fit this run: {e}") from None
+    if scaler is not None and scaler.is_enabled() and (directory / SCALER_FILE).is_file():
+        scaler.load_state_dict(load_torch_state(directory / SCALER_FILE))
     progress = json.loads((directory / PROGRESS_FILE).read_text())
     return progress["step"], progress["log"]
