@@ -73,7 +73,7 @@ def _specs(model: str, n: int) -> list:
 
     if model == "toy":
         return [toy_concept_spec(c.name) for c in toy_concepts()[:n]]
-    names = [(_SYLLABLES[i % 12] + _SYLLABLES[(5 * i + 3) % 12]).capitalize() for i in range(n)]
+    names = [(_SYLLABLES[i % 12] + _SYLLABLES[(7 * (i // 12) + i % 12 + 1) % 12]).capitalize() for i in range(n)]
     return [ConceptSpec(name.lower(), (f"a painting in the style of {name}", f"{name} style artwork"),
                         class_prompt="a painting") for name in names]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mima.merge.closed_form import FactorizedGram, closed_form_merge, factorize_gram, merged_values
+from mima.merge.closed_form import FactorizedGram, apply_merge, factorize_gram, merge_solution, merged_values
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 
@@ -47,6 +47,7 @@ class MergePlan:
     targets: torch.Tensor  # (m, d), deduplicated over all concepts
     row_index: torch.Tensor  # (sum m_n,), row of `targets` for each stacked concept row
     gram: FactorizedGram
+    solution: torch.Tensor  # (m, d) float64, X = (C M^-1 C^T)^-1 C M^-1: the same for every layer and step
 
     @classmethod
     def build(
@@ -55,10 +56,11 @@ class MergePlan:
         concept_targets = [unique_rows(prompt_token_embeddings(components, p))[0] for p in concept_prompts]
         targets, row_index = unique_rows(torch.cat(concept_targets))
         reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
+        gram = factorize_gram(reg_bank, ridge)
         return cls(
             key_value_names=frozenset(key_value_parameter_names(components.unet)),
             concept_targets=concept_targets, targets=targets, row_index=row_index,
-            gram=factorize_gram(reg_bank, ridge),
+            gram=gram, solution=merge_solution(targets, gram),
         )
 
     def merge_key_value(self, w0: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
@@ -69,7 +71,7 @@ class MergePlan:
         counts = torch.bincount(index, minlength=self.targets.shape[0]).to(stacked)[:, None]
         values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=w0.device)
         values = values.index_add(0, index, stacked) / counts  # (m, d_out)
-        return closed_form_merge(w0, self.targets.to(w0), values, self.gram)
+        return apply_merge(w0, self.targets.to(w0), values, self.solution)
 
     def inputs(self) -> MergeInputs:
         """An empty `MergeInputs` to add the adapted copies to, one at a time."""
