@@ -44,7 +44,7 @@ class MergePlan:
 
     key_value_names: frozenset[str]
     concept_targets: list[torch.Tensor]  # N x (m_n, d)
-    targets: torch.Tensor  # (m, d), deduplicated over all concepts
+    targets: torch.Tensor  # (m, d) float64, deduplicated over all concepts
     row_index: torch.Tensor  # (sum m_n,), row of `targets` for each stacked concept row
     gram: FactorizedGram
     solution: torch.Tensor  # (m, d) float64, X = (C M^-1 C^T)^-1 C M^-1: the same for every layer and step
@@ -55,6 +55,7 @@ class MergePlan:
     ) -> MergePlan:
         concept_targets = [unique_rows(prompt_token_embeddings(components, p))[0] for p in concept_prompts]
         targets, row_index = unique_rows(torch.cat(concept_targets))
+        targets = targets.double()  # once, not per layer and step: the merge runs in float64
         reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
         gram = factorize_gram(reg_bank, ridge)
         return cls(
@@ -71,7 +72,7 @@ class MergePlan:
         counts = torch.bincount(index, minlength=self.targets.shape[0]).to(stacked)[:, None]
         values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=w0.device)
         values = values.index_add(0, index, stacked) / counts  # (m, d_out)
-        return apply_merge(w0, self.targets.to(w0), values, self.solution)
+        return apply_merge(w0, self.targets.to(w0.device), values, self.solution)
 
     def inputs(self) -> MergeInputs:
         """An empty `MergeInputs` to add the adapted copies to, one at a time."""
