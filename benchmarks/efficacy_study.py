@@ -30,6 +30,7 @@ from statistics import mean
 import yaml
 
 from mima.benchmark import Benchmark, BenchmarkConfig
+from mima.executors import LocalExecutor
 
 REFERENCE = "none"
 
@@ -116,7 +117,7 @@ def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] |
                 print(f"{name}/seed{seed}: reusing {linked} finished models and attacks")
             folder.mkdir(parents=True, exist_ok=True)
             config.save_json(folder / "benchmark_config.json")
-            Benchmark(config, folder, jobs=jobs).run()
+            Benchmark(config, folder, executor=LocalExecutor(jobs)).run()
 
 
 def immunization_losses(folder: Path) -> dict[str, dict[str, float | None]]:

@@ -77,16 +77,17 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
 
 def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
     from mima.attacks import AttackConfig, AttackRun
-    from mima.benchmark import AttackPiece, run_pieces
+    from mima.benchmark import AttackPiece
     from mima.data.concepts import load_concepts
     from mima.errors import ModelError
+    from mima.executors import LocalExecutor
 
     concept = load_concepts(["toy:star"])[0]
     config = AttackConfig.from_dict({"method": "lora", "steps": 1, "n_images": 2})
     runs = [AttackRun(str(tmp_path / "no-model"), concept, config, tmp_path / f"run{i}") for i in range(2)]
     pieces = [AttackPiece(run) for run in runs]
     with pytest.raises(ModelError, match="no-model") as error:
-        run_pieces(pieces, jobs=2)
+        LocalExecutor(jobs=2).run(pieces)
     assert "\n" not in str(error.value)
     assert not any((tmp_path / f"run{i}" / "attack.json").exists() for i in range(2))
 

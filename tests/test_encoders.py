@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mima.errors import ConfigError, ModelError
-from mima.evaluate.encoders import ImageEncoder, encoders, get_encoder, preprocess_images
+from mima.evaluate.encoders import ImageEncoder, encoders, get_encoder, preprocess_images, spec_cache_id
 from mima.registry import UnknownNameError
 from mima.toy import world as toy_world
 
@@ -129,6 +129,7 @@ def test_transformers_encoders_on_tiny_random_models(tiny_hf_models, name, dim):
     assert feats.shape[1] == dim
     assert torch.allclose(encoder.embed(images), feats)
     assert encoder.cache_id.startswith(f"{name}-") and encoder.cache_id != name
+    assert spec_cache_id(f"{name}:{tiny_hf_models[name]}") == encoder.cache_id  # known without loading weights
 
 
 @pytest.mark.parametrize("name", ["clip", "dino"])
@@ -141,3 +142,9 @@ def test_transformers_encoders_report_unloadable_models(tmp_path, name):
     with pytest.raises(ModelError, match=f"cannot load {name} encoder from") as caught:
         get_encoder(f"{name}:{tmp_path / 'empty'}")
     assert "\n" not in str(caught.value)
+
+
+def test_the_cache_id_of_a_spec_is_known_without_loading_weights():
+    assert spec_cache_id("toy-judge") == get_encoder("toy-judge").cache_id == "toy-judge"
+    with pytest.raises(ConfigError, match="nothing after ':'"):
+        spec_cache_id("clip:")

@@ -5,17 +5,15 @@ Layout of the output folder:
     attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
     report/                     metrics.json, report.md, report.html, plots, grids
 A suite (a YAML listing several benchmarks under `suite:`) runs part P into OUT/P with that layout.
-A finished piece (a model with immunization.json, an attack with attack.json) is never redone.
+A finished piece (a model with immunization.json, an attack with attack.json, the evaluation of an attack with its
+feature caches) is never redone. The pieces of a phase run on an executor (`mima.executors`): here, in a local
+process pool or as Ray tasks on a cluster whose nodes share the output folder.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 
 from mima.config import Config
 from mima.errors import ConfigError
+from mima.executors import Executor, LocalExecutor
 
 if TYPE_CHECKING:
     from mima.attacks import AttackRun
@@ -149,43 +148,41 @@ class AttackPiece(_Piece):
     record_name: ClassVar[str] = "attack.json"
 
 
-def _quiet_worker(threads: int) -> None:
-    os.environ["TQDM_DISABLE"] = "1"  # the parent's bar counts pieces; before tqdm is first imported here
-    import torch
+@dataclass(frozen=True)
+class EvaluationPiece:
+    """The features of one attack run's samples under every encoder, cached next to them (see `FeatureCache`), so
+    that the report encodes nothing but the references."""
 
-    torch.set_num_threads(threads)
+    run_dir: Path
+    encoders: tuple[str, ...]
 
+    def finished(self) -> bool:
+        """Whether every encoder's feature cache of the run exists."""
+        from mima.evaluate.cache import cache_file
+        from mima.evaluate.encoders import spec_cache_id
 
-def run_pieces(pieces: Sequence[ImmunizationPiece | AttackPiece], jobs: int = 1, what: str = "pieces") -> None:
-    """Run the pieces, `jobs` at a time in worker processes that share this process's torch threads.
+        return all(cache_file(self.run_dir, spec_cache_id(spec)).is_file() for spec in self.encoders)
 
-    The first failure is raised once the pieces already running have finished (each writes its output atomically);
-    pieces not started yet are dropped, and a re-run resumes them.
-    """
-    if jobs <= 1 or len(pieces) <= 1:
-        for piece in pieces:
-            piece.run()
-        return
-    import torch
-    from tqdm import tqdm
+    def run(self) -> None:
+        from mima.data.image_folder import read_image_folder
+        from mima.evaluate.cache import FeatureCache
+        from mima.evaluate.encoders import get_encoder
+        from mima.evaluate.evaluate import read_attack_run
 
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_quiet_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(piece.run) for piece in pieces]
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{what} ({jobs} jobs)"):
-                future.result()
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+        run = read_attack_run(self.run_dir)
+        for spec in self.encoders:
+            with FeatureCache(run.path, get_encoder(spec)) as cache:
+                for step in run.steps:
+                    cache.encode(read_image_folder(run.samples(step))[0])
 
 
 @dataclass
 class Benchmark:
+    """The grid of one benchmark config, run into `out_dir` phase by phase by `executor` (default: here, serially)."""
+
     config: BenchmarkConfig
     out_dir: Path
-    jobs: int = 1
+    executor: Executor = field(default_factory=LocalExecutor)
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self) -> Path:
@@ -196,6 +193,7 @@ class Benchmark:
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
         models = self._timed("immunization", self._immunize_all, targets)
         runs = self._timed("attacks", self._attack_all, models, targets + non_targets)
+        self._timed("evaluation", self._encode_all, runs)
         return self._timed("evaluation", self._report, runs, targets, non_targets)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
@@ -225,7 +223,7 @@ class Benchmark:
 
     def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
         pieces = self.immunization_pieces(targets)
-        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "immunizations")
+        self.executor.run([piece for piece in pieces if not piece.finished()], "immunizations")
         return {piece.config.method: piece.out / "model" for piece in pieces}
 
     def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
@@ -241,8 +239,12 @@ class Benchmark:
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
                         pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out)))
-        run_pieces([piece for piece in pieces if not piece.finished()], self.jobs, "attacks")
+        self.executor.run([piece for piece in pieces if not piece.finished()], "attacks")
         return runs
+
+    def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
+        pieces = [EvaluationPiece(path, self.config.encoders) for by_key in runs.values() for path in by_key.values()]
+        self.executor.run([piece for piece in pieces if not piece.finished()], "evaluations")
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
         from mima.evaluate.benchmark_report import write_benchmark_report

@@ -27,6 +27,11 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def cache_file(folder: str | os.PathLike[str], cache_id: str) -> Path:
+    """Where [`FeatureCache`] keeps the features of the images under `folder` for the encoder `cache_id`."""
+    return Path(folder) / CACHE_DIR / f"{cache_id}.safetensors"
+
+
 class FeatureCache:
     """One encoder's features (and class labels, for classifier encoders) of the images under one folder.
 
@@ -45,7 +50,7 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike[str], encoder: ImageEncoder) -> None:
         self.encoder = encoder
-        self.path = Path(folder) / CACHE_DIR / f"{encoder.cache_id}.safetensors"
+        self.path = cache_file(folder, encoder.cache_id)
         self._metadata = {"encoder": encoder.cache_id, "weights": encoder.fingerprint()}
         self._tensors = self._load()
         self._new = 0

@@ -51,10 +51,7 @@ class ImageEncoder(ABC):
     @property
     def cache_id(self) -> str:
         """A file-name-safe identity of the encoder and its weights; names its feature cache."""
-        if not self.model:
-            return self.name
-        source = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
-        return f"{self.name}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+        return _cache_id(self.name, self.model)
 
     def fingerprint(self) -> str:
         """An identity of the loaded weights: a cache written with other weights is discarded.
@@ -148,7 +145,24 @@ def get_encoder(spec: str) -> ImageEncoder:
         [`~mima.registry.UnknownNameError`]: For an unknown name, suggesting the closest one.
         [`~mima.errors.ModelError`]: If the weights cannot be loaded.
     """
+    name, model = _split_spec(spec)
+    return encoders.get(name)(model)
+
+
+def spec_cache_id(spec: str) -> str:
+    """The `cache_id` of the encoder that `get_encoder(spec)` builds, without loading its weights."""
+    return _cache_id(*_split_spec(spec))
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
     name, sep, model = spec.partition(":")
     if sep and not model:
         raise ConfigError(f"encoder spec '{spec}' has nothing after ':'; expected 'name' or 'name:model'")
-    return encoders.get(name)(model or None)
+    return name, model or None
+
+
+def _cache_id(name: str, model: str | None) -> str:
+    if not model:
+        return name
+    source = str(Path(model).resolve()) if Path(model).exists() else model
+    return f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"

@@ -2,16 +2,19 @@
 
 One outer step k, whole (docs/method.md, "One outer step"); each line names the function that does it:
 
-    x^l_n, x^u_n   two batches of each target's images             immunize.trainer._Loop._batches
-    theta          theta^{k-1} on S^l and S^u                      BilevelImmunizer.base_parameters
-    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))      BilevelImmunizer.adapt -> functional.sgd_step
-    theta'         Merge(theta'_1 .. theta'_N)                     MIMA.adapted_parameters -> MergePlan.merge
-    W_hat          W_0 + (V^T - W_0 C^T)(C M^-1 C^T)^-1 C M^-1     merge.closed_form.closed_form_merge
-    upper          mean_n L(x^u_n, c_n; theta')                    BilevelImmunizer.loss -> losses.diffusion_loss
-    terms          prior + anchor + retain (utility)               BilevelImmunizer.{prior,anchor,retain}_loss
-    objective      -upper + terms                                  BilevelImmunizer.objective
-    g              d objective / d S^u, back through Merge, adapt  immunize.trainer._Loop._outer_step (autograd)
-    S^u            AdamW step on clip(g) with rate beta            immunize.trainer._Loop._outer_step
+    x^l_n, x^u_n   two batches of each target's images              immunize.trainer._Loop._batches
+    theta          theta^{k-1} on S^l and S^u                       BilevelImmunizer.base_parameters
+    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))       BilevelImmunizer.unroll -> functional.unroll
+    theta'         Merge(theta'_1 .. theta'_N), K/V in closed form  MergeInputs.merge -> closed_form_merge
+    upper, g'      mean_n L(x^u_n, c_n; theta') and its gradient    BilevelImmunizer.mean_loss_gradient
+    g'_n           g' pulled back through the Merge to copy n       MergeInputs.pull_back
+    g              g'_n pulled back through copy n's inner step     BilevelImmunizer.unrolled_vjp (one at a time)
+    terms          prior, anchor and retain terms and gradients     BilevelImmunizer.preservation_gradients
+    objective      -upper + terms, and its gradient on S^u          BilevelImmunizer.gradients
+    S^u            AdamW step on clip(gradient) with rate beta      immunize.trainer._Loop._outer_step
+
+`MIMA.upper_gradient` runs lines 3-7. `BilevelImmunizer.objective` is the same objective as one differentiable
+expression (`adapted_parameters` then autograd), kept as the reference the tests compare the gradient with.
 """
 
 from __future__ import annotations
