@@ -90,17 +90,17 @@ def test_attack_export_reloads_in_plain_diffusers_and_reproduces_samples(tiny_mo
 def test_attack_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     config = AttackConfig(method="lora", **{**FAST, "steps": 4, "save_every": 2})
     AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "full").run()
-    original = trainer_module._Loop._train_step
+    original = trainer_module._Loop.train_step
 
     def crash(loop):
         if loop.step == 2:
             raise KeyboardInterrupt
         return original(loop)
 
-    monkeypatch.setattr(trainer_module._Loop, "_train_step", crash)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", crash)
     with pytest.raises(KeyboardInterrupt):
         AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "cut").run()
-    monkeypatch.setattr(trainer_module._Loop, "_train_step", original)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", original)
     AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "cut").run(resume=True)
     full = json.loads((tmp_path / "full" / "attack.json").read_text())["log"]
     cut = json.loads((tmp_path / "cut" / "attack.json").read_text())["log"]

@@ -90,18 +90,18 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     full = _run(tiny_model_dir, tmp_path / "full", steps=4, save_every=2)
-    original_step = trainer_module._Loop._outer_step
+    original_step = trainer_module._Loop.train_step
 
     def crash_at_step_three(loop):
         if loop.step == 2:
             raise KeyboardInterrupt
         return original_step(loop)
 
-    monkeypatch.setattr(trainer_module._Loop, "_outer_step", crash_at_step_three)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(trainer_module._Loop, "_outer_step", original_step)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", original_step)
     with pytest.raises(ConfigError, match="--resume"):
         _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
     resumed = _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2, resume=True)
@@ -110,14 +110,14 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, 
 
 
 def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    original_step = trainer_module._Loop._outer_step
+    original_step = trainer_module._Loop.train_step
 
     def nan_after_first_checkpoint(loop):
         if loop.step == 1:
             monkeypatch.setattr(loop.immunizer, "gradients", lambda *a: (float("nan"), {}, {}))
         return original_step(loop)
 
-    monkeypatch.setattr(trainer_module._Loop, "_outer_step", nan_after_first_checkpoint)
+    monkeypatch.setattr(trainer_module._Loop, "train_step", nan_after_first_checkpoint)
     with pytest.raises(TrainingError, match="non-finite objective nan at outer step 2"):
         _run(tiny_model_dir, tmp_path / "run", steps=3, save_every=1)
     checkpoint = tmp_path / "run" / "checkpoint"

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module belongs to the longest prefix listed.
 LAYERS = [
     ("mima.errors", "mima.registry", "mima.utils", "mima.config", "mima.executors"),
-    ("mima.losses", "mima.functional", "mima.toy.world", "mima.data"),
+    ("mima.losses", "mima.functional", "mima.training", "mima.toy.world", "mima.data"),
     ("mima.models",),
     ("mima.merge", "mima.sampling"),
     ("mima.toy",),

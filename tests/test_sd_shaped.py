@@ -191,3 +191,25 @@ def test_every_cross_attention_reads_the_family_text_width(request, family, widt
     layers = cross_attention_modules(pipe.unet)
     assert len(layers) == 10 and {a.to_k.in_features for a in layers.values()} == {width}
     assert pipe.text_encoder.config.hidden_size == width and pipe.scheduler.config.prediction_type == prediction
+
+
+@pytest.mark.parametrize("command", ["immunize", *sorted(attacks.names()), "generate"])
+def test_every_command_runs_in_bf16(model_dir, concept_file, immunized, tmp_path, command):
+    """bf16 autocast on the CPU (float32 weights) through the real model shapes; the run records its precision."""
+    bf16 = ["--device", "cpu", "--mixed-precision", "bf16"]
+    if command == "generate":
+        out = tmp_path / "zorblax.png"
+        assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--n", "1", "--steps", "1",
+                     "--out", str(out), *bf16]) == 0
+        assert np.isfinite(np.asarray(Image.open(out))).all()
+        return
+    if command == "immunize":
+        argv = ["immunize", "--model", str(model_dir), "--concepts", str(concept_file), "--method", "mima"]
+        assert main([*argv, *_fast_immunize(concept_file), "--out", str(tmp_path), *bf16]) == 0
+        record, key = json.loads((tmp_path / "immunization.json").read_text()), "objective"
+    else:
+        argv = ["attack", "--model", str(model_dir), "--method", command, "--concept", str(concept_file)]
+        assert main([*argv, *FAST_ATTACK, "--out", str(tmp_path), *bf16]) == 0
+        record, key = json.loads((tmp_path / "attack.json").read_text()), "loss"
+    assert (record["device"], record["dtype"]) == ("cpu", "bfloat16")
+    assert all(np.isfinite(row[key]) for row in record["log"])

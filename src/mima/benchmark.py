@@ -155,6 +155,7 @@ class EvaluationPiece:
 
     run_dir: Path
     encoders: tuple[str, ...]
+    device: str = "auto"
 
     def finished(self) -> bool:
         """Whether every encoder's feature cache of the run exists."""
@@ -168,10 +169,11 @@ class EvaluationPiece:
         from mima.evaluate.cache import FeatureCache
         from mima.evaluate.encoders import get_encoder
         from mima.evaluate.evaluate import read_attack_run
+        from mima.utils.device import resolve_device
 
         run = read_attack_run(self.run_dir)
         for spec in self.encoders:
-            with FeatureCache(run.path, get_encoder(spec)) as cache:
+            with FeatureCache(run.path, get_encoder(spec, resolve_device(self.device))) as cache:
                 for step in run.steps:
                     cache.encode(read_image_folder(run.samples(step))[0])
 
@@ -183,6 +185,7 @@ class Benchmark:
     config: BenchmarkConfig
     out_dir: Path
     executor: Executor = field(default_factory=LocalExecutor)
+    device: str = "auto"
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self) -> Path:
@@ -217,7 +220,7 @@ class Benchmark:
         for method in ("none", *self.config.methods):
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
             config = ImmunizeConfig.from_dict(overrides)
-            run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method)
+            run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method, self.device)
             pieces.append(ImmunizationPiece(run))
         return pieces
 
@@ -238,12 +241,13 @@ class Benchmark:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
                         config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
-                        pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out)))
+                        pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out, self.device)))
         self.executor.run([piece for piece in pieces if not piece.finished()], "attacks")
         return runs
 
     def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
-        pieces = [EvaluationPiece(path, self.config.encoders) for by_key in runs.values() for path in by_key.values()]
+        pieces = [EvaluationPiece(path, self.config.encoders, self.device)
+                  for by_key in runs.values() for path in by_key.values()]
         self.executor.run([piece for piece in pieces if not piece.finished()], "evaluations")
 
     def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
@@ -271,7 +275,8 @@ class Benchmark:
                 for seed in self.config.seeds:
                     pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)])
                              for c in concepts}
-                    evaluation = evaluate_runs(pairs, references, self.config.encoders, non_targets=non_targets)
+                    evaluation = evaluate_runs(pairs, references, self.config.encoders, non_targets=non_targets,
+                                               device=self.device)
                     write_evaluation(evaluation, out / "evaluations" / method / attack / f"seed{seed}")
                     evaluations.setdefault(method, {}).setdefault(attack, {})[seed] = evaluation
         return evaluations

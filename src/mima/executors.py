@@ -84,8 +84,11 @@ class LocalExecutor(Executor):
 
     def run(self, pieces: Sequence[Piece], what: str = "pieces") -> None:
         if self.jobs <= 1 or len(pieces) <= 1:
+            from mima.utils.device import free_memory
+
             for piece in pieces:
                 piece.run()
+                free_memory()  # the finished piece's models are garbage: hand their accelerator memory back
             return
         import torch
         from tqdm import tqdm

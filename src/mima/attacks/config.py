@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mima.config import Config
 from mima.errors import ConfigError
@@ -29,6 +30,9 @@ class AttackConfig(Config):
     token: str | None = field(default=None, metadata={"help": "new token (textual-inversion, custom-diffusion)"})
     n_images: int = field(default=32, metadata={"help": "images generated per toy concept"})
     n_class_images: int = field(default=32, metadata={"help": "class images for prior preservation"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "autocast precision, float32 weights (fp16: GPU only, loss-scaled)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every", "lr"):

@@ -17,14 +17,14 @@ def sweep_folder(out_dir: Path, method: str, lr: float | None, steps: int | None
 
 def run_sweep(
     model: str, concept: ConceptSpec, base: AttackConfig, methods: list[str], lrs: list[float | None],
-    budgets: list[int | None], out_dir: Path,
+    budgets: list[int | None], out_dir: Path, device: str = "auto",
 ) -> list[Path]:
-    """Run every (method, lr, steps) not yet finished; returns every run folder of the grid."""
+    """Run every (method, lr, steps) not yet finished, on `device`; returns every run folder of the grid."""
     folders = []
     for method, lr, steps in itertools.product(methods, lrs, budgets):
         folder = sweep_folder(out_dir, method, lr, steps)
         if not (folder / "attack.json").is_file():
             config = base.with_overrides(method=method, lr=lr, steps=steps)
-            AttackRun(model, concept, config, folder).run(resume=has_checkpoint(folder / "checkpoint"))
+            AttackRun(model, concept, config, folder, device).run(resume=has_checkpoint(folder / "checkpoint"))
         folders.append(folder)
     return folders

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mima.attacks import attacks
 from mima.attacks.base import Attack
 from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.image_folder import write_image_folder
-from mima.errors import ConfigError, TrainingError
 from mima.models.components import Components, speaks_toy_vocabulary
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
-from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from mima.utils.device import seed_everything, step_generator
+from mima.training import LoopSettings, TrainingLoop
+from mima.utils.device import Placement, resolve_placement, seed_everything
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
@@ -38,6 +37,7 @@ class AttackRun:
     concept: ConceptSpec
     config: AttackConfig
     out_dir: Path
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         method = attacks.get(self.config.method)  # unset fields: the method's defaults for this model's family
@@ -47,20 +47,24 @@ class AttackRun:
         started = time.time()
         method = attacks.get(self.config.method)
         config = self.config
+        placement = resolve_placement(self.device, config.mixed_precision)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
         validate_images(concept)
-        components = Components.from_pretrained(self.model)
-        seed_everything(config.seed)  # adapters (e.g. LoRA) draw their initial weights from the global RNG
+        print(f"attack: {placement.describe()}", file=sys.stderr)
+        components = Components.from_pretrained(self.model).to(placement.device)
+        # Adapters (e.g. LoRA) draw their initial weights from the global CPU RNG, whatever the device.
+        seed_everything(config.seed)
         attack = method(config)
         if method.uses_prior and config.prior_weight > 0:
-            concept = ensure_class_images(components, concept, self.out_dir / "data", config.n_class_images)
+            with placement.autocast():
+                concept = ensure_class_images(components, concept, self.out_dir / "data", config.n_class_images)
         attack.prepare(components, concept)
-        log = _Loop(attack, components, concept, config, self.out_dir).run(resume)
+        log = _Loop(attack, components, concept, config, self.out_dir, placement).run(resume)
         export_dir = attack.export(self.out_dir / "export")
         record = {
             "config": config.to_dict(), "model": self.model, "concept": concept.name, "prompts": list(concept.prompts),
             "eval_prompts": _eval_prompts(concept, config), "log": log, "elapsed_s": time.time() - started,
-            **provenance(),
+            **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
@@ -71,67 +75,39 @@ def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
     return list(config.eval_prompts or concept.prompts[:1])
 
 
-class _Loop:
+class _Loop(TrainingLoop):
+    """Fine-tuning with AdamW on the attack's trainable parameters; evaluation samples at every checkpoint."""
+
     def __init__(self, attack: Attack, components: Components, concept: ConceptSpec, config: AttackConfig,
-                 out_dir: Path) -> None:
+                 out_dir: Path, placement: Placement) -> None:
         self.attack, self.components, self.concept = attack, components, concept
         self.config, self.out_dir = config, out_dir
-        self.params = attack.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=1e-2)
+        params = {str(i): p for i, p in enumerate(attack.trainable_parameters())}
+        settings = LoopSettings(
+            steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=1.0,
+            checkpoint_dir=out_dir / "checkpoint", desc=f"attack ({config.method})", step_name="attack step",
+        )
+        super().__init__(params, torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-2), settings,
+                         placement)
         self.instance = encode_folder(components, concept.images, concept.prompt)
         self.prior = None
         if attack.uses_prior and config.prior_weight > 0 and concept.class_images is not None:
             self.prior = encode_folder(components, concept.class_images, concept.class_prompt or "")
-        self.step, self.log = 0, []
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoint"
-
-    def run(self, resume: bool) -> list[dict[str, float]]:
-        if resume:
-            self.step, self.log = load_checkpoint(self.checkpoint_dir, self._named_params(), self.optimizer)
-        elif has_checkpoint(self.checkpoint_dir):
-            raise ConfigError(f"'{self.checkpoint_dir}' holds an unfinished run; pass --resume or use another --out")
-        if self.step == 0:
-            self._write_samples()
-        with tqdm(total=self.config.steps, initial=self.step, desc=f"attack ({self.config.method})") as bar:
-            while self.step < self.config.steps:
-                loss = self._train_step()
-                self.step += 1
-                self.log.append({"step": self.step, "loss": loss})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % self.config.save_every == 0 or self.step == self.config.steps:
-                    self._write_samples()
-                    if self.step < self.config.steps:
-                        save_checkpoint(self.checkpoint_dir, self._named_params(), self.optimizer, self.step, self.log)
-        return self.log
-
-    def _train_step(self) -> float:
-        generator = step_generator(self.config.seed, self.step)
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         latents, _, prompts = self.instance.sample(self.config.batch_size, generator)
         prior = None
         if self.prior is not None:
             prior_latents, _, prior_prompts = self.prior.sample(self.config.batch_size, generator)
             prior = (prior_latents, prior_prompts)
-        loss = self.attack.loss(latents, prompts, generator, prior)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss.item()} at attack step {self.step + 1}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return self.attack.loss(latents, prompts, generator, prior), {}
 
-    def _write_samples(self) -> None:
+    def at_checkpoint(self) -> None:
         prompts = _eval_prompts(self.concept, self.config)
         eval_prompts = [prompts[i % len(prompts)] for i in range(self.config.eval_images)]
-        images = sample_images(
-            self.components, [self.attack.prompt(p) for p in eval_prompts], seed=self.config.seed,
-            steps=self.config.sampling_steps, guidance_scale=self.config.guidance_scale,
-        )
+        with self.placement.autocast():
+            images = sample_images(
+                self.components, [self.attack.prompt(p) for p in eval_prompts], seed=self.config.seed,
+                steps=self.config.sampling_steps, guidance_scale=self.config.guidance_scale,
+            )
         write_image_folder(images, eval_prompts, self.out_dir / "samples" / f"step_{self.step}")
-
-    def _named_params(self) -> dict[str, torch.Tensor]:
-        return {str(i): p for i, p in enumerate(self.params)}

@@ -16,6 +16,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device`, checked (with `mima.utils.device.resolve_device`) before any model loads."""
+    parser.add_argument(
+        "--device", default="auto", metavar="DEVICE",
+        help="where models run: auto (the first GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps "
+        "(default auto)",
+    )
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
     """One `--flag` per field of a `Config` dataclass, defaulting to None ("not given": YAML or default wins)."""
     import dataclasses

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import add_config_arguments, config_from_args
+from mima.cli._args import add_config_arguments, add_device_argument, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (export/, samples/, attack.json)")
     parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_device_argument(parser)
     add_config_arguments(parser, AttackConfig)
     parser.set_defaults(func=_attack)
 
@@ -33,5 +34,6 @@ def _attack(args: argparse.Namespace) -> None:
 
     config = config_from_args(AttackConfig, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    export = AttackRun(args.model, concept_from_arg(args.concept), config, args.out).run(resume=args.resume)
+    run = AttackRun(args.model, concept_from_arg(args.concept), config, args.out, args.device)
+    export = run.run(resume=args.resume)
     print(f"attack artifact: {export}\nsamples: {args.out / 'samples'}\nrecord: {args.out / 'attack.json'}")

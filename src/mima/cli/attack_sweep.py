@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import add_config_arguments, config_from_args
+from mima.cli._args import add_config_arguments, add_device_argument, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budgets", nargs="+", type=int, help="step budgets (default: each method's own)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: <method>/lr<lr>/steps<k>/")
     parser.add_argument("--config", type=Path, help="YAML of AttackConfig settings shared by every run")
+    add_device_argument(parser)
     add_config_arguments(parser, AttackConfig, skip=("method", "lr", "steps"))
     parser.set_defaults(func=_sweep)
 
@@ -32,6 +33,6 @@ def _sweep(args: argparse.Namespace) -> None:
 
     folders = run_sweep(
         args.model, concept_from_arg(args.concept), config_from_args(AttackConfig, args), args.methods,
-        args.lrs or [None], args.budgets or [None], args.out,
+        args.lrs or [None], args.budgets or [None], args.out, device=args.device,
     )
     print(f"{len(folders)} runs under {args.out}")

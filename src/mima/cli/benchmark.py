@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 
 if TYPE_CHECKING:
     from mima.executors import Executor
@@ -42,6 +42,7 @@ def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--piece-cpus", type=positive_int, default=None,
                      help="CPUs each piece declares and uses as torch threads (default 1)")
     ray.add_argument("--piece-gpus", type=float, default=None, help="GPUs each piece declares (default 0)")
+    add_device_argument(parser)
 
 
 def _executor(args: argparse.Namespace) -> Executor:
@@ -64,14 +65,16 @@ def _executor(args: argparse.Namespace) -> Executor:
 def _run(benchmarks: dict, out: Path, args: argparse.Namespace) -> None:
     """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
     from mima.benchmark import Benchmark
+    from mima.utils.device import resolve_device
 
+    resolve_device(args.device)  # an unavailable device: one line, before anything runs
     with _executor(args) as executor:
         for part, config in benchmarks.items():
             started = time.time()
             folder = out / part
             folder.mkdir(parents=True, exist_ok=True)
             config.save_json(folder / "benchmark_config.json")
-            report = Benchmark(config, folder, executor=executor).run()
+            report = Benchmark(config, folder, executor=executor, device=args.device).run()
             name = f"{part}: " if part else ""
             elapsed = time.time() - started
             print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")

@@ -6,6 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
+from mima.cli._args import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="concepts that were not immunized against (reported as non_target_sgr, excluded from MSGR)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, plots/, grids/)")
+    add_device_argument(parser)
     parser.set_defaults(func=_evaluate)
 
 
@@ -41,12 +44,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mima.evaluate import evaluate_runs, pair_runs, resolve_references, write_evaluation
     from mima.evaluate.evaluate import default_encoders
     from mima.evaluate.metrics import MRSGR, MSGR
+    from mima.utils.device import resolve_device
 
+    resolve_device(args.device)  # an unavailable device: one line, before any run is read
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(args.without, args.with_runs)
     references = resolve_references(args.references, list(pairs), args.out / "references")
     encoders = args.encoder or default_encoders(list(pairs))
-    evaluation = evaluate_runs(pairs, references, encoders, non_targets=args.non_targets)
+    evaluation = evaluate_runs(pairs, references, encoders, non_targets=args.non_targets, device=args.device)
     path = write_evaluation(evaluation, args.out)
     for encoder, result in evaluation.encoders.items():
         print(f"{encoder}: MSGR {_fmt(result.value(MSGR))}  MRSGR {_fmt(result.value(MRSGR))}")

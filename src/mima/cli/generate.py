@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 from mima.errors import ConfigError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     parser.add_argument("--out", type=Path, required=True, help="output image, e.g. outputs/star.png")
+    add_device_argument(parser)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                        help="sample with the weights cast to this dtype (fp16: GPU only) (default no: float32)")
     parser.set_defaults(func=_generate)
 
 
@@ -33,8 +36,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     from mima.models.components import Components
     from mima.sampling import sample_images, save_grid
+    from mima.utils.device import resolve_placement
 
-    components = Components.from_pretrained(args.model)
+    placement = resolve_placement(args.device, args.mixed_precision)
+    components = Components.from_pretrained(args.model).to(placement.device, placement.dtype)
     images = sample_images(
         components, [args.prompt] * args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
     )

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from mima.cli import toy_pretrain
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 from mima.errors import ConfigError, ModelError
 from mima.toy.world import toy_concepts
 
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4.0)")
     judge.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     judge.add_argument("--out", type=Path, help="also write the rates as JSON here")
+    add_device_argument(judge)
     judge.set_defaults(func=_judge)
 
     toy_pretrain.register(commands)
@@ -60,9 +61,11 @@ def _judge(args: argparse.Namespace) -> None:
     from mima.models.components import Components
     from mima.toy.judge import load_default_judge
     from mima.toy.quality import concept_rates, summarize
+    from mima.utils.device import resolve_device
 
-    rates = concept_rates(Components.from_pretrained(args.model), load_default_judge(), n=args.n,
-                          steps=args.steps, guidance_scale=args.guidance)
+    device = resolve_device(args.device)
+    rates = concept_rates(Components.from_pretrained(args.model).to(device), load_default_judge().to(device),
+                          n=args.n, steps=args.steps, guidance_scale=args.guidance)
     for group, values in rates.items():
         print(f"{group}: " + ", ".join(f"{name} {100 * rate:.0f}%" for name, rate in values.items()))
     for group, stats in summarize(rates).items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import positive_int
+from mima.cli._args import add_device_argument, positive_int
 
 
 def register(toy_subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(toy_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed of initialisation, data and noise")
     parser.add_argument("--size", choices=("small", "tiny"), help="'small' (shipped) or 'tiny' (tests)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(parser)
     parser.set_defaults(func=_pretrain)
 
 
@@ -28,7 +29,9 @@ def _pretrain(args: argparse.Namespace) -> None:
     import torch
 
     from mima.toy.pretrain import ToyPretrainConfig, pretrain_toy
+    from mima.utils.device import resolve_device
 
+    device = resolve_device(args.device)
     cfg = ToyPretrainConfig.from_yaml(args.config) if args.config else ToyPretrainConfig()
     cfg = cfg.with_overrides(
         steps=args.steps, focus_steps=args.focus_steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
@@ -38,6 +41,6 @@ def _pretrain(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if (args.out / "checkpoint").is_dir():
         print(f"resuming from {args.out / 'checkpoint'}")
-    model_dir = pretrain_toy(cfg, args.out)
+    model_dir = pretrain_toy(cfg, args.out, device)
     print(f"model: {model_dir}")
     print(f"samples: {args.out / 'samples.png'}")

@@ -53,5 +53,5 @@ class EfficientNetLite0Encoder(ImageEncoder):
         return hash_file(self.weights)
 
     def features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = preprocess_images(images, self.input_size)  # (n, 3, 224, 224)
+        pixels = preprocess_images(images, self.input_size).to(self.device)  # (n, 3, 224, 224)
         return self.network.extract_features(pixels).mean(dim=(2, 3))  # (n, 1280, 7, 7) -> (n, 1280)

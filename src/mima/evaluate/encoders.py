@@ -47,6 +47,15 @@ class ImageEncoder(ABC):
 
     def __init__(self, model: str | None = None) -> None:
         self.model = model
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> ImageEncoder:
+        """Move the encoder's networks to `device`; `features` moves each batch there."""
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(self.device)
+        return self
 
     @property
     def cache_id(self) -> str:
@@ -134,19 +143,21 @@ encoders.register("clip", "mima.evaluate.hf_encoders:ClipEncoder")
 encoders.register("dino", "mima.evaluate.hf_encoders:DinoEncoder")
 
 
-def get_encoder(spec: str) -> ImageEncoder:
+def get_encoder(spec: str, device: torch.device | str = "cpu") -> ImageEncoder:
     """Build the encoder of a spec `"name"` or `"name:model"` (model: a local folder or file, or a hub id).
 
     Args:
         spec (`str`):
             E.g. `"efficientnet-lite0"`, `"toy-judge"` or `"clip:/models/clip-vit-base-patch32"`.
+        device (`torch.device` or `str`, defaults to `"cpu"`):
+            Where it runs (see [`~mima.utils.device.resolve_device`]).
 
     Raises:
         [`~mima.registry.UnknownNameError`]: For an unknown name, suggesting the closest one.
         [`~mima.errors.ModelError`]: If the weights cannot be loaded.
     """
     name, model = _split_spec(spec)
-    return encoders.get(name)(model)
+    return encoders.get(name)(model).to(device)
 
 
 def spec_cache_id(spec: str) -> str:

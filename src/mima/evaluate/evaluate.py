@@ -29,6 +29,7 @@ from mima.evaluate.metrics import CONDITIONS, CurveSet, SimilarityCurve, metrics
 from mima.evaluate.report import plot_curves, save_comparison_grid, slug
 from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation, RunPair
 from mima.toy import world as toy_world
+from mima.utils.device import resolve_device
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
@@ -179,6 +180,7 @@ def evaluate_runs(
     encoder_specs: Sequence[str | ImageEncoder] = DEFAULT_ENCODERS,
     *,
     non_targets: Collection[str] = (),
+    device: str | None = "auto",
 ) -> Evaluation:
     """Similarity curves, SGR, MSGR, MRSGR (and every registered metric) for each encoder.
 
@@ -191,6 +193,8 @@ def evaluate_runs(
             Encoder specs for [`get_encoder`] (`"name"` or `"name:model"`) or built encoders.
         non_targets (`Collection[str]`, *optional*):
             Concepts of `pairs` that were not immunized against; they feed `non_target_sgr`, not MSGR.
+        device (`str`, defaults to `"auto"`):
+            Where the encoders built from specs run (see [`~mima.utils.device.resolve_device`]).
 
     Returns:
         [`~mima.evaluate.results.Evaluation`]: The inputs and, by encoder, each concept's curves and every metric.
@@ -199,13 +203,14 @@ def evaluate_runs(
         [`~mima.errors.ConfigError`], [`~mima.errors.DataError`], [`~mima.errors.ModelError`]: On invalid inputs,
             checked (and every encoder loaded) before anything is encoded.
     """
+    resolved = resolve_device(device)
     runs = _validate(pairs, references, non_targets)
     encoders: dict[str, ImageEncoder] = {}
     for spec in encoder_specs:
         key = spec if isinstance(spec, str) else spec.name
         if key in encoders:
             raise ConfigError(f"encoder '{key}' is given twice")
-        encoders[key] = get_encoder(spec) if isinstance(spec, str) else spec
+        encoders[key] = get_encoder(spec, resolved) if isinstance(spec, str) else spec
     if not encoders:
         raise ConfigError("no encoder given; e.g. 'efficientnet-lite0'")
     return Evaluation(

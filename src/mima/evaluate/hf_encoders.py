@@ -51,7 +51,7 @@ class _TransformersEncoder(ImageEncoder):
 
     def features(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
-        return self.forward(pixels.to(self.network.dtype))
+        return self.forward(pixels.to(self.device, self.network.dtype))
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ class ToyJudgeEncoder(ImageEncoder):
         size = (toy_world.RESOLUTION, toy_world.RESOLUTION)
         rgb = [image.convert("RGB") for image in images]
         resized = [image if image.size == size else image.resize(size, Image.BICUBIC) for image in rgb]
-        return to_pixels(np.stack([np.asarray(image) for image in resized]))  # (n, 3, 32, 32) in [-1, 1]
+        pixels = to_pixels(np.stack([np.asarray(image) for image in resized]))  # (n, 3, 32, 32) in [-1, 1]
+        return pixels.to(self.device)
 
     def features(self, images: list[Image.Image]) -> torch.Tensor:
         return self.judge.features(self._pixels(images))

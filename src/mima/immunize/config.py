@@ -59,7 +59,9 @@ class ImmunizeConfig(Config):
         metadata={"help": "recompute UNet activations in the backward instead of keeping them: less memory, "
                           "about a third more time"},
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "accelerate precision"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"}
+    )
 
     def __post_init__(self) -> None:
         positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "save_every")

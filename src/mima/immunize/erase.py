@@ -11,6 +11,7 @@ from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
 from mima.models.encoding import EncodedConcept
+from mima.utils.device import solve_device
 
 
 def erasure_map(
@@ -30,8 +31,10 @@ def erasure_map(
 
 
 def edit_projection(w_old: torch.Tensor, erasure: torch.Tensor) -> torch.Tensor:
-    """W_old B in float64, back in W_old's dtype: (d_out, d)."""
-    return (w_old.to(torch.float64) @ erasure.to(w_old.device)).to(w_old.dtype)
+    """W_old B in float64 (where `solve_device` says: on the CPU for MPS, which has none), back in W_old's device
+    and dtype: (d_out, d)."""
+    device = solve_device(w_old.device)
+    return (w_old.to(device, torch.float64) @ erasure.to(device)).to(w_old.device, w_old.dtype)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ One outer step k, whole (docs/method.md, "One outer step"); each line names the 
     g              g'_n pulled back through copy n's inner step     BilevelImmunizer.unrolled_vjp (one at a time)
     terms          prior, anchor and retain terms and gradients     BilevelImmunizer.preservation_gradients
     objective      -upper + terms, and its gradient on S^u          BilevelImmunizer.gradients
-    S^u            AdamW step on clip(gradient) with rate beta      immunize.trainer._Loop._outer_step
+    S^u            AdamW step on clip(gradient) with rate beta      training.TrainingLoop.train_step
 
 `MIMA.upper_gradient` runs lines 3-7. `BilevelImmunizer.objective` is the same objective as one differentiable
 expression (`adapted_parameters` then autograd), kept as the reference the tests compare the gradient with.

@@ -7,28 +7,25 @@ Output folder: `model/` (a diffusers pipeline), `immunization.json`, `checkpoint
 from __future__ import annotations
 
 import json
-import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from mima.data.concepts import ConceptSpec, materialize, validate_images
-from mima.errors import ConfigError, TrainingError
 from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
-from mima.models.encoding import encode_concept
+from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
-from mima.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from mima.utils.device import step_generator
+from mima.training import LoopSettings, TrainingLoop
+from mima.utils.device import Placement, resolve_placement
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 
@@ -41,6 +38,7 @@ class ImmunizationRun:
     specs: list[ConceptSpec]
     config: ImmunizeConfig
     out_dir: Path
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.config = self.config.for_model(self.model)
@@ -49,9 +47,11 @@ class ImmunizationRun:
         started = time.time()
         config = self.config
         immunizers.get(config.method)  # unknown method: fail before any heavy work
-        components = Components.from_pretrained(self.model)
+        placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
+        print(f"immunize: {placement.describe()}", file=sys.stderr)
+        components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
-        specs = self._prepare_specs(components, config)
+        specs = self._prepare_specs(components, config, placement)
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
@@ -59,23 +59,26 @@ class ImmunizationRun:
         immunizer.prepare(components, specs, encoded)
         log: list[dict[str, float]] = []
         if immunizer.iterative:
-            log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint").run(resume)
+            log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint", placement).run(resume)
         components.save_pretrained(self.out_dir / "model")
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         record = {
             "config": config.to_dict(), "model": self.model, "concepts": [_spec_record(s) for s in specs],
-            "log": log, "elapsed_s": time.time() - started, **provenance(),
+            "log": log, "elapsed_s": time.time() - started, **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
 
-    def _prepare_specs(self, components: Components, config: ImmunizeConfig) -> list[ConceptSpec]:
+    def _prepare_specs(
+        self, components: Components, config: ImmunizeConfig, placement: Placement
+    ) -> list[ConceptSpec]:
         data_dir = self.out_dir / "data"
         specs = [materialize(s, data_dir, config.n_images, seed=config.seed + i) for i, s in enumerate(self.specs)]
         for spec in specs:
             validate_images(spec)
         if config.uses_class_images:
-            specs = [ensure_class_images(components, s, data_dir, config.n_class_images) for s in specs]
+            with placement.autocast():
+                specs = [ensure_class_images(components, s, data_dir, config.n_class_images) for s in specs]
         return specs
 
 
@@ -84,49 +87,28 @@ def _spec_record(spec: ConceptSpec) -> dict[str, object]:
             "class_prompt": spec.class_prompt, "class_images": str(spec.class_images)}
 
 
-class _Loop:
-    """Outer optimisation with AdamW on S^u, a NaN guard and atomic checkpoints (S^u weights, optimizer, log)."""
+class _Loop(TrainingLoop):
+    """Outer optimisation of S^u with AdamW: each step's objective is the immunizer's on fresh concept batches."""
 
-    def __init__(self, immunizer: Immunizer, encoded: list, config: ImmunizeConfig, checkpoint_dir: Path) -> None:
-        self.immunizer, self.encoded, self.config, self.checkpoint_dir = immunizer, encoded, config, checkpoint_dir
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        self.params = immunizer.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.outer_lr, weight_decay=0.0)
-        self.step, self.log = 0, []
+    def __init__(self, immunizer: Immunizer, encoded: list[EncodedConcept], config: ImmunizeConfig,
+                 checkpoint_dir: Path, placement: Placement) -> None:
+        self.immunizer, self.encoded, self.config = immunizer, encoded, config
+        params = immunizer.trainable_parameters()
+        settings = LoopSettings(
+            steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=config.grad_clip,
+            checkpoint_dir=checkpoint_dir, desc=f"immunize ({config.method})", loss_name="objective",
+            step_name="outer step",
+        )
+        super().__init__(params, torch.optim.AdamW(params.values(), lr=config.outer_lr, weight_decay=0.0), settings,
+                         placement)
 
-    def run(self, resume: bool) -> list[dict[str, float]]:
-        if resume:
-            self.step, self.log = load_checkpoint(self.checkpoint_dir, self.params, self.optimizer)
-        elif has_checkpoint(self.checkpoint_dir):
-            raise ConfigError(f"'{self.checkpoint_dir}' holds an unfinished run; pass --resume or use another --out")
-        with tqdm(total=self.config.steps, initial=self.step, desc=f"immunize ({self.config.method})") as bar:
-            while self.step < self.config.steps:
-                logs = self._outer_step()
-                self.step += 1
-                self.log.append({"step": self.step, **logs})
-                bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k != "objective"})
-                if self.step % self.config.save_every == 0 and self.step < self.config.steps:
-                    save_checkpoint(self.checkpoint_dir, self.params, self.optimizer, self.step, self.log)
-        return self.log
+    def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+        """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`)."""
+        with self.placement.autocast():
+            objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
+        self.check_finite(objective)
+        return objective, grads, logs
 
     def _batches(self, generator: torch.Generator) -> ConceptBatches:
         size = self.config.batch_size
         return {c.name: (c.batch(size, generator), c.batch(size, generator)) for c in self.encoded}
-
-    def _outer_step(self) -> dict[str, float]:
-        generator = step_generator(self.config.seed, self.step)
-        with self.accelerator.autocast():
-            objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
-        if not math.isfinite(objective):
-            raise TrainingError(
-                f"non-finite objective {objective} at outer step {self.step + 1}; "
-                f"the last checkpoint in '{self.checkpoint_dir}' is intact (lower the learning rates)"
-            )
-        for name, param in self.params.items():
-            param.grad = grads[name].to(param.dtype)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"objective": objective, **logs}

@@ -10,6 +10,7 @@ import torch
 from mima.merge.closed_form import FactorizedGram, apply_merge, factorize_gram, merge_solution, merged_values
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
+from mima.utils.device import solve_device
 
 Params = dict[str, torch.Tensor]
 
@@ -38,8 +39,10 @@ def unique_rows(rows: torch.Tensor, decimals: int = 5) -> tuple[torch.Tensor, to
 class MergePlan:
     """Targets C_n per concept, the deduplicated stack C, and the factorised regulariser M + ridge I.
 
-    `merge` maps the base parameters and N adapted copies to the merged parameters: cross-attention keys and
-    values in closed form (docs/method.md, "The Merge"), every other adapted parameter averaged over concepts.
+    They live on the UNet's device, except on MPS (no float64): there they stay on the CPU, and each K/V weight
+    goes there for the float64 solve and comes back. `merge` maps the base parameters and N adapted copies to the
+    merged parameters: cross-attention keys and values in closed form (docs/method.md, "The Merge"), every other
+    adapted parameter averaged over concepts.
     """
 
     key_value_names: frozenset[str]
@@ -55,24 +58,32 @@ class MergePlan:
     ) -> MergePlan:
         concept_targets = [unique_rows(prompt_token_embeddings(components, p))[0] for p in concept_prompts]
         targets, row_index = unique_rows(torch.cat(concept_targets))
-        targets = targets.double()  # once, not per layer and step: the merge runs in float64
         reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
-        gram = factorize_gram(reg_bank, ridge)
+        device = solve_device(components.unet.device)
+        targets, gram = targets.to(device, torch.float64), factorize_gram(reg_bank.to(device), ridge)
         return cls(
             key_value_names=frozenset(key_value_parameter_names(components.unet)),
-            concept_targets=concept_targets, targets=targets, row_index=row_index,
-            gram=gram, solution=merge_solution(targets, gram),
+            concept_targets=[c.to(device, torch.float64) for c in concept_targets],
+            targets=targets, row_index=row_index.to(device), gram=gram, solution=merge_solution(targets, gram),
         )
 
     def merge_key_value(self, w0: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
-        """Closed-form merge of one K/V weight given each copy's outputs V_n = C_n W_n^T on its concept's tokens:
-        W_hat c = W_n c for concept n's tokens c (shared tokens: mean)."""
-        stacked = torch.cat(values)  # (sum m_n, d_out)
-        index = self.row_index.to(w0.device)
-        counts = torch.bincount(index, minlength=self.targets.shape[0]).to(stacked)[:, None]
-        values = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=w0.device)
-        values = values.index_add(0, index, stacked) / counts  # (m, d_out)
-        return apply_merge(w0, self.targets.to(w0.device), values, self.solution)
+        """Closed-form merge of one K/V weight given each copy's outputs V_n = C_n W_n^T on its concept's tokens
+        (float64, from `copy_values`): W_hat c = W_n c for concept n's tokens c (shared tokens: mean).
+
+        Solved in float64 where the plan lives (autocast leaves float64 alone), returned in w0's device and dtype.
+        """
+        device = self.targets.device
+        stacked = torch.cat([v.to(device) for v in values])  # (sum m_n, d_out)
+        counts = torch.bincount(self.row_index, minlength=self.targets.shape[0]).to(stacked)[:, None]
+        merged = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=device)
+        merged = merged.index_add(0, self.row_index, stacked) / counts  # (m, d_out)
+        w0_64 = w0.to(device, torch.float64)
+        return apply_merge(w0_64, self.targets, merged, self.solution).to(w0.device, w0.dtype)
+
+    def copy_values(self, n: int, weight: torch.Tensor) -> torch.Tensor:
+        """V_n = C_n W_n^T of concept n's adapted copy of a K/V weight, in float64 where the plan lives."""
+        return merged_values([weight.to(self.targets.device, torch.float64)], [self.concept_targets[n]])[1]
 
     def inputs(self) -> MergeInputs:
         """An empty `MergeInputs` to add the adapted copies to, one at a time."""
@@ -103,8 +114,7 @@ class MergeInputs:
         """Add the next concept's adapted copy (concepts in the plan's order)."""
         for name, tensor in copy.items():
             if name in self.plan.key_value_names:
-                targets = self.plan.concept_targets[self.count].to(tensor)
-                self.values.setdefault(name, []).append(merged_values([tensor], [targets])[1])  # (m_n, d_out)
+                self.values.setdefault(name, []).append(self.plan.copy_values(self.count, tensor))  # (m_n, d_out)
             else:
                 self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor
         self.count += 1
@@ -131,8 +141,8 @@ class MergeInputs:
         mean_grads = {name: merged_grad[name] / self.count for name in self.sums}
 
         def copy_grad(n: int) -> Params:
-            targets = self.plan.concept_targets[n]
-            kv = {name: gs[n].T @ targets.to(gs[n]) for name, gs in value_grads.items()}  # (d_out, d)
+            targets = self.plan.concept_targets[n]  # float64, like the value gradients
+            kv = {name: (gs[n].T @ targets).to(base[name]) for name, gs in value_grads.items()}  # (d_out, d)
             return {**mean_grads, **kv}
 
         return copy_grad, base_grads

@@ -88,6 +88,19 @@ class Components:
         second = {name: getattr(pipe, name) for name in ("tokenizer_2", "text_encoder_2") if hasattr(pipe, name)}
         return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, Path(source), family, **second)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        """Move the text encoder, VAE and UNet to `device` (in place; returns self).
+
+        Args:
+            device (`torch.device` or `str`): where they run, as [`~mima.utils.device.resolve_device`] gives it.
+            dtype (`torch.dtype`, *optional*): also cast their weights, for inference only; training keeps
+                float32 weights and runs in lower precision under autocast instead.
+        """
+        for module in self.modules().values():
+            # diffusers warns about any dtype argument, None included: pass one only when casting
+            module.to(device) if dtype is None else module.to(device, dtype)
+        return self
+
     def to_pipeline(self) -> DiffusionPipeline:
         """A diffusers pipeline of the model's family sharing these modules, with a DDIM sampler."""
         return self.family.sampling_pipeline(self)

@@ -33,10 +33,12 @@ class EncodedImages:
     prompts: list[str] = field(default_factory=list)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A random batch: latents drawn from the posterior, their hidden states and prompts."""
+        """A random batch on the device of the encodings: latents drawn from the posterior, their hidden states
+        and prompts. The draws use `generator` where it lives (the CPU, see `step_generator`) and then move."""
         index = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator)
-        noise = torch.randn(self.mean[index].shape, generator=generator)
+        noise = torch.randn(self.mean[index].shape, generator=generator).to(self.mean.device)
         prompts = [self.prompts[i] for i in index] if self.prompts else []
+        index = index.to(self.mean.device)
         return self.mean[index] + self.std[index] * noise, self.hidden[index], prompts
 
 
@@ -81,19 +83,20 @@ def to_pixels(images: list[Image.Image | np.ndarray], resolution: int) -> torch.
 
 @torch.no_grad()
 def encode_folder(components: Components, folder: Path, default_prompt: str) -> EncodedImages:
-    """Encode every image of `folder` with its metadata prompt (or `default_prompt`)."""
+    """Encode every image of `folder` with its metadata prompt (or `default_prompt`); the encodings stay on the
+    model's device, where training batches are drawn from them."""
     images, prompts = read_image_folder(folder)
     resolution = model_resolution(components)
     means, stds = [], []
     for start in range(0, len(images), images_per_call(resolution)):
         pixels = to_pixels(images[start : start + images_per_call(resolution)], resolution)
         posterior = components.vae.encode(pixels.to(components.vae.device, components.vae.dtype)).latent_dist
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
     scale = components.vae.config.scaling_factor
     prompts = [p or default_prompt for p in prompts]
     hidden = components.encode_prompts(prompts)
-    return EncodedImages(torch.cat(means) * scale, torch.cat(stds) * scale, hidden.cpu(), prompts)
+    return EncodedImages(torch.cat(means) * scale, torch.cat(stds) * scale, hidden.float(), prompts)
 
 
 def encode_concept(components: Components, spec: ConceptSpec, *, with_prior: bool) -> EncodedConcept:

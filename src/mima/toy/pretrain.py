@@ -84,9 +84,10 @@ def _unet_loss(comps: Components, cfg: ToyPretrainConfig, stage: int, step: int)
 class ToyPretrainer:
     """Three-stage pretraining with atomic checkpoints (`out_dir/checkpoint`) and resume."""
 
-    def __init__(self, cfg: ToyPretrainConfig, out_dir: Path) -> None:
-        self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.comps = build_toy_components(self.out_dir / "tokenizer-build", cfg.size, cfg.seed)
+    def __init__(self, cfg: ToyPretrainConfig, out_dir: Path, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.out_dir, self.device = cfg, Path(out_dir), torch.device(device)
+        # Built (and so initialised) on the CPU, then moved: the same seed gives the same model on any device.
+        self.comps = build_toy_components(self.out_dir / "tokenizer-build", cfg.size, cfg.seed).to(self.device)
         self.unet_params = [*self.comps.unet.parameters(), *self.comps.text_encoder.parameters()]
         self.vae_opt = torch.optim.AdamW(self.comps.vae.parameters(), lr=cfg.vae_lr)
         self.opt = torch.optim.AdamW(self.unet_params, lr=cfg.lr, weight_decay=1e-2)
@@ -128,7 +129,7 @@ class ToyPretrainer:
         if self.step < self.cfg.vae_steps:
             rng, generator = _batch_rng(self.cfg, 1, self.step)
             pixels = images_to_tensor(sample_training_batch(self.cfg.vae_batch_size, rng, include_held_out=True)[0])
-            loss, optimizer = _vae_loss(self.comps, pixels, generator), self.vae_opt
+            loss, optimizer = _vae_loss(self.comps, pixels.to(self.device), generator), self.vae_opt
             params = self.comps.vae.parameters()
         else:
             if self.step == self.cfg.vae_steps:
@@ -160,7 +161,7 @@ class ToyPretrainer:
     def _calibrate_latent_scale(self) -> None:
         """Set the VAE scaling factor so latents have unit variance, as Stable Diffusion does."""
         rng, generator = _batch_rng(self.cfg, 0, 0)
-        pixels = images_to_tensor(sample_training_batch(256, rng)[0])
+        pixels = images_to_tensor(sample_training_batch(256, rng)[0]).to(self.device)
         latents = self.comps.vae.encode(pixels).latent_dist.sample(generator)
         self.comps.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
@@ -200,17 +201,19 @@ class ToyPretrainer:
         self.opt.load_state_dict(state["opt"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.ema.load_state_dict(state["ema"])
+        self.ema.to(self.device)  # its shadow weights load on the CPU
 
 
-def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path) -> Path:
-    """Train the toy model (resuming from `out_dir/checkpoint`), then write `out_dir/model` and a sample grid."""
+def pretrain_toy(cfg: ToyPretrainConfig, out_dir: str | Path, device: torch.device | str = "cpu") -> Path:
+    """Train the toy model on `device` (resuming from `out_dir/checkpoint`), then write `out_dir/model` and a
+    sample grid."""
     from mima.sampling import sample_images, save_grid
     from mima.toy.world import toy_concepts
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_json(out_dir / "pretrain_config.json")
-    trainer = ToyPretrainer(cfg, out_dir)
+    trainer = ToyPretrainer(cfg, out_dir, device)
     components = trainer.train()
     model_dir = components.save_pretrained(out_dir / "model")
     save_tokenizer(components.tokenizer, model_dir / "tokenizer")

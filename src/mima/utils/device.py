@@ -1,4 +1,4 @@
-"""Devices, dtypes, seeding, memory and RNG state.
+"""Devices, precision, seeding, memory and the per-step random generators.
 
 This is the only module that names accelerator backends; everything else asks it.
 """
@@ -8,14 +8,17 @@ from __future__ import annotations
 import gc
 import random
 import sys
-from typing import Any, Literal
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
 
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MixedPrecision = Literal["no", "fp16", "bf16"]
+_COMPUTE_DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _mps_available() -> bool:
@@ -37,48 +40,103 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """Turn a device name into a `torch.device`.
+    """Turn a device name into a `torch.device`, checking that its backend is here (before any model loads).
 
     Args:
         name (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`/`None` picks CUDA, then MPS, then CPU; anything else is passed to `torch.device`.
+            `"auto"`/`None` picks CUDA, then MPS, then CPU; otherwise `"cpu"`, `"cuda"`, `"cuda:N"` or `"mps"`.
 
     Raises:
         [`~mima.errors.ConfigError`]: If the name is invalid or its backend is not available.
     """
     if name is None or name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"invalid device '{name}'; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"invalid device '{name}'; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+        raise ConfigError(f"device '{name}' requested but CUDA is not available here (try --device auto or cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "mps" and not _mps_available():
-        raise ConfigError(f"device '{name}' requested but MPS is not available")
+        raise ConfigError(f"device '{name}' requested but MPS is not available here (try --device auto or cpu)")
     return device
 
 
-def resolve_dtype(name: Literal["fp32", "fp16", "bf16"]) -> torch.dtype:
-    """Map a short dtype name to a `torch.dtype`.
+def solve_device(device: torch.device) -> torch.device:
+    """Where float64 linear algebra (the Merge and erase solves) runs: `device` itself, except MPS, which has no
+    float64, so the CPU."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes and in which precision: models keep float32 weights (the master copy of what is
+    trained); `autocast()` runs their forward passes in `dtype`; fp16 adds loss scaling (`grad_scaler()`)."""
+
+    device: torch.device
+    mixed_precision: MixedPrecision = "no"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the forward passes."""
+        return _COMPUTE_DTYPES[self.mixed_precision]
+
+    def autocast(self) -> AbstractContextManager:
+        """Forward passes in `dtype` (float32 ops, such as the float64 Merge, stay as they are)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed_precision != "no")
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Dynamic loss scaling, enabled only for fp16, whose small gradients would otherwise flush to zero."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
+
+    def record(self) -> dict[str, str]:
+        """What a run's JSON record says about where it ran."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"device": str(self.device), "mixed_precision": self.mixed_precision, "dtype": dtype}
+
+    def describe(self) -> str:
+        precision = "float32" if self.mixed_precision == "no" else f"{self.mixed_precision} autocast, float32 weights"
+        return f"device {self.device} ({precision})"
+
+
+def resolve_placement(
+    device: str | None, mixed_precision: MixedPrecision = "no", *, loss_scaling: bool = True
+) -> Placement:
+    """Check a `--device` / `--mixed-precision` pair and return its [`Placement`].
+
+    fp16 is refused on the CPU (it would be slower than float32 there and less exact than bf16) and where the
+    caller cannot scale its losses (`loss_scaling=False`: immunization, whose simulated attacker takes unscaled
+    gradients inside the graph); bf16 is the choice in both cases.
 
     Args:
-        name (`str`):
-            One of `"fp32"`, `"fp16"`, `"bf16"`.
+        device (`str`, *optional*): see [`resolve_device`].
+        mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
+        loss_scaling (`bool`, defaults to `True`): whether the caller applies [`Placement.grad_scaler`].
 
     Raises:
-        [`~mima.errors.ConfigError`]: For any other name.
+        [`~mima.errors.ConfigError`]: for an unavailable device or an unsupported precision there.
     """
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"invalid dtype '{name}'; expected one of {', '.join(_DTYPES)}") from None
+    if mixed_precision not in _COMPUTE_DTYPES:
+        raise ConfigError(f"invalid mixed precision '{mixed_precision}'; expected one of {', '.join(_COMPUTE_DTYPES)}")
+    resolved = resolve_device(device)
+    if mixed_precision == "fp16" and resolved.type == "cpu":
+        raise ConfigError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 (or no)")
+    if mixed_precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--mixed-precision bf16: {resolved} has no bfloat16 support; use no (or fp16 for attacks)")
+    if mixed_precision == "fp16" and not loss_scaling:
+        raise ConfigError("--mixed-precision fp16 is not supported for immunization (its inner gradients are "
+                          "not loss-scaled); use bf16")
+    return Placement(resolved, mixed_precision)
 
 
 def free_memory() -> None:
@@ -93,8 +151,8 @@ def free_memory() -> None:
 def peak_memory_bytes(device: torch.device | str) -> int | None:
     """Peak memory used on `device`, in bytes.
 
-    For CUDA this is the peak allocated by torch since the last [`reset_peak_memory`]; for the CPU it is the
-    process's peak resident set size since it started (it cannot be reset).
+    For CUDA this is the peak allocated by torch (since the process started, or since
+    `torch.cuda.reset_peak_memory_stats`); for the CPU it is the process's peak resident set size since it started.
 
     Args:
         device (`torch.device` or `str`):
@@ -117,77 +175,12 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Reset the peak measured by [`peak_memory_bytes`] where the backend allows it (CUDA); a no-op elsewhere.
-
-    Args:
-        device (`torch.device` or `str`):
-            The device whose peak to reset.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def rng_state() -> dict[str, Any]:
-    """Capture the state of Python's, NumPy's and torch's global random generators.
-
-    The result holds only tensors and plain Python values, so it survives `torch.save` and
-    `torch.load(..., weights_only=True)`.
-    """
-    version, internal, gauss_next = random.getstate()
-    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {
-            "version": version,
-            "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-        "numpy": {
-            "bit_generator": str(bit_generator),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if _mps_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generator states captured by [`rng_state`].
-
-    Accelerator states are restored only when present in `state` and the backend is available here.
-
-    Args:
-        state (`dict`):
-            The output of [`rng_state`], possibly after a `torch.save`/`torch.load` round trip.
-    """
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["bit_generator"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if "mps" in state and _mps_available():
-        torch.mps.set_rng_state(state["mps"].cpu())
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of training step `step`: batches, noise and timesteps depend only on (seed, step),
-    so a resumed run draws exactly what an uninterrupted one would."""
+    so a resumed run draws exactly what an uninterrupted one would.
+
+    It stays on the CPU on every device: draws are made there and moved (a few small tensors per step), so the
+    same seed gives the same batches, noise and timesteps on the CPU, CUDA and MPS, which device generators,
+    each with its own algorithm, would not.
+    """
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
