@@ -5,7 +5,7 @@ Each (method, N) runs in its own subprocess, so its peak memory is its own:
 - CPU: the peak resident set size (RSS) of the child process (`ru_maxrss`, which includes the model and the
   Python runtime), and the peak RSS growth during the steps above the RSS once model and data are loaded
   (sampled from /proc/self/statm every 2 ms; what the steps themselves cost).
-- CUDA: `torch.cuda.max_memory_allocated` over the timed steps (via mima.utils.device), after loading.
+- CUDA: `torch.cuda.max_memory_allocated` of the child process (via mima.utils.device), model included.
 
 Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
 timed in the same child right after, so that both see the same load on a shared machine),
@@ -73,7 +73,7 @@ def _specs(model: str, n: int) -> list:
 
     if model == "toy":
         return [toy_concept_spec(c.name) for c in toy_concepts()[:n]]
-    names = [(_SYLLABLES[i % 12] + _SYLLABLES[(5 * i + 3) % 12]).capitalize() for i in range(n)]
+    names = [(_SYLLABLES[i % 12] + _SYLLABLES[(7 * (i // 12) + i % 12 + 1) % 12]).capitalize() for i in range(n)]
     return [ConceptSpec(name.lower(), (f"a painting in the style of {name}", f"{name} style artwork"),
                         class_prompt="a painting") for name in names]
 
@@ -86,7 +86,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     from mima.merge.plan import MergeInputs
     from mima.models.components import Components
     from mima.models.encoding import EncodedConcept, EncodedImages
-    from mima.utils.device import peak_memory_bytes, reset_peak_memory, resolve_device
+    from mima.utils.device import peak_memory_bytes, resolve_device
 
     device = resolve_device(args.device)
     components = Components.from_pretrained(args.model_dir)
@@ -132,7 +132,6 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             optimizer.step()
             optimizer.zero_grad()
 
-    reset_peak_memory(device)
     sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
     sampler.start()
     step()  # warm-up: first-call allocations and kernel selection

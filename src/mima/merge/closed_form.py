@@ -93,21 +93,37 @@ def closed_form_merge(
     if m == 0:  # no constraints: the minimiser is W_0 itself
         return w0.clone()
 
-    w0_64 = w0.to(torch.float64)  # (d_out, d)
+    return apply_merge(w0, targets, values, merge_solution(targets, gram))
+
+
+def merge_solution(targets: torch.Tensor, gram: FactorizedGram) -> torch.Tensor:
+    """X = (C M^-1 C^T)^-1 C M^-1, the part of the merge that depends only on the targets C and M.
+
+    Args:
+        targets (`torch.Tensor`): C of shape (m, d), target token embeddings (rows), m >= 1.
+        gram (`FactorizedGram`): the factorised M + ridge*I.
+
+    Returns:
+        `torch.Tensor`: X of shape (m, d) in float64 (differentiable w.r.t. targets), reusable for every layer
+        and every step that merges onto the same targets.
+    """
     c = targets.to(torch.float64)  # (m, d)
-    v = values.to(torch.float64)  # (m, d_out)
     a = gram.solve(c.T)  # M^-1 C^T, (d, m)
     system = c @ a  # C M^-1 C^T, (m, m), symmetric PSD
     # Singular system (duplicate/collinear targets): add a tiny relative jitter so Cholesky succeeds; consistent
     # duplicated constraints are then still met to ~jitter precision, and the map stays smooth for autograd.
-    eye = torch.eye(m, dtype=torch.float64, device=system.device)
+    eye = torch.eye(c.shape[0], dtype=torch.float64, device=system.device)
     system = 0.5 * (system + system.T) + _SYSTEM_JITTER * system.diagonal().mean() * eye
-    x = torch.cholesky_solve(a.T, torch.linalg.cholesky(system))  # (C M^-1 C^T)^-1 C M^-1, (m, d)
-    residual = v.T - w0_64 @ c.T  # V^T - W_0 C^T, (d_out, m)
+    return torch.cholesky_solve(a.T, torch.linalg.cholesky(system))  # (m, d)
+
+
+def apply_merge(w0: torch.Tensor, targets: torch.Tensor, values: torch.Tensor, solution: torch.Tensor) -> torch.Tensor:
+    """W_hat = W_0 + (V^T - W_0 C^T) X for X = `merge_solution(targets, gram)`, in `w0.dtype` (linear in V)."""
+    w0_64 = w0.to(torch.float64)  # (d_out, d)
+    residual = values.to(torch.float64).T - w0_64 @ targets.to(torch.float64).T  # V^T - W_0 C^T, (d_out, m)
     # MIMA closed-form merge (Zheng & Yeh, AAAI 2025, arXiv 2412.15320):
     # W_hat = W_0 + (V^T - W_0 C^T) (C M^-1 C^T)^-1 C M^-1,  M = C_reg^T C_reg (+ ridge*I)
-    w_hat = w0_64 + residual @ x  # (d_out, d)
-    return w_hat.to(w0.dtype)
+    return (w0_64 + residual @ solution.to(w0_64.device)).to(w0.dtype)  # (d_out, d)
 
 
 def merged_values(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mima.merge.closed_form import FactorizedGram, closed_form_merge, factorize_gram, merged_values
+from mima.merge.closed_form import FactorizedGram, apply_merge, factorize_gram, merge_solution, merged_values
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 from mima.utils.device import solve_device
@@ -47,9 +47,10 @@ class MergePlan:
 
     key_value_names: frozenset[str]
     concept_targets: list[torch.Tensor]  # N x (m_n, d)
-    targets: torch.Tensor  # (m, d), deduplicated over all concepts
+    targets: torch.Tensor  # (m, d) float64, deduplicated over all concepts
     row_index: torch.Tensor  # (sum m_n,), row of `targets` for each stacked concept row
     gram: FactorizedGram
+    solution: torch.Tensor  # (m, d) float64, X = (C M^-1 C^T)^-1 C M^-1: the same for every layer and step
 
     @classmethod
     def build(
@@ -59,11 +60,11 @@ class MergePlan:
         targets, row_index = unique_rows(torch.cat(concept_targets))
         reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
         device = solve_device(components.unet.device)
+        targets, gram = targets.to(device, torch.float64), factorize_gram(reg_bank.to(device), ridge)
         return cls(
             key_value_names=frozenset(key_value_parameter_names(components.unet)),
             concept_targets=[c.to(device, torch.float64) for c in concept_targets],
-            targets=targets.to(device, torch.float64), row_index=row_index.to(device),
-            gram=factorize_gram(reg_bank.to(device), ridge),
+            targets=targets, row_index=row_index.to(device), gram=gram, solution=merge_solution(targets, gram),
         )
 
     def merge_key_value(self, w0: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
@@ -78,7 +79,7 @@ class MergePlan:
         merged = torch.zeros(self.targets.shape[0], w0.shape[0], dtype=stacked.dtype, device=device)
         merged = merged.index_add(0, self.row_index, stacked) / counts  # (m, d_out)
         w0_64 = w0.to(device, torch.float64)
-        return closed_form_merge(w0_64, self.targets, merged, self.gram).to(w0.device, w0.dtype)
+        return apply_merge(w0_64, self.targets, merged, self.solution).to(w0.device, w0.dtype)
 
     def copy_values(self, n: int, weight: torch.Tensor) -> torch.Tensor:
         """V_n = C_n W_n^T of concept n's adapted copy of a K/V weight, in float64 where the plan lives."""
