@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mima.data.image_folder import METADATA_FILE, read_image_folder, write_image_folder
+from mima.data.image_folder import METADATA_FILE, read_image_folder, to_rgb, write_image_folder
 from mima.errors import DataError
 
 
@@ -87,3 +87,43 @@ def test_metadata_with_wrong_header(tmp_path):
     (tmp_path / METADATA_FILE).write_text("file,caption\n00000.png,a\n")
     with pytest.raises(DataError, match=r"lacks column\(s\) file_name, prompt"):
         read_image_folder(tmp_path)
+
+
+def _palette_with_transparent_index() -> Image.Image:
+    image = Image.new("P", (2, 2), 1)
+    image.putpalette([0, 0, 255] + [255, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    image.info["transparency"] = 1  # red is transparent: on white
+    return image
+
+
+# mode -> (image, file format it is saved in (None: decoded in memory), RGB of pixel (0, 0), RGB of pixel (1, 1))
+MODES = {
+    "I;16": (Image.fromarray(np.array([[25700, 0], [0, 65535]], dtype=np.uint16)), "PNG", (100,) * 3, (255,) * 3),
+    "I": (Image.fromarray(np.array([[25700, 0], [0, 65535]], dtype=np.int32)), None, (100,) * 3, (255,) * 3),
+    "F": (Image.fromarray(np.array([[0.5, 0], [0, 1]], dtype=np.float32)), None, (128,) * 3, (255,) * 3),
+    "P": (_palette_with_transparent_index(), "PNG", (0, 0, 255), (255, 255, 255)),
+    "CMYK": (Image.new("CMYK", (2, 2), (0, 255, 255, 0)), "JPEG", (254, 0, 0), (254, 0, 0)),
+    "LA": (Image.fromarray(np.array([[[0, 255], [0, 0]]] * 2, dtype=np.uint8), mode="LA"), "PNG", (0,) * 3,
+           (255,) * 3),
+    "RGBA": (Image.fromarray(np.array([[[255, 0, 0, 255], [0, 0, 0, 0]]] * 2, dtype=np.uint8)), "PNG", (255, 0, 0),
+             (255,) * 3),
+    "1": (Image.fromarray(np.array([[True, False], [False, False]])), "PNG", (255,) * 3, (0,) * 3),
+    "L": (Image.fromarray(np.array([[7, 0], [0, 200]], dtype=np.uint8)), "BMP", (7,) * 3, (200,) * 3),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pillow_mode_decodes_as_a_viewer_shows_it(tmp_path, mode):
+    image, file_format, first, last = MODES[mode]
+    assert image.mode == mode
+    if file_format is None:
+        decoded = to_rgb(image)
+    else:
+        image.save(tmp_path / f"image.{file_format.lower()}", file_format)
+        [decoded], _ = read_image_folder(tmp_path)
+        assert Image.open(tmp_path / f"image.{file_format.lower()}").mode == mode  # the file keeps its mode
+    assert decoded.mode == "RGB"
+    pixels = np.asarray(decoded)
+    np.testing.assert_allclose(pixels[0, 0], first, atol=2)
+    np.testing.assert_allclose(pixels[1, 1], last, atol=2)

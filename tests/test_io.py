@@ -123,3 +123,15 @@ def test_load_torch_state_rejects_arbitrary_objects(tmp_path):
 
 class Unsafe:
     pass
+
+
+def test_a_checkpoint_of_other_tensors_is_a_model_error(tmp_path):
+    from mima.errors import ModelError
+    from mima.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    lora = {"0": torch.nn.Parameter(torch.ones(2, 3))}
+    save_checkpoint(tmp_path / "checkpoint", lora, torch.optim.AdamW(lora.values()), 1, [])
+    embedding = {"0": torch.nn.Parameter(torch.zeros(5))}  # what textual inversion trains instead
+    with pytest.raises(ModelError, match="does not fit this run"):
+        load_checkpoint(tmp_path / "checkpoint", embedding, torch.optim.AdamW(embedding.values()))
+    assert torch.equal(embedding["0"], torch.zeros(5))

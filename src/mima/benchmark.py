@@ -24,9 +24,10 @@ import yaml
 from mima.config import Config
 from mima.errors import ConfigError
 from mima.executors import Executor, LocalExecutor
+from mima.utils.run_folder import ATTACK, IMMUNIZATION, RunLayout, finished_run
 
 if TYPE_CHECKING:
-    from mima.attacks import AttackRun
+    from mima.attacks import AttackConfig, AttackRun
     from mima.data.concepts import ConceptSpec
     from mima.evaluate.summary import Evaluations
     from mima.immunize import ImmunizationRun
@@ -51,6 +52,7 @@ class BenchmarkConfig(Config):
     references: str = field(default="toy", metadata={"help": "'toy' or a folder with one subfolder per concept"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.setting not in ("relearn", "personalize"):
             raise ConfigError(f"setting must be 'relearn' or 'personalize', got '{self.setting}'")
         if not self.targets:
@@ -88,7 +90,7 @@ class _Piece:
     """One finished-or-not run of a benchmark: the run, its settings resolved when it was built, and its record."""
 
     runner: ImmunizationRun | AttackRun
-    record_name: ClassVar[str]
+    layout: ClassVar[RunLayout]
 
     @property
     def out(self) -> Path:
@@ -99,20 +101,9 @@ class _Piece:
         """The settings the run uses (every default applied)."""
         return self.runner.config
 
-    def stale_settings(self, record: dict) -> dict[str, tuple]:
-        """The settings that differ between the finished run's `record` and this piece's."""
-        return self.config.differences(record["config"])
-
     def finished(self) -> bool:
         """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
-        record_path = self.out / self.record_name
-        if not record_path.is_file():
-            return False
-        differences = self.stale_settings(json.loads(record_path.read_text()))
-        if differences:
-            changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-            raise ConfigError(f"'{self.out}' was made with other settings ({changes}); delete it or use another --out")
-        return True
+        return finished_run(self.out, self.layout, self.runner.differences)
 
     def run(self) -> None:
         from mima.utils.checkpoint import has_checkpoint
@@ -125,19 +116,7 @@ class ImmunizationPiece(_Piece):
     """One immunization of a benchmark; resumes its own checkpoint."""
 
     runner: ImmunizationRun
-    record_name: ClassVar[str] = "immunization.json"
-
-    def stale_settings(self, record: dict) -> dict[str, tuple]:
-        from mima.immunize import immunizers
-
-        config = self.runner.config
-        differences = config.differences(record["config"], immunizers.get(config.method).deciding_fields(config))
-        targets = [t.name for t in self.runner.specs]
-        for name, recorded, current in (("model", record["model"], self.runner.model),
-                                        ("targets", [c["name"] for c in record["concepts"]], targets)):
-            if recorded != current:
-                differences[name] = (recorded, current)
-        return differences
+    layout: ClassVar[RunLayout] = IMMUNIZATION
 
 
 @dataclass(frozen=True)
@@ -145,7 +124,7 @@ class AttackPiece(_Piece):
     """One attack run of a benchmark; resumes its own checkpoint."""
 
     runner: AttackRun
-    record_name: ClassVar[str] = "attack.json"
+    layout: ClassVar[RunLayout] = ATTACK
 
 
 @dataclass(frozen=True)
@@ -178,6 +157,15 @@ class EvaluationPiece:
                     cache.encode(read_image_folder(run.samples(step))[0])
 
 
+@dataclass(frozen=True)
+class BenchmarkPlan:
+    """Every piece of one benchmark, with its settings resolved and checked."""
+
+    targets: list[ConceptSpec]
+    non_targets: list[ConceptSpec]
+    immunizations: list[ImmunizationPiece]
+
+
 @dataclass
 class Benchmark:
     """The grid of one benchmark config, run into `out_dir` phase by phase by `executor` (default: here, serially)."""
@@ -188,16 +176,39 @@ class Benchmark:
     device: str = "auto"
     timings: dict[str, float] = field(default_factory=dict)
 
-    def run(self) -> Path:
+    def plan(self) -> BenchmarkPlan:
+        """Resolve the whole grid: concepts, every piece's settings and every name (methods, attacks, caption banks,
+        encoders, references), so that a benchmark that cannot run fails before its first piece."""
         from mima.data.concepts import load_concepts
+        from mima.evaluate.encoders import encoders
 
         targets = load_concepts(list(self.config.targets))
         non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
         load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
-        models = self._timed("immunization", self._immunize_all, targets)
-        runs = self._timed("attacks", self._attack_all, models, targets + non_targets)
+        immunizations = self.immunization_pieces(targets)
+        for piece in immunizations:
+            piece.config.check_names()
+        for attack in self.config.attacks:  # the attack pieces themselves are built once their models exist
+            for seed in self.config.seeds:
+                self._attack_config(attack, seed).check_names()
+        for spec in self.config.encoders:
+            encoders.get(spec.partition(":")[0])
+        if self.config.references != "toy" and not Path(self.config.references).is_dir():
+            raise ConfigError(f"references '{self.config.references}' is neither 'toy' nor a folder")
+        return BenchmarkPlan(targets, non_targets, immunizations)
+
+    def run(self, plan: BenchmarkPlan | None = None) -> Path:
+        """Run what is not finished yet, then evaluate and report; `plan` (default: [`~Benchmark.plan`]) is checked
+        against the finished pieces before anything is written."""
+        plan = plan or self.plan()
+        immunizations = [piece for piece in plan.immunizations if not piece.finished()]
+        self.config.save_json(self.out_dir / "benchmark_config.json")
+        self._timed("immunization", self.executor.run, immunizations, "immunizations")
+        models = {piece.config.method: piece.out / "model" for piece in plan.immunizations}
+        attacks, runs = self._attack_pieces(models, plan.targets + plan.non_targets)
+        self._timed("attacks", self.executor.run, [piece for piece in attacks if not piece.finished()], "attacks")
         self._timed("evaluation", self._encode_all, runs)
-        return self._timed("evaluation", self._report, runs, targets, non_targets)
+        return self._timed("evaluation", self._report, runs, plan.targets, plan.non_targets)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
         """Compute time every finished piece recorded (`elapsed_s`), whichever process or earlier run made it."""
@@ -224,13 +235,10 @@ class Benchmark:
             pieces.append(ImmunizationPiece(run))
         return pieces
 
-    def _immunize_all(self, targets: list[ConceptSpec]) -> dict[str, Path]:
-        pieces = self.immunization_pieces(targets)
-        self.executor.run([piece for piece in pieces if not piece.finished()], "immunizations")
-        return {piece.config.method: piece.out / "model" for piece in pieces}
-
-    def _attack_all(self, models: dict[str, Path], concepts: list[ConceptSpec]) -> dict[str, dict[tuple, Path]]:
-        from mima.attacks import AttackConfig, AttackRun
+    def _attack_pieces(
+        self, models: dict[str, Path], concepts: list[ConceptSpec]
+    ) -> tuple[list[AttackPiece], dict[str, dict[tuple, Path]]]:
+        from mima.attacks import AttackRun
 
         runs: dict = {}
         pieces = []
@@ -240,10 +248,14 @@ class Benchmark:
                     for seed in self.config.seeds:
                         out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
                         runs.setdefault(method, {})[(attack, concept.name, seed)] = out
-                        config = AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+                        config = self._attack_config(attack, seed)
                         pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out, self.device)))
-        self.executor.run([piece for piece in pieces if not piece.finished()], "attacks")
-        return runs
+        return pieces, runs
+
+    def _attack_config(self, attack: str, seed: int) -> AttackConfig:
+        from mima.attacks import AttackConfig
+
+        return AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
 
     def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
         pieces = [EvaluationPiece(path, self.config.encoders, self.device)

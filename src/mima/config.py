@@ -21,10 +21,12 @@ were made with ([`Config.from_record`], [`Config.differences`]).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import types
 import typing
@@ -45,7 +47,12 @@ class Config:
     """Base class of all mima configurations."""
 
     def __post_init__(self) -> None:
-        """Validate relations between fields; subclasses override it and raise [`~mima.errors.ConfigError`]."""
+        """Check that every float field is finite; subclasses extend it (calling `super().__post_init__()` first)
+        with their own checks of values and relations, raising [`~mima.errors.ConfigError`]."""
+        for name, tp in _type_hints(type(self)).items():
+            value = getattr(self, name, None)
+            if isinstance(value, float) and not math.isfinite(value) and float in (tp, *typing.get_args(tp)):
+                raise ConfigError(f"{name} must be a finite number, got {value} in {type(self).__name__}")
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], *, strict: bool = True) -> C:
@@ -131,7 +138,7 @@ class Config:
         Raises:
             [`~mima.errors.ConfigError`]: If the file is missing, is not valid JSON or holds invalid values.
         """
-        text = _read_text(path)
+        text = read_text(path, "config file")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -153,7 +160,7 @@ class Config:
             [`~mima.errors.ConfigError`]: If the file is missing, is not valid YAML, is not a mapping, lacks
                 `section`, or holds invalid values.
         """
-        text = _read_text(path)
+        text = read_text(path, "config file")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -217,13 +224,19 @@ def _unknown_key_message(cls: type, key: object) -> str:
     return f"unknown key '{key}' in {cls.__name__}; {hint}"
 
 
-def _read_text(path: str | os.PathLike[str]) -> str:
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The content of a user's UTF-8 text file (settings, concepts, captions); `what` names it in the
+    [`~mima.errors.ConfigError`] raised if it is missing, unreadable or not UTF-8."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def _yaml_error_line(error: yaml.YAMLError) -> str:
@@ -269,9 +282,10 @@ def _coerce_union(tp: Any, value: Any, where: _Where) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
-    for option in args:
-        if option is type(None):
-            continue
+    options = [option for option in args if option is not type(None)]
+    if len(options) == 1:  # `float | None`: the one type's own message says what is expected
+        return _coerce(options[0], value, where)
+    for option in options:
         try:
             return _coerce(option, value, where)
         except ConfigError:
@@ -299,15 +313,15 @@ def _coerce_plain(tp: type, value: Any, where: _Where) -> Any:
 
 
 def _coerce_float(value: Any, where: _Where) -> float:
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    # PyYAML reads exponent notation without a dot, e.g. 1e-4, as a string.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise where.invalid(float, value)
+        number = float(value)
+    elif isinstance(value, str):  # PyYAML reads exponent notation without a dot, e.g. 1e-4, as a string.
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise where.invalid("a finite number", value)
+    return number
 
 
 _SCALARS = (bool, int, str)

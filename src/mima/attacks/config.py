@@ -35,6 +35,7 @@ class AttackConfig(Config):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("steps", "save_every", "lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -42,3 +43,10 @@ class AttackConfig(Config):
         for name in ("batch_size", "eval_images", "sampling_steps", "rank", "n_images", "n_class_images"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def check_names(self) -> None:
+        """Resolve the method's name, so that a misspelling fails before any model loads; every run and
+        `mima validate` call it."""
+        from mima.attacks import attacks
+
+        attacks.get(self.method)

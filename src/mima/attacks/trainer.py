@@ -10,8 +10,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ from mima.training import LoopSettings, TrainingLoop
 from mima.utils.device import Placement, resolve_placement, seed_everything
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
+from mima.utils.run_folder import ATTACK, claim_run_folder
 
 
 @dataclass
@@ -43,11 +46,13 @@ class AttackRun:
         method = attacks.get(self.config.method)  # unset fields: the method's defaults for this model's family
         self.config = method.settings(self.config, toy=speaks_toy_vocabulary(self.model))
 
-    def run(self, resume: bool = False) -> Path:
+    def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         method = attacks.get(self.config.method)
         config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
+        claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
+                         differences=self.differences)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
         validate_images(concept)
         print(f"attack: {placement.describe()}", file=sys.stderr)
@@ -69,6 +74,19 @@ class AttackRun:
         atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         return export_dir
+
+    def run_settings(self) -> dict[str, object]:
+        """What decides this run's result, shaped like its record (`attack.json`)."""
+        return {"config": self.config.to_dict(), "model": self.model, "concept": self.concept.name}
+
+    def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
+        """The settings that differ from `recorded` (a checkpoint's settings or a finished run's record)."""
+        changed = self.config.differences(recorded["config"])
+        for name, old, new in (("model", recorded.get("model"), self.model),
+                               ("concept", recorded.get("concept"), self.concept.name)):
+            if old != new:
+                changed[name] = (old, new)
+        return changed
 
 
 def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:

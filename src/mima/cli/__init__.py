@@ -29,9 +29,6 @@ COMMANDS = (
     "ls",
 )
 
-# Raised when an output path cannot be created or written, e.g. `--out` under a file or in a read-only folder.
-_OUTPUT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The `mima` argument parser with every subcommand of `COMMANDS` registered."""
@@ -48,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `mima` with `argv` (default: `sys.argv[1:]`) and return the exit status.
 
-    Deliberate errors ([`~mima.errors.MimaError`]) and unwritable outputs print one line, `mima: error: ...`, and
+    Deliberate errors ([`~mima.errors.MimaError`]) and the operating system's refusals (a read-only or full disk, a
+    missing permission, an output path under a file) print one line, `mima: error: ...`, and
     return 2, like argparse's usage errors; an interrupt returns 130.
     """
     try:
@@ -60,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args) or 0
     except MimaError as e:
         return _fail(str(e))
-    except _OUTPUT_ERRORS as e:
-        return _fail(f"{e.strerror}: '{e.filename}'" if e.filename else str(e))
+    except OSError as e:
+        if e.errno is None:  # not the operating system's refusal (read-only, full disk, permission) but a bug
+            raise
+        return _fail(f"{e.strerror or e}: '{e.filename}'" if e.filename else f"{e.strerror or e}")
     except KeyboardInterrupt:
         print("mima: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (export/, samples/, attack.json)")
     parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (deleting it first)")
     add_device_argument(parser)
     add_config_arguments(parser, AttackConfig)
     parser.set_defaults(func=_attack)
@@ -33,7 +34,6 @@ def _attack(args: argparse.Namespace) -> None:
     from mima.attacks import AttackConfig, AttackRun
 
     config = config_from_args(AttackConfig, args)
-    args.out.mkdir(parents=True, exist_ok=True)
     run = AttackRun(args.model, concept_from_arg(args.concept), config, args.out, args.device)
-    export = run.run(resume=args.resume)
+    export = run.run(resume=args.resume, overwrite=args.overwrite)
     print(f"attack artifact: {export}\nsamples: {args.out / 'samples'}\nrecord: {args.out / 'attack.json'}")

@@ -63,18 +63,17 @@ def _executor(args: argparse.Namespace) -> Executor:
 
 
 def _run(benchmarks: dict, out: Path, args: argparse.Namespace) -> None:
-    """Run every benchmark of a file or preset; a suite's part P goes to OUT/P."""
+    """Run every benchmark of a file or preset; a suite's part P goes to OUT/P. Every part's whole grid is resolved
+    before the first piece of any part runs."""
     from mima.benchmark import Benchmark
     from mima.utils.device import resolve_device
 
     resolve_device(args.device)  # an unavailable device: one line, before anything runs
+    plans = {part: Benchmark(config, out / part, device=args.device).plan() for part, config in benchmarks.items()}
     with _executor(args) as executor:
         for part, config in benchmarks.items():
             started = time.time()
-            folder = out / part
-            folder.mkdir(parents=True, exist_ok=True)
-            config.save_json(folder / "benchmark_config.json")
-            report = Benchmark(config, folder, executor=executor, device=args.device).run()
+            report = Benchmark(config, out / part, executor=executor, device=args.device).run(plans[part])
             name = f"{part}: " if part else ""
             elapsed = time.time() - started
             print(f"{name}report: {report / 'report.html'} (also report.md, metrics.json) in {elapsed:.0f} s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mima.cli._args import add_device_argument, positive_int
+from mima.cli._args import add_device_argument, finite_float, positive_int
 from mima.errors import ConfigError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=positive_int, default=4, help="number of images (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i depends only on (seed, i) (default 0)")
     parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    parser.add_argument("--guidance", type=finite_float, default=4.0,
+                        help="classifier-free guidance scale (default 4.0)")
     parser.add_argument("--out", type=Path, required=True, help="output image, e.g. outputs/star.png")
     add_device_argument(parser)
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",

@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (model/, immunization.json)")
     parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (deleting it first)")
     add_device_argument(parser)
     add_config_arguments(parser, ImmunizeConfig)
     parser.set_defaults(func=_immunize)
@@ -31,6 +32,6 @@ def _immunize(args: argparse.Namespace) -> None:
 
     config = config_from_args(ImmunizeConfig, args)
     specs = load_concepts_arg(args.concepts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = ImmunizationRun(args.model, specs, config, args.out, args.device).run(resume=args.resume)
+    run = ImmunizationRun(args.model, specs, config, args.out, args.device)
+    model_dir = run.run(resume=args.resume, overwrite=args.overwrite)
     print(f"immunized model: {model_dir}\nrecord: {args.out / 'immunization.json'}")

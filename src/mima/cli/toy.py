@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from mima.cli import toy_pretrain
-from mima.cli._args import add_device_argument, positive_int
+from mima.cli._args import add_device_argument, finite_float, positive_int
 from mima.errors import ConfigError, ModelError
 from mima.toy.world import toy_concepts
 
@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--n", type=positive_int, required=True, help="number of images")
     images.add_argument("--out", type=Path, required=True, help="output folder")
     images.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
+    images.add_argument("--overwrite", action="store_true", help="replace the images already in --out")
     images.set_defaults(func=_images)
 
     export = commands.add_parser("export", help="copy the shipped toy model (a diffusers folder) to DIR")
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge = commands.add_parser("judge", help="rate how well a model draws each toy concept (the toy judge)")
     judge.add_argument("--model", default="toy", help="'toy' or a diffusers folder (default toy)")
     judge.add_argument("--n", type=positive_int, default=32, help="samples per prompt (default 32)")
-    judge.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4.0)")
+    judge.add_argument("--guidance", type=finite_float, default=4.0, help="guidance scale (default 4.0)")
     judge.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     judge.add_argument("--out", type=Path, help="also write the rates as JSON here")
     add_device_argument(judge)
@@ -78,8 +79,10 @@ def _judge(args: argparse.Namespace) -> None:
 def _images(args: argparse.Namespace) -> None:
     from mima.data.image_folder import write_image_folder
     from mima.toy.world import sample_concept_images
+    from mima.utils.run_folder import TOY_IMAGES, claim_run_folder
 
     _check_concept(args.concept)
+    claim_run_folder(args.out, TOY_IMAGES, overwrite=args.overwrite)
     images, prompts = sample_concept_images(args.concept, args.n, seed=args.seed)
     print(write_image_folder(images, prompts, args.out))
 

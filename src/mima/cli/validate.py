@@ -1,15 +1,16 @@
-"""`mima validate`: check a settings or concept file without running anything."""
+"""`mima validate`: check a settings, concept or benchmark file with exactly the checks a run makes before it loads
+a model, without running anything."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-KINDS = ("immunize", "attack", "pretrain", "concepts")
+KINDS = ("immunize", "attack", "pretrain", "concepts", "benchmark")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("validate", help="check a YAML settings file or a concept list")
+    parser = subparsers.add_parser("validate", help="check a YAML settings file, a concept list or a benchmark")
     parser.add_argument("file", type=Path, help="YAML (or the authors' JSON concept list)")
     parser.add_argument("--kind", choices=KINDS, help="what the file holds (default: concepts if it lists concepts, "
                         "else immunize settings)")
@@ -31,15 +32,42 @@ def _config_class(kind: str) -> type:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from mima.data.concepts import load_concepts
+    from mima.config import read_text
 
-    text = args.file.read_text(encoding="utf-8") if args.file.is_file() else ""
+    text = read_text(args.file, "file")
     kind = args.kind or ("concepts" if args.file.suffix == ".json" or "concepts:" in text else "immunize")
     if kind == "concepts":
-        specs = load_concepts(args.file)
-        print(f"{args.file}: {len(specs)} concept(s): {', '.join(s.name for s in specs)}")
-        return
-    config = _config_class(kind).from_yaml(args.file)
-    print(f"{args.file}: valid {type(config).__name__}")
-    for name, value in sorted(config.to_dict().items()):
-        print(f"  {name}: {value}")
+        _validate_concepts(args.file)
+    elif kind == "benchmark":
+        _validate_benchmark(args.file)
+    else:
+        config = _config_class(kind).from_yaml(args.file)
+        if kind == "attack":
+            from mima.attacks import attacks
+
+            config = attacks.get(config.method).settings(config)  # as the run resolves it, the method's defaults in
+        if hasattr(config, "check_names"):
+            config.check_names()
+        print(f"{args.file}: valid {type(config).__name__}")
+        for name, value in sorted(config.to_dict().items()):
+            print(f"  {name}: {value}")
+
+
+def _validate_concepts(path: Path) -> None:
+    from mima.data.concepts import load_concepts, validate_images
+
+    specs = load_concepts(path)
+    for spec in specs:
+        if spec.toy is None:
+            validate_images(spec)
+    print(f"{path}: {len(specs)} concept(s): {', '.join(s.name for s in specs)}")
+
+
+def _validate_benchmark(path: Path) -> None:
+    from mima.benchmark import Benchmark, load_benchmarks
+
+    for part, config in load_benchmarks(path).items():
+        plan = Benchmark(config, Path(part or ".")).plan()
+        name = f"{part}: " if part else ""
+        print(f"{path}: {name}valid benchmark of {len(plan.immunizations)} models, each attacked with "
+              f"{', '.join(config.attacks)}")

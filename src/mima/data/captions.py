@@ -7,6 +7,7 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
+from mima.config import read_text
 from mima.errors import DataError
 
 BUILTIN_BANKS = ("toy", "generic")
@@ -20,7 +21,7 @@ def load_caption_bank(name_or_path: str | Path) -> list[str]:
         path = Path(name_or_path)
     if not path.is_file():
         raise DataError(f"caption bank '{name_or_path}' is neither {' nor '.join(BUILTIN_BANKS)} nor a file")
-    captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    captions = [line.strip() for line in read_text(path, "caption bank").splitlines() if line.strip()]
     if not captions:
         raise DataError(f"caption bank '{path}' has no captions")
     return captions

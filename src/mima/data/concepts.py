@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mima.config import read_text
 from mima.data.captions import words
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
@@ -69,6 +70,7 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
     unknown = set(entry) - set(_SPEC_KEYS)
     if unknown:
         raise ConfigError(f"unknown concept key(s) {sorted(unknown)}; valid: {', '.join(_SPEC_KEYS)}")
+    _check_value_types(entry)
     prompts = tuple(entry.get("prompts") or ()) or ((entry["prompt"],) if entry.get("prompt") else ())
     if entry.get("prompt") and entry["prompt"] not in prompts:
         prompts = (entry["prompt"], *prompts)
@@ -82,6 +84,18 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
         class_prompt=entry.get("class_prompt"),
         class_images=_resolve(entry["class_images"], base_dir) if entry.get("class_images") else None,
     )
+
+
+def _check_value_types(entry: Mapping[str, Any]) -> None:
+    """Every value is text and `prompts` a list of texts: a YAML number or list where text belongs is a mistake."""
+    for key, value in entry.items():
+        if key == "prompts":
+            valid = isinstance(value, list) and all(isinstance(text, str) for text in value)
+        else:
+            valid = value is None or isinstance(value, str)
+        if not valid:
+            expected = "a list of texts" if key == "prompts" else "a text (quote it in YAML)"
+            raise ConfigError(f"concept key '{key}' must be {expected}, got {value!r}")
 
 
 def load_concepts(source: str | Path | list[Any]) -> list[ConceptSpec]:
@@ -157,7 +171,7 @@ def validate_images(spec: ConceptSpec) -> None:
 
 
 def _read_entries(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "concept file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mima.errors import DataError
 from mima.utils.io import atomic_write_text
@@ -67,7 +67,7 @@ def write_image_folder(
 
 
 def read_image_folder(folder: str | os.PathLike[str]) -> tuple[list[Image.Image], list[str | None]]:
-    """Read every image of a folder, verified and decoded to RGB, with its prompt.
+    """Read every image of a folder, verified and decoded to RGB ([`to_rgb`]), with its prompt.
 
     With a `metadata.csv`, its rows give the files and prompts, in order. Without one, every image file at the top
     level (png, jpg, jpeg, webp, bmp) is read in name order, with prompt `None`.
@@ -129,13 +129,42 @@ def _read_metadata(metadata: Path) -> tuple[list[Path], list[str | None]]:
     return files, prompts
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode Pillow opens as 8-bit RGB, as an image viewer shows it.
+
+    - 16-bit integer grey (`I;16*`, and `I`, which older Pillows give 16-bit PNGs): 0..65535 scaled to 0..255;
+    - 32-bit float grey (`F`): 0..1 scaled to 0..255;
+    - transparency (an alpha band, or a palette's or grey image's transparent colour): composited on white;
+    - every other mode (`1`, `L`, `P`, `CMYK`, `YCbCr`, `LAB`, `HSV`, ...): Pillow's own conversion.
+
+    The EXIF orientation, if any, is applied.
+
+    Args:
+        image (`PIL.Image.Image`):
+            An opened image.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _grey_to_rgb(np.asarray(image, dtype=np.float64) / 257)
+    if image.mode == "F":
+        return _grey_to_rgb(np.asarray(image, dtype=np.float64) * 255)
+    if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
 def _load_image(path: Path) -> Image.Image:
     try:
         # verify() checks the file's structure (e.g. PNG checksums) but leaves the image unusable: reopen to decode.
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot decode image '{path}': {reason}") from e

@@ -69,17 +69,29 @@ class ImmunizeConfig(Config):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "save_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        if self.inner_clip < 0:
-            raise ConfigError(f"inner_clip must be >= 0 (0: off), got {self.inner_clip}")
-        for name in ("prior_weight", "retain_weight", "anchor_weight"):
+        for name in ("inner_clip", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+
+    def check_names(self) -> None:
+        """Resolve what the settings name (the method, a caption-bank file), so that a misspelling fails before any
+        model loads; every run and `mima validate` call it."""
+        from mima.data.captions import load_caption_bank
+        from mima.immunize import immunizers
+
+        immunizers.get(self.method)
+        if self.caption_bank != "auto":
+            load_caption_bank(self.caption_bank)
 
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in

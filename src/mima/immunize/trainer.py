@@ -10,8 +10,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ from mima.training import LoopSettings, TrainingLoop
 from mima.utils.device import Placement, resolve_placement
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
+from mima.utils.run_folder import IMMUNIZATION, claim_run_folder
 
 
 @dataclass
@@ -43,11 +46,13 @@ class ImmunizationRun:
     def __post_init__(self) -> None:
         self.config = self.config.for_model(self.model)
 
-    def run(self, resume: bool = False) -> Path:
+    def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         config = self.config
-        immunizers.get(config.method)  # unknown method: fail before any heavy work
+        config.check_names()  # a misspelt method or caption bank: fail before any heavy work
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
+        claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
+                         differences=self.differences)
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
@@ -68,6 +73,22 @@ class ImmunizationRun:
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         return self.out_dir / "model"
+
+    def run_settings(self) -> dict[str, object]:
+        """What decides this run's result, shaped like its record (`immunization.json`)."""
+        return {"config": self.config.to_dict(), "model": self.model,
+                "concepts": [{"name": s.name} for s in self.specs]}
+
+    def differences(self, recorded: Mapping[str, Any]) -> dict[str, tuple]:
+        """The settings deciding the result that differ from `recorded` (a checkpoint's settings or a record)."""
+        fields = immunizers.get(self.config.method).deciding_fields(self.config)
+        changed = self.config.differences(recorded["config"], fields)
+        concepts = [c["name"] for c in recorded.get("concepts", [])]
+        for name, old, new in (("model", recorded.get("model"), self.model),
+                               ("concepts", concepts, [s.name for s in self.specs])):
+            if old != new:
+                changed[name] = (old, new)
+        return changed
 
     def _prepare_specs(
         self, components: Components, config: ImmunizeConfig, placement: Placement

@@ -52,6 +52,10 @@ class ToyPretrainConfig(Config):
             raise ConfigError("steps, batch sizes and save_every must be positive")
         if self.focus_steps < 0 or not 0 <= self.focus_style_share <= 0.8:
             raise ConfigError("focus_steps must be >= 0 and focus_style_share in [0, 0.8]")
+        if min(self.vae_lr, self.lr, self.focus_lr) <= 0 or self.warmup_steps < 0:
+            raise ConfigError("vae_lr, lr and focus_lr must be positive and warmup_steps non-negative")
+        if not (0 <= self.prompt_dropout < 1 and 0 <= self.ema_decay < 1):
+            raise ConfigError("prompt_dropout and ema_decay must be in [0, 1)")
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as _safetensors_bytes
 
 _CHUNK = 1 << 20
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -105,8 +108,11 @@ def atomic_directory(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        os_error = _as_os_error(e, final_dir)
+        if os_error is not None:
+            raise os_error from e
         raise
     if final_dir.exists():
         os.replace(final_dir, trash_dir)
@@ -115,6 +121,16 @@ def atomic_directory(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     else:
         os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+
+
+def _as_os_error(error: BaseException, path: Path) -> OSError | None:
+    """The OS error behind a writer's own exception: safetensors reports a full disk as text ending in
+    `(os error 28)`. None for anything else, including a plain `OSError`, which needs no translation."""
+    match = _OS_ERROR_CODE.search(str(error))
+    if match is None or isinstance(error, OSError):
+        return None
+    code = int(match[1])
+    return OSError(code, os.strerror(code), str(path))
 
 
 def save_tensors(
@@ -196,8 +212,9 @@ def save_torch_state(obj: Any, path: str | os.PathLike[str]) -> None:
         path (`str` or `os.PathLike`):
             Destination file.
     """
-    with _atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    buffer = io.BytesIO()  # torch.save reports a failed write (a full disk) as a RuntimeError; a plain write does not
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_torch_state(path: str | os.PathLike[str]) -> Any:
