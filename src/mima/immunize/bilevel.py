@@ -130,7 +130,13 @@ class BilevelImmunizer(Immunizer):
         self, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[float, Params, dict[str, float]]:
         """The value of `objective` and its gradient on S^u, computed so that at most one concept's double-backward
-        graph is alive at a time (same numbers and draws as differentiating `objective`)."""
+        graph is alive at a time (same numbers and draws as differentiating `objective`), or, without
+        `concept_by_concept`, by differentiating `objective` with every concept's graph at once (faster)."""
+        if not self.config.concept_by_concept:
+            objective, logs = self.objective(batches, generator)
+            params = self.trainable_parameters()
+            grads = torch.autograd.grad(objective, list(params.values()))
+            return objective.item(), dict(zip(params, grads, strict=True)), logs
         batches = self.protected(batches)
         base = {name: p.detach() for name, p in self.base_parameters().items()}
         uppers, grads, logs = self.upper_gradient(base, batches, generator)
