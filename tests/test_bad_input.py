@@ -77,6 +77,18 @@ def _file(tmp: Path, name: str, content: str | bytes) -> Path:
     return path
 
 
+def _unloadable_model(tmp: Path) -> Path:
+    """A folder that looks like a pipeline but fails to load: an error about it means the model loaded first."""
+    (tmp / "model").mkdir()
+    return _file(tmp, "model/model_index.json", "{}").parent
+
+
+def _concept_with_corrupt_image(tmp: Path) -> Path:
+    (tmp / "images").mkdir()
+    _file(tmp, "images/broken.png", b"not a png")
+    return _file(tmp, "c.yaml", f"concepts: [{{name: zorblax, prompt: a zorblax, images: {tmp / 'images'}}}]\n")
+
+
 def _benchmark(tmp: Path, **fields) -> list[str]:
     out = tmp / "bench"
     out.mkdir()
@@ -181,12 +193,15 @@ FAILS = {
         lambda t, m, i, p: [*_immunize(m, t / "out"), "--concepts",
                             str(_file(t, "c.yaml", "concepts: [{name: a, prompt: p, images: 5}]\n"))],
         "concept key 'images' must be a text"),
+    "corrupt-image-before-the-model-loads": (
+        lambda t, m, i, p: ["immunize", "--model", str(_unloadable_model(t)), "--out", str(t / "out"), *IMMUNIZE,
+                            "--concepts", str(_concept_with_corrupt_image(t))], "broken.png"),
     "read-only-out": (lambda t, m, i, p: _immunize(m, _read_only(t, p)), "Read-only file system"),
     "full-disk": (lambda t, m, i, p: _immunize(m, _full_disk(t, p), "--method", "none", "--setting", "personalize",
                                                "--prior-weight", "0", "--retain-weight", "0"),
                   "No space left on device"),
 }
-WRITES_BEFORE_FAILING = {"full-disk"}  # the concept images are written before the disk fills
+WRITES_BEFORE_FAILING = {"full-disk", "corrupt-image-before-the-model-loads"}  # concept images, run settings
 
 
 def _files(root: Path) -> dict[str, str]:

@@ -53,10 +53,14 @@ class ImmunizationRun:
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
         claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
+        specs = self._materialized_specs(config)  # unreadable images: fail before the model loads
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
-        specs = self._prepare_specs(components, config, placement)
+        if config.uses_class_images:
+            with placement.autocast():
+                specs = [ensure_class_images(components, s, self.out_dir / "data", config.n_class_images)
+                         for s in specs]
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
@@ -90,16 +94,12 @@ class ImmunizationRun:
                 changed[name] = (old, new)
         return changed
 
-    def _prepare_specs(
-        self, components: Components, config: ImmunizeConfig, placement: Placement
-    ) -> list[ConceptSpec]:
+    def _materialized_specs(self, config: ImmunizeConfig) -> list[ConceptSpec]:
+        """The concepts with their images on disk (toy concepts drawn into `data/`), every image checked."""
         data_dir = self.out_dir / "data"
         specs = [materialize(s, data_dir, config.n_images, seed=config.seed + i) for i, s in enumerate(self.specs)]
         for spec in specs:
             validate_images(spec)
-        if config.uses_class_images:
-            with placement.autocast():
-                specs = [ensure_class_images(components, s, data_dir, config.n_class_images) for s in specs]
         return specs
 
 
