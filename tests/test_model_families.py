@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from mima.cli import main
 from mima.data.captions import load_caption_bank
+from mima.errors import ModelError
 from mima.merge.plan import MergePlan
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
+from mima.models.family import model_family
 
 PROMPTS = ["a painting in the style of Zorblax Quenn", "Zorblax Quenn"]
 
@@ -61,3 +64,10 @@ def test_an_unsupported_pipeline_class_is_one_error_naming_the_supported_ones(sd
     error = capsys.readouterr().err.strip()
     assert error.startswith("mima: error:") and "FluxPipeline" in error
     assert "StableDiffusionPipeline" in error and "StableDiffusionXLPipeline" in error
+
+
+@pytest.mark.parametrize("index", ["{}", "[1, 2]", '{"_class_name": ["a"]}', "not json"])
+def test_a_model_index_without_a_pipeline_class_is_a_model_error(tmp_path, index):
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(ModelError, match="model_index.json"):
+        model_family(tmp_path)

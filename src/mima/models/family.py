@@ -130,12 +130,16 @@ def model_family(folder: str | Path) -> ModelFamily:
     """The family of the pipeline in `folder`; an unsupported class is a ModelError naming the supported ones."""
     index = Path(folder) / "model_index.json"
     try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8
         raise ModelError(f"cannot read '{index}': {e}") from e
-    if name not in FAMILIES:
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or name not in FAMILIES:
         supported = ", ".join(f"{cls} ({family.name})" for cls, family in FAMILIES.items())
-        raise ModelError(f"'{folder}' holds a {name}, which mima does not support; supported: {supported}")
+        what = "names no pipeline class in model_index.json"
+        if isinstance(name, str):
+            what = f"holds a {name}, which mima does not support"
+        raise ModelError(f"'{folder}' {what}; supported: {supported}")
     return FAMILIES[name]
 
 
