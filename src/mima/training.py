@@ -95,8 +95,11 @@ class TrainingLoop:
                 if self.step % settings.save_every == 0 or self.step == settings.steps:
                     self.at_checkpoint()
                 if self.step % settings.save_every == 0 and self.step < settings.steps:
-                    save_checkpoint(folder, self.params, self.optimizer, self.step, self.log, self.scaler)
+                    self.save_checkpoint()
         return self.log
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.settings.checkpoint_dir, self.params, self.optimizer, self.step, self.log, self.scaler)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on this step's generator; returns the values to log."""

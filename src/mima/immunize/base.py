@@ -12,6 +12,7 @@ from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 from mima.models.encoding import Batch, EncodedConcept
 from mima.registry import Registry
+from mima.utils.distributed import Shard
 
 ConceptBatches = dict[str, tuple[Batch, Batch]]  # concept name -> (lower batch x^l, upper batch x^u)
 
@@ -27,6 +28,7 @@ class Immunizer(ABC):
 
     def __init__(self, config: ImmunizeConfig) -> None:
         self.config = config
+        self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
 
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:

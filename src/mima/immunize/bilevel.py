@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import ClassVar
 
 import torch
 
@@ -21,7 +22,11 @@ class BilevelImmunizer(Immunizer):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
+    With `splits_concepts`, `upper_gradient` does only this process's concepts (`self.shard`) and returns its share
+    of the gradient, which `gradients` sums over processes; otherwise every process computes all of it.
     """
+
+    splits_concepts: ClassVar[bool] = False
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         self.unet, self.scheduler = components.unet, components.scheduler
@@ -65,6 +70,13 @@ class BilevelImmunizer(Immunizer):
                 losses.append(loss.item())
         return lower, losses[0]
 
+    def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
+        """Draw from `generator` what `times` losses of `batch` would, without the UNet: so a process skipping
+        another's concept draws the same noise and timesteps as one process doing every concept."""
+        for _ in range(times):
+            diffusion_loss(lambda noisy, t, hidden: noisy, self.scheduler, batch.latents, batch.hidden,
+                           generator=generator)
+
     def batch_loss(self, batch: Batch) -> BatchLoss:
         """The loss of `batch` as a function of the parameters and the generator."""
         return lambda params, generator: self.loss(params, batch, generator)
@@ -95,12 +107,20 @@ class BilevelImmunizer(Immunizer):
         return differentiable_attention() if self.config.order == "second-order" else nullcontext()
 
     def mean_loss_gradient(
-        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
+        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
+        owned: Sequence[bool] | None = None,
     ) -> tuple[list[float], Params]:
-        """Each batch's loss at `params`, and the gradient of their mean on the names `wrt`, one graph at a time."""
+        """Each batch's loss at `params`, and the gradient of their mean on the names `wrt`, one graph at a time.
+
+        With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
+        """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if owned is not None and not owned[index]:
+                self.skip_draws(batch, generator)
+                losses.append(0.0)
+                continue
             loss = self.loss({**params, **leaves}, batch, generator)
             for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
                 grads[name] += grad / len(batches)
@@ -140,6 +160,9 @@ class BilevelImmunizer(Immunizer):
         batches = self.protected(batches)
         base = {name: p.detach() for name, p in self.base_parameters().items()}
         uppers, grads, logs = self.upper_gradient(base, batches, generator)
+        if self.splits_concepts:  # each process's share, summed (a name missing from a share counts as zero)
+            grads = {name: grads[name] if name in grads else torch.zeros_like(base[name]) for name in self.upper_names}
+            uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
         objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
@@ -167,7 +190,12 @@ class BilevelImmunizer(Immunizer):
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
     ) -> tuple[list[float], Params]:
-        return self.mean_loss_gradient(params, batches, generator, wrt) if batches else ([], {})
+        """`mean_loss_gradient`, batch n on process n mod size, summed over the processes."""
+        if not batches:
+            return [], {}
+        owned = [self.shard.owns(index) for index in range(len(batches))]
+        losses, grads = self.mean_loss_gradient(params, batches, generator, wrt, owned)
+        return self.shard.sum_floats(losses), self.shard.sum(grads)
 
     @abstractmethod
     def adapted_parameters(

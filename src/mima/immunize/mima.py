@@ -35,6 +35,8 @@ from mima.models.encoding import EncodedConcept
 class MIMA(BilevelImmunizer):
     """theta' = Merge(theta'_1 .. theta'_N), theta'_n = theta - alpha grad L(x^l_n, c_n; theta)."""
 
+    splits_concepts = True
+
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
         captions = load_caption_bank(self.config.caption_bank)
@@ -55,19 +57,28 @@ class MIMA(BilevelImmunizer):
         """Concept by concept: adapt each copy, keeping only what the Merge needs (and the last copy's graph);
         merge; take the upper gradient at the merged parameters; pull it back through the Merge; replay each
         copy's inner step with its graph and backpropagate its share (one double-backward graph alive at a time)."""
-        lowers = [lower for lower, _ in batches.values()]
-        inputs, runs, logs = self.plan.inputs(), [], {}
+        lowers, shard = [lower for lower, _ in batches.values()], self.shard
+        owned = [shard.owns(n) for n in range(len(lowers))]
+        last = max(n for n in range(len(lowers)) if owned[n]) if any(owned) else -1
+        inputs, runs, logs = self.plan.inputs(), {}, {}
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
-            run = self.unroll(base, [lower], generator, keep_last=n == len(lowers) - 1)  # the last one's graph
-            inputs.add(run.params)
-            runs.append(run.for_replay())
+            if not owned[n]:  # another process adapts this copy
+                self.skip_draws(lower, generator, self.config.inner_steps)
+                continue
+            run = self.unroll(base, [lower], generator, keep_last=n == last)  # the last one's graph
+            inputs.add(run.params, n)
+            runs[n] = run.for_replay()
             logs[f"lower/{name}"] = run.first_loss
+        inputs.combine(shard.sum)  # every process merges every copy
         merged = {**base, **inputs.merge(base)}
         uppers = [upper for _, upper in batches.values()]
         wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
-        losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt)
+        losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt, owned)
+        upper_grads = shard.sum(upper_grads)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
         grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
-        for n in reversed(range(len(runs))):  # the kept graph first, so that one graph is alive at a time
+        if not shard.is_main:  # the gradient through W_0 and outside S^l: counted once, on the main process
+            grads = {}
+        for n in sorted(runs, reverse=True):  # the kept graph first, so that one graph is alive at a time
             grads = add_grads(grads, self.unrolled_vjp(runs[n], base, [lowers[n]], generator, copy_grad(n)))
         return losses, grads, logs

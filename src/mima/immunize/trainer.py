@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mima.data.concepts import ConceptSpec, materialize, validate_images
+from mima.errors import ConfigError
 from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
@@ -28,6 +29,7 @@ from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
 from mima.utils.device import Placement, resolve_placement
+from mima.utils.distributed import join_process_group
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 from mima.utils.run_folder import IMMUNIZATION, claim_run_folder
@@ -51,24 +53,37 @@ class ImmunizationRun:
         config = self.config
         config.check_names()  # a misspelt method or caption bank: fail before any heavy work
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
-        claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
-                         differences=self.differences)
-        specs = self._materialized_specs(config)  # unreadable images: fail before the model loads
+        shard = join_process_group(placement.device)  # one process: no group, every concept here
+        if len(self.specs) < shard.size:
+            raise ConfigError(f"{shard.size} processes for {len(self.specs)} concepts; launch at most one per concept")
+        if shard.is_main:  # the main process alone writes files; the others wait, then read them
+            claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
+                             differences=self.differences)
+            specs = self._materialized_specs(config)  # unreadable images: fail before the model loads
+        shard.barrier()
+        specs = specs if shard.is_main else self._materialized_specs(config)
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
         if config.uses_class_images:
-            with placement.autocast():
-                specs = [ensure_class_images(components, s, self.out_dir / "data", config.n_class_images)
-                         for s in specs]
+            for turn in ("main", "others"):  # the main process generates them, the others then find them
+                if shard.is_main == (turn == "main"):
+                    with placement.autocast():
+                        specs = [ensure_class_images(components, s, self.out_dir / "data", config.n_class_images)
+                                 for s in specs]
+                shard.barrier()
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
+        immunizer.shard = shard
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         log: list[dict[str, float]] = []
         if immunizer.iterative:
             log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint", placement).run(resume)
+        if not shard.is_main:
+            shard.barrier()  # until the main process has written the model and the record
+            return self.out_dir / "model"
         components.save_pretrained(self.out_dir / "model")
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         record = {
@@ -76,6 +91,7 @@ class ImmunizationRun:
             "log": log, "elapsed_s": time.time() - started, **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        shard.barrier()
         return self.out_dir / "model"
 
     def run_settings(self) -> dict[str, object]:
@@ -129,6 +145,11 @@ class _Loop(TrainingLoop):
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
         return objective, grads, logs
+
+    def save_checkpoint(self) -> None:
+        """The main process alone writes (S^u and the optimizer state are the same on every process)."""
+        if self.immunizer.shard.is_main:
+            super().save_checkpoint()
 
     def _batches(self, generator: torch.Generator) -> ConceptBatches:
         size = self.config.batch_size

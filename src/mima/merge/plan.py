@@ -108,20 +108,35 @@ class MergeInputs:
     def __init__(self, plan: MergePlan) -> None:
         self.plan, self.count = plan, 0
         self.sums: Params = {}
-        self.values: dict[str, list[torch.Tensor]] = {}  # K/V name -> N x (m_n, d_out)
+        self.values: dict[str, dict[int, torch.Tensor]] = {}  # K/V name -> concept index -> (m_n, d_out)
 
-    def add(self, copy: Params) -> None:
-        """Add the next concept's adapted copy (concepts in the plan's order)."""
+    def add(self, copy: Params, index: int | None = None) -> None:
+        """Add concept `index`'s adapted copy (default: the next concept in the plan's order)."""
+        index = self.count if index is None else index
         for name, tensor in copy.items():
             if name in self.plan.key_value_names:
-                self.values.setdefault(name, []).append(self.plan.copy_values(self.count, tensor))  # (m_n, d_out)
+                self.values.setdefault(name, {})[index] = self.plan.copy_values(index, tensor)  # (m_n, d_out)
             else:
                 self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor
         self.count += 1
 
+    def combine(self, total: Callable[[Params], Params]) -> None:
+        """Every process's copies in one, when each process added some of the concepts: `total` sums a dict of
+        tensors over the processes (the identity for one process holding them all)."""
+        rows = [c.shape[0] for c in self.plan.concept_targets]
+        stacked = {}
+        for name, values in self.values.items():
+            d_out = next(iter(values.values())).shape[1]
+            stacked[name] = torch.cat([values.get(n, self.plan.concept_targets[n].new_zeros(m, d_out))
+                                       for n, m in enumerate(rows)])
+        summed = total({**{f"values/{n}": t for n, t in stacked.items()},
+                        **{f"sums/{n}": t for n, t in self.sums.items()}})
+        self.values = {name: dict(enumerate(summed[f"values/{name}"].split(rows))) for name in stacked}
+        self.sums, self.count = {name: summed[f"sums/{name}"] for name in self.sums}, len(rows)
+
     def merge(self, base: Params) -> Params:
         """Merge(theta'_1 .. theta'_N): K/V weights in closed form from W_0 = base, the rest averaged."""
-        merged = {name: self.plan.merge_key_value(base[name], values) for name, values in self.values.items()}
+        merged = {name: self.plan.merge_key_value(base[name], _ordered(vs)) for name, vs in self.values.items()}
         return {**merged, **{name: total / self.count for name, total in self.sums.items()}}
 
     def pull_back(self, base: Params, merged_grad: Params, wrt: list[str]) -> tuple[Callable[[int], Params], Params]:
@@ -132,7 +147,7 @@ class MergeInputs:
         and the gradient of the base parameters.
         """
         w0 = {name: base[name].detach().requires_grad_() for name in self.values if name in wrt}
-        values = {name: [v.detach().requires_grad_() for v in vs] for name, vs in self.values.items()}
+        values = {name: [v.detach().requires_grad_() for v in _ordered(vs)] for name, vs in self.values.items()}
         merged = {name: self.plan.merge_key_value(w0.get(name, base[name]), vs) for name, vs in values.items()}
         inputs = [v for vs in values.values() for v in vs] + list(w0.values())
         grads = iter(torch.autograd.grad([merged[n] for n in merged], inputs, [merged_grad[n] for n in merged]))
@@ -146,3 +161,7 @@ class MergeInputs:
             return {**mean_grads, **kv}
 
         return copy_grad, base_grads
+
+
+def _ordered(values: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    return [values[n] for n in sorted(values)]

@@ -6,6 +6,7 @@ This is the only module that names accelerator backends; everything else asks it
 from __future__ import annotations
 
 import gc
+import os
 import random
 import sys
 from contextlib import AbstractContextManager
@@ -50,8 +51,9 @@ def resolve_device(name: str | None = None) -> torch.device:
         [`~mima.errors.ConfigError`]: If the name is invalid or its backend is not available.
     """
     if name is None or name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available():  # one GPU per process under torchrun / accelerate launch
+            index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+            return torch.device("cuda", index % torch.cuda.device_count())
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -70,6 +72,15 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "mps" and not _mps_available():
         raise ConfigError(f"device '{name}' requested but MPS is not available here (try --device auto or cpu)")
     return device
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The torch.distributed backend for processes that compute on `device`: NCCL on CUDA (with `device` made
+    current, which NCCL's object collectives use), gloo elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        return "nccl"
+    return "gloo"
 
 
 def solve_device(device: torch.device) -> torch.device:

@@ -1,0 +1,86 @@
+"""Concept-parallel immunization: two gloo processes under torchrun give the one-process run's S^u weights."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mima.cli import main
+from mima.immunize import trainer as trainer_module
+from mima.utils.io import load_tensors
+
+CONCEPTS = "toy:stripes,toy:star,toy:checker,toy:dots"
+FAST = ["--steps", "2", "--save-every", "1", "--n-images", "2", "--n-class-images", "2", "--batch-size", "1",
+        "--device", "cpu"]
+
+
+def _args(model_dir, out, method):
+    return ["immunize", "--model", str(model_dir), "--concepts", CONCEPTS, "--out", str(out), "--method", method,
+            *FAST]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(args, processes=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "mima", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _upper_weights(out):
+    weights = load_tensors(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    return {name: w for name, w in weights.items() if "attn2." in name}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """The one-process run's S^u weights for a method (each method run once for the module)."""
+    runs = {}
+
+    def weights(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp("one") / method
+            assert main(_args(tiny_model_dir, out, method)) == 0
+            runs[method] = _upper_weights(out)
+        return runs[method]
+
+    return weights
+
+
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_two_processes_give_the_one_process_weights(tiny_model_dir, tmp_path, method, one_process, one_thread):
+    _torchrun(_args(tiny_model_dir, tmp_path / "two", method))
+    one, two = one_process(method), _upper_weights(tmp_path / "two")
+    before = _upper_weights(tiny_model_dir.parent)
+    assert max((one[name] - before[name]).abs().max() for name in one) > 1e-3  # the steps moved S^u, far
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "two" / "checkpoint").exists() and (tmp_path / "two" / "immunization.json").is_file()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_path, monkeypatch, one_process,
+                                                           one_thread):
+    original_step = trainer_module._Loop.train_step
+
+    def crash_at_step_two(loop):
+        if loop.step == 1:
+            raise KeyboardInterrupt
+        return original_step(loop)
+
+    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_two)
+    assert main(_args(tiny_model_dir, tmp_path / "cut", "mima")) == 130  # interrupted after its first checkpoint
+    assert (tmp_path / "cut" / "checkpoint").is_dir()
+    _torchrun([*_args(tiny_model_dir, tmp_path / "cut", "mima"), "--resume"])
+    full, resumed = one_process("mima"), _upper_weights(tmp_path / "cut")
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=1e-4, atol=1e-5)
