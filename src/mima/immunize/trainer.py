@@ -65,13 +65,12 @@ class ImmunizationRun:
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
-        if config.uses_class_images:
-            for turn in ("main", "others"):  # the main process generates them, the others then find them
-                if shard.is_main == (turn == "main"):
-                    with placement.autocast():
-                        specs = [ensure_class_images(components, s, self.out_dir / "data", config.n_class_images)
-                                 for s in specs]
-                shard.barrier()
+        if config.uses_class_images:  # the main process generates them; the others then find them on disk
+            if shard.is_main:
+                specs = self._with_class_images(components, specs, placement)
+            shard.barrier()
+            if not shard.is_main:
+                specs = self._with_class_images(components, specs, placement)
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
@@ -117,6 +116,14 @@ class ImmunizationRun:
         for spec in specs:
             validate_images(spec)
         return specs
+
+    def _with_class_images(
+        self, components: Components, specs: list[ConceptSpec], placement: Placement
+    ) -> list[ConceptSpec]:
+        """`specs` with their class images, generated with the base model into `data/` where missing."""
+        size = self.config.n_class_images
+        with placement.autocast():
+            return [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
 
 
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:
