@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from mima.cli import main
 from mima.data.concepts import toy_concept_spec
 from mima.errors import ConfigError
 from mima.functional import adam_update
@@ -188,8 +189,17 @@ def test_the_alternating_schedule_resumes_exactly(tiny_model_dir, tmp_path, monk
     assert not all(torch.equal(expected[name], other[name]) for name in expected)  # the schedule mattered
 
 
-def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path):
-    attackers = ({"kind": "full", "weight": 1.0}, {"kind": "full", "steps": 2, "lr": 0.5, "weight": 1.0})
-    _run(tiny_model_dir, tmp_path / "run", steps=3, attackers=attackers)
-    record = json.loads((tmp_path / "run" / "immunization.json").read_text())
+def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path, capsys):
+    """End to end: `--attackers` names kinds (here the run's one kind twice, overriding the YAML's mappings),
+    each outer step's sampled index lands in immunization.json."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("attackers: [{kind: full, steps: 2, order: first-order, trajectory_points: 2}]\n")
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
+                 "--config", str(settings), "--attackers", "full", "full", "--steps", "3", "--n-images", "4",
+                 "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "immunization.json").read_text())
+    assert record["config"]["attackers"] == ["full", "full"]
     assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
+    assert len({row["attacker"] for row in record["log"]}) == 2  # this seed samples both in three steps
