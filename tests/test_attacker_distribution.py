@@ -26,10 +26,11 @@ def test_an_entry_takes_what_it_leaves_out_from_the_run():
                             attackers=("full", {"kind": "full", "steps": 6, "optimizer": "adam", "weight": 3.0,
                                                 "trajectory_points": 3}))
     plain, adam = config.attacker_specs()
-    assert (plain.lr, plain.steps, plain.clip, plain.order, plain.optimizer) == (0.3, 2, 0.5, "first-order", "sgd")
-    assert (adam.lr, adam.steps, adam.weight, adam.trajectory_steps) == (0.3, 6, 3.0, [2, 4, 6])
+    assert (plain.lr, plain.steps, plain.clip, plain.order, plain.optimizer) == (None, 2, 0.5, "first-order", "sgd")
+    assert (adam.steps, adam.weight, adam.trajectory_steps) == (6, 3.0, [2, 4, 6])
     assert ImmunizeConfig.from_dict(config.to_dict()) == config
-    assert ImmunizeConfig().attacker_specs()[0].order == "second-order"  # the run's order: today's attacker
+    (default,) = config.with_overrides(attackers=[]).attacker_specs()  # today's attacker, from the inner_* fields
+    assert (default.kind, default.lr, default.steps, default.order) == ("full", 0.3, 2, "first-order")
 
 
 @pytest.mark.parametrize(("entry", "words"), [
@@ -200,6 +201,6 @@ def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path, cap
                  "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "immunization.json").read_text())
-    assert record["config"]["attackers"] == ["full", "full"]
+    assert [entry["kind"] for entry in record["config"]["attackers"]] == ["full", "full"]
     assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
     assert len({row["attacker"] for row in record["log"]}) == 2  # this seed samples both in three steps

@@ -97,6 +97,16 @@ def adam_step(
     return adam_update(params, dict(zip(params, grads, strict=True)), lr, state)
 
 
+def inner_step(
+    params: Params, loss: torch.Tensor, lr: float, order: Order, max_norm: float = 0.0,
+    optimizer: InnerOptimizer = "sgd", state: AdamState | None = None,
+) -> tuple[Params, AdamState | None]:
+    """One step of a simulated attacker's optimizer: `sgd_step`, or `adam_step` (first order; `state` its moments)."""
+    if optimizer == "adam":
+        return adam_step(params, loss, lr, state, max_norm)
+    return sgd_step(params, loss, lr, order, max_norm), None
+
+
 @dataclass
 class Unrolled:
     """SGD steps on the mean of several batch losses, kept as values only: what `unrolled_vjp` replays.

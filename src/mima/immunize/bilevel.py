@@ -10,17 +10,7 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import (
-    AdamState,
-    BatchLoss,
-    Params,
-    Unrolled,
-    adam_step,
-    sgd_step,
-    unet_call_with,
-    unroll,
-    unrolled_vjp,
-)
+from mima.functional import BatchLoss, Params, Unrolled, inner_step, unet_call_with, unroll, unrolled_vjp
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.distribution import AttackerDistribution
@@ -104,29 +94,29 @@ class BilevelImmunizer(Immunizer):
 
     def adapt(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
-    ) -> tuple[list[Params], float]:
+    ) -> tuple[Params, float]:
         """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
-        their graph (second order). Returns phi at each trajectory point (the adapted phi last) and the first
-        lower-level loss."""
+        their graph (second order). Returns the adapted phi and the first lower-level loss."""
+        trajectory, first_loss = self.adapt_trajectory(base, batches, concepts, generator)
+        return trajectory[-1], first_loss
+
+    def adapt_trajectory(
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
+    ) -> tuple[list[Params], float]:
+        """`adapt`, returning phi at each point of the trajectory (`AttackerSpec.trajectory_steps`; the adapted phi
+        last)."""
         spec, losses, trajectory, adam = self.attacker.spec, [], [], None
         phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention():
             for step in range(spec.steps):
                 loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)
                                     for b, c in zip(batches, concepts, strict=True)]).mean()
-                phi, adam = self.inner_step(phi, loss, adam)
+                phi, adam = inner_step(phi, loss, self.attacker.lr, spec.order, spec.clip, spec.optimizer, adam)
                 losses.append(loss.item())
                 if step + 1 in spec.trajectory_steps:
                     trajectory.append(phi)
         self.distribution.carry(concepts, phi, base)
         return trajectory, losses[0]
-
-    def inner_step(self, phi: Params, loss: torch.Tensor, adam: AdamState | None) -> tuple[Params, AdamState | None]:
-        """One of the attacker's steps on `loss`, by its optimizer (Adam's moments as plain tensors)."""
-        spec = self.attacker.spec
-        if spec.optimizer == "adam":
-            return adam_step(phi, loss, spec.lr, adam, spec.clip)
-        return sgd_step(phi, loss, spec.lr, spec.order, spec.clip), None
 
     def adapted_weights(self, base: Params, phi: Params) -> Params:
         """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
@@ -160,9 +150,9 @@ class BilevelImmunizer(Immunizer):
         keep = keep_last and second_order
         phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention() if keep else nullcontext():
-            run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps, lr=spec.lr,
-                         max_norm=spec.clip, keep=self.upper_names if keep else None, optimizer=spec.optimizer,
-                         record=spec.trajectory_steps, replay=second_order)
+            run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
+                         lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None,
+                         optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order)
         self.distribution.carry(concepts, run.params, base)
         return run
 
@@ -174,7 +164,7 @@ class BilevelImmunizer(Immunizer):
         spec = self.attacker.spec
         with self.double_backward_attention():
             return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
-                                self.upper_names, lr=spec.lr, max_norm=spec.clip, order=spec.order)
+                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=spec.order)
 
     def attack_gradient(
         self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -388,7 +378,8 @@ class BilevelImmunizer(Immunizer):
         pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
         if not pairs:
             return torch.zeros(())
-        trajectory, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], [None] * len(pairs), generator)
+        lowers, no_concepts = [Batch(*lower) for lower, _ in pairs], [None] * len(pairs)
+        trajectory, _ = self.adapt_trajectory(base, lowers, no_concepts, generator)
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
             torch.stack([self.loss(self.adapted_weights(base, phi), Batch(*upper), generator) for _, upper in pairs])
             .mean() for phi in trajectory]).mean()

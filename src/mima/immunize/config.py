@@ -19,12 +19,12 @@ AttackerOrder = Literal["inherit", "second-order", "first-order"]
 class AttackerSpec(Config):
     """One simulated attacker of the lower level (docs/method.md, "Simulated attackers"): what it trains and how.
 
-    In `ImmunizeConfig.attackers`, a field an entry leaves out takes the run's `inner_lr`, `inner_steps`,
-    `inner_clip` (lr, steps, clip) and `order` (inherit).
+    In `ImmunizeConfig.attackers`, an entry that leaves out steps, clip or order takes the run's `inner_steps`,
+    `inner_clip` and `order`; one that leaves out lr, the kind's own default (`SimulatedAttacker.default_lr`).
     """
 
     kind: str = field(default="full", metadata={"help": "what it trains (see `mima ls simulated-attackers`)"})
-    lr: float = field(default=1.0, metadata={"help": "learning rate of its inner steps"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate of its inner steps (default: the kind's)"})
     steps: int = field(default=1, metadata={"help": "inner steps"})
     clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
     rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
@@ -45,7 +45,7 @@ class AttackerSpec(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lr <= 0 or self.steps <= 0 or self.rank <= 0 or self.weight <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.steps <= 0 or self.rank <= 0 or self.weight <= 0:
             raise ConfigError(f"simulated attacker '{self.kind}': lr, steps, rank and weight must be positive")
         if self.clip < 0:
             raise ConfigError(f"simulated attacker '{self.kind}': clip must be >= 0 (0: off), got {self.clip}")
@@ -157,15 +157,12 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
 
     def attacker_specs(self) -> list[AttackerSpec]:
-        """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; what an
-        entry leaves out taken from the run (inner_lr, inner_steps, inner_clip, order: never `inherit`)."""
-        run = {"lr": self.inner_lr, "steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
+        """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; the steps,
+        clip and order an entry leaves out taken from the run (inner_steps, inner_clip, order: never `inherit`)."""
+        run = {"steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
         specs = []
-        for entry in self.attackers or ({},):
-            entry = {"kind": entry} if isinstance(entry, str) else entry
-            if not isinstance(entry, Mapping):
-                raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
-            spec = {**run, **entry}
+        for entry in self.attackers or ({"lr": self.inner_lr},):
+            spec = {**run, **_attacker_mapping(entry)}
             specs.append(AttackerSpec.from_dict({**spec, "order": self.order} if spec["order"] == "inherit" else spec))
         return specs
 
@@ -185,14 +182,38 @@ class ImmunizeConfig(Config):
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
         the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
-        embedded model and every model made from it), `generic` for any other."""
+        embedded model and every model made from it), `generic` for any other; attackers get their default
+        learning rates (`with_attacker_defaults`)."""
         if self.caption_bank != "auto":
-            return self
+            return self.with_attacker_defaults()
         from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
 
-        return self.with_overrides(caption_bank="toy" if speaks_toy_vocabulary(model) else "generic")
+        bank = "toy" if speaks_toy_vocabulary(model) else "generic"
+        return self.with_overrides(caption_bank=bank).with_attacker_defaults()
+
+    def with_attacker_defaults(self) -> ImmunizeConfig:
+        """These settings with each simulated attacker's unset learning rate set to its kind's default, so that
+        the record says what ran."""
+        from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
+
+        specs = self.attacker_specs()
+        if not self.attackers or all(spec.lr is not None for spec in specs):
+            return self
+        return self.with_overrides(attackers=tuple(
+            {**_attacker_mapping(given),
+             "lr": simulated_attackers.get(spec.kind).default_lr if spec.lr is None else spec.lr}
+            for given, spec in zip(self.attackers, specs, strict=True)))
 
     @property
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
         return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+
+
+def _attacker_mapping(entry: object) -> Mapping:
+    """An entry of `ImmunizeConfig.attackers` as a mapping of AttackerSpec fields (a bare kind: `{"kind": kind}`)."""
+    if isinstance(entry, str):
+        return {"kind": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
+    return entry

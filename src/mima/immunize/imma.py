@@ -24,9 +24,10 @@ class IMMAJoint(BilevelImmunizer):
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
-        trajectory, loss = self.adapt(base, [lower for lower, _ in batches.values()], range(len(batches)), generator)
-        return [(self.attacker.weights({**base, **phi}), [phi] * len(batches)) for phi in trajectory], \
-            {"lower/joint": loss}
+        lowers = [lower for lower, _ in batches.values()]
+        trajectory, loss = self.adapt_trajectory(base, lowers, range(len(batches)), generator)
+        points = [(self.attacker.weights({**base, **phi}), [phi] * len(batches)) for phi in trajectory]
+        return points, {"lower/joint": loss}
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator

@@ -49,7 +49,7 @@ class MIMA(BilevelImmunizer):
     ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
         trajectories, logs = [], {}
         for n, (name, (lower, _)) in enumerate(batches.items()):
-            trajectory, logs[f"lower/{name}"] = self.adapt(base, [lower], [n], generator)
+            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
             trajectories.append(trajectory)
         points = []  # at each trajectory point, the copies there merged
         for phis in zip(*trajectories, strict=True):
