@@ -204,3 +204,14 @@ def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path, cap
     assert [entry["kind"] for entry in record["config"]["attackers"]] == ["full", "full"]
     assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
     assert len({row["attacker"] for row in record["log"]}) == 2  # this seed samples both in three steps
+
+
+def test_the_alternating_schedule_is_refused_under_several_processes(tiny_model_dir, tmp_path, monkeypatch):
+    """Each process would carry only its own concepts' attacks, and the main process alone saves checkpoints."""
+    from mima.immunize import trainer as trainer_module
+    from mima.utils.distributed import Shard
+
+    monkeypatch.setattr(trainer_module, "join_process_group", lambda device: Shard(rank=0, size=2))
+    with pytest.raises(ConfigError, match="persistent_attacker runs in one process"):
+        _run(tiny_model_dir, tmp_path / "run", persistent_attacker=True)
+    assert not (tmp_path / "run").exists()
