@@ -166,6 +166,22 @@ def test_a_concept_above_the_cap_pushes_no_further(tiny_components, method):
             assert any(torch.count_nonzero(g) > 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_the_alternating_schedule_carries_the_same_attacks_in_both_paths(tiny_components, method):
+    """Second order, two outer steps on fixed batches: the second starts where the first's attacks ended, in the
+    concept-by-concept gradient as in the reference objective, and that start changes the gradient."""
+    settings = dict(order="second-order", inner_lr=0.5, persistent_attacker=True)
+    _, by_concept, batches = _prepared(tiny_components, method, **settings)
+    _, reference, _ = _prepared(tiny_components, method, **settings, concept_by_concept=False)
+    steps = [[immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1)) for _ in range(2)]
+             for immunizer in (by_concept, reference)]
+    for (value, grads, _), (expected_value, expected, _) in zip(*steps, strict=True):
+        assert value == pytest.approx(expected_value, rel=1e-10)
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-12)
+    assert steps[0][1][0] != pytest.approx(steps[0][0][0], rel=1e-6)  # the carried start moved the second step
+
+
 def test_the_alternating_schedule_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
     from mima.immunize import trainer as trainer_module
 
