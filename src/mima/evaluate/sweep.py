@@ -84,4 +84,4 @@ def sweep_table(results: list[SweepResult]) -> str:
         msgr = "n/a" if r.msgr is None else f"{r.msgr:.1f}"
         rows.append([str(rank), r.method, f"{r.lr:g}", str(r.steps), prompt, f"{r.final_similarity:.4f}", msgr])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
