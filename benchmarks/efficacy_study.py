@@ -58,10 +58,14 @@ def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = Non
     return json.dumps([config.model, config.setting, list(config.targets), method, settings], sort_keys=True)
 
 
-def _attack_key(config: BenchmarkConfig) -> str:
+def _attack_keys(config: BenchmarkConfig) -> dict[str, str]:
+    """What decides each attack variant's runs, by variant name: the shared `attack:` settings and the variant's
+    own (method, scales, overrides)."""
     from mima.attacks import AttackConfig
 
-    return json.dumps(AttackConfig.from_dict(config.attack).to_dict(), sort_keys=True)
+    shared = AttackConfig.from_dict(config.attack).to_dict()
+    return {v.name: json.dumps([shared, v.method, v.lr_scale, v.steps_scale, dict(v.overrides)], sort_keys=True)
+            for v in config.attack_variants()}
 
 
 def finished_pieces(out: Path) -> dict[tuple, Path]:
@@ -75,10 +79,12 @@ def finished_pieces(out: Path) -> dict[tuple, Path]:
             method = model.parent.name
             key = _model_key(config, method, json.loads(model.read_text())["config"])
             pieces.setdefault((key,), model.parent)
+            attack_keys = _attack_keys(config)
             for attack in sorted((folder / "attacks" / method).glob("*/*/seed*/attack.json")):
                 run = attack.parent
-                piece = (key, _attack_key(config), run.parent.parent.name, run.parent.name, run.name)
-                pieces.setdefault(piece, run)
+                variant = run.parent.parent.name
+                if variant in attack_keys:
+                    pieces.setdefault((key, attack_keys[variant], variant, run.parent.name, run.name), run)
     return pieces
 
 
@@ -87,14 +93,14 @@ def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Pat
     from mima.data.concepts import load_concepts
 
     concept_names = [c.name for c in load_concepts(list(config.targets + config.non_targets))]
-    attack_settings, linked = _attack_key(config), 0
+    attack_keys, linked = _attack_keys(config), 0
     for method in (REFERENCE, *config.methods):
         key = _model_key(config, method)
         wanted = {(key,): folder / "models" / method}
-        for attack in config.attacks:
+        for attack, attack_key in attack_keys.items():
             for name in concept_names:
                 for seed in config.seeds:
-                    wanted[(key, attack_settings, attack, name, f"seed{seed}")] = (
+                    wanted[(key, attack_key, attack, name, f"seed{seed}")] = (
                         folder / "attacks" / method / attack / name / f"seed{seed}")
         for piece, target in wanted.items():
             source = pieces.get(piece)

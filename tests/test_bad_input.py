@@ -185,6 +185,20 @@ FAILS = {
                                   "did you mean 'dreambooth'"),
     "benchmark-misspelt-encoder": (lambda t, m, i, p: _benchmark(t, attacks=["lora"], encoders=["toy-judeg"]),
                                    "did you mean 'toy-judge'"),
+    "benchmark-variant-without-name": (lambda t, m, i, p: _benchmark(t, attacks=["lora", {"method": "lora"}]),
+                                       "needs a name"),
+    "benchmark-variant-twice": (
+        lambda t, m, i, p: _benchmark(t, attacks=["lora", {"name": "lora", "method": "lora", "lr_scale": 3}]),
+        "given twice"),
+    "benchmark-variant-misspelt-key": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "strong", "method": "lora", "stesp": 3}]),
+        "did you mean 'steps'"),
+    "benchmark-variant-zero-scale": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "weak", "method": "lora", "lr_scale": 0}]),
+        "lr_scale must be a positive number"),
+    "benchmark-variant-common-fresh-token": (
+        lambda t, m, i, p: _benchmark(t, model=str(_no_weights(m, t, p)), attacks=[
+            "lora", {"name": "fresh", "method": "lora", "prompt": "fresh-token", "token": "star"}]), "common word"),
     "benchmark-nan": (lambda t, m, i, p: _benchmark(t, immunize={"outer_lr": float("nan")}), "finite"),
     "sweep-misspelt-method": (
         lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora", "lroa",

@@ -60,6 +60,28 @@ def test_a_variant_of_the_attacks_only_reuses_the_immunized_models(study, tmp_pa
     assert os.stat(linked_copy).st_ino == os.stat(source).st_ino
 
 
+def test_an_added_attack_variant_reuses_the_other_attacks_runs_but_not_a_differently_scaled_namesake(study,
+                                                                                                       tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    strong = {"name": "lora-strong", "method": "lora", "lr_scale": 3, "steps_scale": 2}
+    linked = _linked(study, tmp_path, {"attacks": ["lora", strong]})
+    assert linked == {"models/none", "models/mima", *(f"attacks/{m}/lora/{c}/seed0" for m in ("none", "mima")
+                                                        for c in ("stripes", "waves"))}
+    for method in ("none", "mima"):  # as if the strong variant had finished there too
+        for concept in ("stripes", "waves"):
+            run = tmp_path / "new" / "seed0" / "attacks" / method / "lora-strong" / concept / "seed0"
+            run.mkdir(parents=True)
+            (run / "attack.json").write_text("strong")
+    new_config = study.variant_config(BASE, {"attacks": ["lora", strong]}, 0)
+    new_config.save_json(tmp_path / "new" / "seed0" / "benchmark_config.json")
+    folder = tmp_path / "other" / "seed0"
+    for scale, expected in ((3, 4), (2, 0)):
+        config = study.variant_config(BASE, {"attacks": [{**strong, "lr_scale": scale}]}, 0)
+        shutil.rmtree(folder, ignore_errors=True)
+        study.link_finished(config, folder, study.finished_pieces(tmp_path))
+        assert len(list(folder.glob("attacks/*/lora-strong/*/seed0/attack.json"))) == expected
+
+
 def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path):
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
     linked = _linked(study, tmp_path, {"immunize": {"retain_weight": 0.0}})
