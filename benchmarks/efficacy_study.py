@@ -11,9 +11,12 @@ the immunized models). Everything resumes like `mima benchmark`.
     python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...]
                                         [--threads 1] [--jobs 2]
 
-Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
-per-seed values) of MSGR, every target's SGR, the non-target SGR, and the toy judge's rates before any attack
-(immunized vs base model) on the non-targets (do they stay?) and on the targets (do they stay erased?).
+Writes OUT/summary.md and OUT/summary.json: first, per variant, method and encoder, the worst case over the
+attacks (the lowest seed-mean MSGR and its attack, then every attack's); then per variant, method, attack and
+encoder, the mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and the
+toy judge's rates before any attack (immunized vs base model) on the non-targets (do they stay?) and on the targets
+(do they stay erased?). A study's `attacks:` may name variants (`mima.attacks.variants`), e.g. a stronger or a
+fresh-token LoRA beside the plain one.
 With a `tradeoff` list of variants in the study, OUT/tradeoff.png plots MIMA's MSGR against the non-target's
 |SGR| and judge rate before attack, one point per listed variant.
 """
@@ -252,8 +255,26 @@ def plot_tradeoff(points: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def worst_case_lines(table: dict) -> list[str]:
+    """Per variant, method and encoder: the attack with the lowest seed-mean MSGR (the one the immunization slows
+    least), then every attack's, as a markdown table."""
+    lines = ["| variant | method | encoder | worst-case MSGR | worst attack | MSGR per attack |", "|" + "---|" * 6]
+    for variant, by_method in table.items():
+        for method, by_attack in by_method.items():
+            for encoder in dict.fromkeys(e for by_encoder in by_attack.values() for e in by_encoder):
+                msgrs = {attack: mean(m for m in by_encoder[encoder]["msgr"] if m is not None)
+                         for attack, by_encoder in by_attack.items()
+                         if encoder in by_encoder and any(m is not None for m in by_encoder[encoder]["msgr"])}
+                if msgrs:
+                    worst = min(msgrs, key=msgrs.__getitem__)
+                    each = ", ".join(f"{attack} {value:.1f}" for attack, value in msgrs.items())
+                    lines.append(f"| {variant} | {method} | {encoder} | {msgrs[worst]:.1f} | {worst} | {each} |")
+    return lines
+
+
 def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> None:
-    lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
+    lines = [*worst_case_lines(table), ""]
+    lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
              " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
              "|" + "---|" * 11]

@@ -42,7 +42,9 @@ def _sweep(args: argparse.Namespace) -> None:
     from mima.cli.attack import concept_from_arg
     from mima.evaluate.encoders import encoders
     from mima.evaluate.sweep import rank_sweep, sweep_table, write_sweep
+    from mima.utils.device import resolve_device
 
+    resolve_device(args.device)  # an unavailable device: one line, before any tokenizer or model loads
     concept = concept_from_arg(args.concept)
     encoders.get(args.encoder.partition(":")[0])
     grid = (args.methods, args.lrs or [None], args.budgets or [None], args.prompts or [None])
