@@ -11,6 +11,7 @@ import torch
 
 from mima.data.concepts import ConceptSpec
 from mima.functional import BatchLoss, Params, Unrolled, sgd_step, unet_call_with, unroll, unrolled_vjp
+from mima.immunize.attackers import simulated_attackers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.losses import diffusion_loss
 from mima.models.components import Components
@@ -21,7 +22,8 @@ from mima.models.encoding import Batch, EncodedConcept
 class BilevelImmunizer(Immunizer):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
-    Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
+    Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined. The
+    attacker (`self.attacker`, a `SimulatedAttacker`) decides what each copy trains.
     With `splits_concepts`, `upper_gradient` does only this process's concepts (`self.shard`) and returns its share
     of the gradient, which `gradients` sums over processes; otherwise every process computes all of it.
     """
@@ -33,11 +35,15 @@ class BilevelImmunizer(Immunizer):
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
+        self.unet_names = frozenset(names)
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
         self.unet.requires_grad_(False)
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
+        spec = self.config.attacker_specs()[0]
+        self.attacker = simulated_attackers.get(spec.kind)(spec)
+        self.attacker.prepare(components, specs, self.lower_names)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.unet.named_parameters())
@@ -56,51 +62,86 @@ class BilevelImmunizer(Immunizer):
         call = unet_call_with(self.unet, params)
         return diffusion_loss(call, self.scheduler, batch.latents, batch.hidden, generator=generator)
 
-    def adapt(self, base: Params, batches: list[Batch], generator: torch.Generator) -> tuple[Params, float]:
-        """The simulated attacker: `inner_steps` SGD steps on S^l from theta^{k-1}, on the mean loss of `batches`.
+    def conditioned_loss(
+        self, weights: Params, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
+    ) -> torch.Tensor:
+        """The loss of the UNet with `weights` on `batch` conditioned as the attacker conditions it at `params`."""
+        return self.loss(weights, Batch(batch.latents, self.attacker.hidden(params, batch, concept)), generator)
 
-        Returns the adapted S^l parameters and the first lower-level loss.
-        """
-        lower = {name: base[name] for name in self.lower_names}
-        losses = []
+    def attacked_loss(
+        self, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
+    ) -> torch.Tensor:
+        """The simulated attacker's loss at `params` = `{**base, **phi}` on `batch` of concept index `concept`."""
+        weights = {name: p for name, p in params.items() if name in self.unet_names}
+        return self.conditioned_loss({**weights, **self.attacker.weights(params)}, params, batch, generator, concept)
+
+    def adapt(
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
+    ) -> tuple[Params, float]:
+        """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
+        their graph (second order). Returns the adapted phi and the first lower-level loss."""
+        spec, losses = self.attacker.spec, []
+        phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
         with self.double_backward_attention():
-            for _ in range(self.config.inner_steps):
-                loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
-                lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
+            for _ in range(spec.steps):
+                loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)
+                                    for b, c in zip(batches, concepts, strict=True)]).mean()
+                phi = sgd_step(phi, loss, spec.lr, self.config.order, spec.clip)
                 losses.append(loss.item())
-        return lower, losses[0]
+        return phi, losses[0]
+
+    def adapted_weights(self, base: Params, phi: Params) -> Params:
+        """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
+        return {**base, **self.attacker.weights({**base, **phi})}
+
+    def skip_attack(self, base: Params, batch: Batch, concept: int, generator: torch.Generator) -> None:
+        """Draw from `generator` what an attack on `batch` would, without the UNet: so a process skipping another's
+        concept draws the same noise and timesteps as one process doing every concept."""
+        self.attacker.start(base, [concept], generator)
+        self.skip_draws(batch, generator, self.attacker.spec.steps)
 
     def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
-        """Draw from `generator` what `times` losses of `batch` would, without the UNet: so a process skipping
-        another's concept draws the same noise and timesteps as one process doing every concept."""
+        """Draw from `generator` what `times` losses of `batch` would, without the UNet."""
         for _ in range(times):
             diffusion_loss(lambda noisy, t, hidden: noisy, self.scheduler, batch.latents, batch.hidden,
                            generator=generator)
 
-    def batch_loss(self, batch: Batch) -> BatchLoss:
-        """The loss of `batch` as a function of the parameters and the generator."""
-        return lambda params, generator: self.loss(params, batch, generator)
+    def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> list[BatchLoss]:
+        """The attacker's loss of each batch as a function of the parameters and the generator."""
+        return [lambda params, generator, b=b, c=c: self.attacked_loss(params, b, generator, c)
+                for b, c in zip(batches, concepts, strict=True)]
 
     def unroll(
-        self, base: Params, batches: list[Batch], generator: torch.Generator, *, keep_last: bool = True
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
+        keep_last: bool = True,
     ) -> Unrolled:
         """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
         (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
-        lower = {name: base[name] for name in self.lower_names}
-        config, keep = self.config, keep_last and self.config.order == "second-order"
-        losses = [self.batch_loss(b) for b in batches]
+        spec, keep = self.attacker.spec, keep_last and self.config.order == "second-order"
+        phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
         with self.double_backward_attention() if keep else nullcontext():
-            return unroll(lower, base, losses, generator, steps=config.inner_steps, lr=config.inner_lr,
-                          max_norm=config.inner_clip, keep=self.upper_names if keep else None)
+            return unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps, lr=spec.lr,
+                          max_norm=spec.clip, keep=self.upper_names if keep else None)
 
     def unrolled_vjp(
-        self, run: Unrolled, base: Params, batches: list[Batch], generator: torch.Generator, cotangent: Params
+        self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator, cotangent: Params,
     ) -> Params:
-        """The gradient on S^u of <cotangent, adapted S^l>, replaying `run` batch by batch (`unrolled_vjp`)."""
-        losses = [self.batch_loss(b) for b in batches]
+        """The gradient on S^u of <cotangent, adapted phi>, replaying `run` batch by batch (`unrolled_vjp`)."""
+        spec = self.attacker.spec
         with self.double_backward_attention():
-            return unrolled_vjp(run, base, losses, generator, cotangent, self.upper_names, lr=self.config.inner_lr,
-                                max_norm=self.config.inner_clip, order=self.config.order)
+            return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
+                                self.upper_names, lr=spec.lr, max_norm=spec.clip, order=self.config.order)
+
+    def attack_gradient(
+        self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator, weight_grads: Params, phi_grads: Params,
+    ) -> Params:
+        """The gradient on S^u reaching it through one attack, from the gradient on the weights it changed and on
+        its phi (`kept`: what the attacker kept of its adapted phi)."""
+        cotangent, direct = self.attacker.pull_back(base, kept, weight_grads, self.upper_names)
+        return add_grads(direct, self.unrolled_vjp(run, base, batches, concepts, generator,
+                                                    add_grads(cotangent, phi_grads)))
 
     def double_backward_attention(self) -> AbstractContextManager[None]:
         """The plain-math attention kernel where the inner step is differentiated twice (second order only)."""
@@ -108,35 +149,56 @@ class BilevelImmunizer(Immunizer):
 
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
-        owned: Sequence[bool] | None = None,
-    ) -> tuple[list[float], Params]:
-        """Each batch's loss at `params`, and the gradient of their mean on the names `wrt`, one graph at a time.
+        owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
+        concepts: Sequence[int | None] | None = None,
+    ) -> tuple[list[float], Params, list[Params]]:
+        """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi,
+        one graph at a time.
 
-        With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
+        With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
+        `phis[n]`. With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
         """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
+        phi_grads: list[Params] = []
         for index, batch in enumerate(batches):
+            phi = {n: p.detach().requires_grad_() for n, p in (phis[index] if phis else {}).items()}
             if owned is not None and not owned[index]:
                 self.skip_draws(batch, generator)
                 losses.append(0.0)
+                phi_grads.append({})
                 continue
-            loss = self.loss({**params, **leaves}, batch, generator)
-            for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
-                grads[name] += grad / len(batches)
+            weights = {**params, **leaves}
+            loss = self.conditioned_loss(weights, {**weights, **phi}, batch, generator,
+                                         concepts[index] if concepts else None)
+            named = [*leaves.values(), *phi.values()]
+            results = torch.autograd.grad(loss, named, allow_unused=True)
+            for name, grad in zip(leaves, results[:len(leaves)], strict=True):
+                if grad is not None:
+                    grads[name] += grad / len(batches)
+            phi_grads.append({n: g / len(batches) for n, g in zip(phi, results[len(leaves):], strict=True)
+                              if g is not None})
             losses.append(loss.item())
-        return losses, grads
+        return losses, grads, phi_grads
 
     def adapted_loss_gradient(
-        self, base: Params, lowers: list[Batch], uppers: list[Batch], generator: torch.Generator
+        self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator,
     ) -> tuple[list[float], Params, float]:
-        """The losses of `uppers` after one simulated attack on all of `lowers` (imma-joint, the retain term),
-        the gradient of their mean on S^u, and the first lower-level loss."""
-        run = self.unroll(base, lowers, generator)
-        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
-        losses, grads = self.mean_loss_gradient({**base, **run.params}, uppers, generator, wrt)
-        pulled = self.unrolled_vjp(run, base, lowers, generator, {n: grads[n] for n in self.lower_names})
-        direct = {n: grads[n] for n in self.upper_names if n not in run.params}  # S^u outside S^l
+        """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
+        imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss."""
+        run = self.unroll(base, lowers, concepts, generator)
+        kept = self.attacker.kept(run.params)
+        changed = self.attacker.weights({**base, **run.params})
+        wrt = list(dict.fromkeys([*changed, *self.upper_names]))
+        losses, grads, phi_grads = self.mean_loss_gradient(
+            {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts)
+        direct = {n: grads[n] for n in self.upper_names if n not in changed}  # S^u the attack does not change
+        phi_grad = {}
+        for more in phi_grads:
+            phi_grad = add_grads(phi_grad, more)
+        pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
+                                      {n: grads[n] for n in changed}, phi_grad)
         return losses, add_grads(pulled, direct), run.first_loss
 
     @abstractmethod
@@ -185,7 +247,9 @@ class BilevelImmunizer(Immunizer):
         if self.config.retain_weight > 0:
             lowers = [Batch(*lo) for lo, _ in pairs if lo is not None]
             classes = [Batch(*up.prior) for lo, up in pairs if lo is not None]
-            yield "retain", self.adapted_loss_gradient(base, lowers, classes, generator)[:2] if lowers else ([], {})
+            no_concepts = [None] * len(lowers)  # class images: conditioned by their own prompts
+            yield "retain", (self.adapted_loss_gradient(base, lowers, classes, no_concepts, generator)[:2]
+                             if lowers else ([], {}))
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -194,14 +258,15 @@ class BilevelImmunizer(Immunizer):
         if not batches:
             return [], {}
         owned = [self.shard.owns(index) for index in range(len(batches))]
-        losses, grads = self.mean_loss_gradient(params, batches, generator, wrt, owned)
+        losses, grads, _ = self.mean_loss_gradient(params, batches, generator, wrt, owned)
         return self.shard.sum_floats(losses), self.shard.sum(grads)
 
     @abstractmethod
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        """theta' over S^l (the adapted and, for MIMA, merged parameters) and the lower-level losses to log."""
+    ) -> tuple[Params, list[Params], dict[str, float]]:
+        """theta' (the weights after the attack and, for MIMA, the Merge), each protected concept's adapted phi
+        (what conditions its upper loss) and the lower-level losses to log."""
 
     def protected(self, batches: ConceptBatches) -> ConceptBatches:
         """The concepts whose upper loss is maximised (all of them, except for single-concept IMMA)."""
@@ -210,9 +275,10 @@ class BilevelImmunizer(Immunizer):
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         batches = self.protected(batches)
         base = self.base_parameters()
-        adapted, lower_logs = self.adapted_parameters(base, batches, generator)
+        adapted, phis, lower_logs = self.adapted_parameters(base, batches, generator)
         adapted = {**base, **adapted}
-        upper = {name: self.loss(adapted, up, generator) for name, (_, up) in batches.items()}
+        upper = {name: self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n)
+                 for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True))}
         objective = -torch.stack(list(upper.values())).mean()
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
         if self.config.prior_weight > 0:
@@ -260,8 +326,8 @@ class BilevelImmunizer(Immunizer):
         pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
         if not pairs:
             return torch.zeros(())
-        adapted, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], generator)
-        adapted = {**base, **adapted}
+        phi, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], [None] * len(pairs), generator)
+        adapted = self.adapted_weights(base, phi)
         return torch.stack([self.loss(adapted, Batch(*upper), generator) for _, upper in pairs]).mean()
 
 

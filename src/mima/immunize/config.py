@@ -12,6 +12,24 @@ Setting = Literal["relearn", "personalize"]
 
 
 @dataclass(frozen=True)
+class AttackerSpec(Config):
+    """One simulated attacker of the lower level (docs/method.md, "Simulated attackers"): what it trains and how."""
+
+    kind: str = field(default="full", metadata={"help": "what it trains (see `mima ls simulated-attackers`)"})
+    lr: float = field(default=1.0, metadata={"help": "learning rate of its inner steps"})
+    steps: int = field(default=1, metadata={"help": "inner steps"})
+    clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
+    rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr <= 0 or self.steps <= 0 or self.rank <= 0:
+            raise ConfigError(f"simulated attacker '{self.kind}': lr, steps and rank must be positive")
+        if self.clip < 0:
+            raise ConfigError(f"simulated attacker '{self.kind}': clip must be >= 0 (0: off), got {self.clip}")
+
+
+@dataclass(frozen=True)
 class ImmunizeConfig(Config):
     """Settings of one immunization run (docs/method.md). Method-specific fields are ignored by other methods."""
 
@@ -28,6 +46,11 @@ class ImmunizeConfig(Config):
     )
     order: Literal["second-order", "first-order"] = field(
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
+    )
+    attackers: tuple[dict, ...] = field(
+        default=(),
+        metadata={"help": "simulated attackers, each a mapping of AttackerSpec fields (kind, lr, steps, clip, rank); "
+                          "empty: one 'full' attacker with inner_lr, inner_steps and inner_clip"},
     )
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
@@ -79,17 +102,27 @@ class ImmunizeConfig(Config):
         for name in ("inner_clip", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        self.attacker_specs()  # each a valid AttackerSpec
         for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+
+    def attacker_specs(self) -> list[AttackerSpec]:
+        """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe."""
+        if not self.attackers:
+            return [AttackerSpec(lr=self.inner_lr, steps=self.inner_steps, clip=self.inner_clip)]
+        return [AttackerSpec.from_dict(spec) for spec in self.attackers]
 
     def check_names(self) -> None:
         """Resolve what the settings name (the method, a caption-bank file), so that a misspelling fails before any
         model loads; every run and `mima validate` call it."""
         from mima.data.captions import load_caption_bank
         from mima.immunize import immunizers
+        from mima.immunize.attackers import simulated_attackers
 
         immunizers.get(self.method)
+        for spec in self.attacker_specs():
+            simulated_attackers.get(spec.kind)
         if self.caption_bank != "auto":
             load_caption_bank(self.caption_bank)
 

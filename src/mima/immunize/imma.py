@@ -23,15 +23,15 @@ class IMMAJoint(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        adapted, loss = self.adapt(base, [lower for lower, _ in batches.values()], generator)
-        return adapted, {"lower/joint": loss}
+    ) -> tuple[Params, list[Params], dict[str, float]]:
+        phi, loss = self.adapt(base, [lower for lower, _ in batches.values()], range(len(batches)), generator)
+        return self.attacker.weights({**base, **phi}), [phi] * len(batches), {"lower/joint": loss}
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
         lowers, uppers = [lower for lower, _ in batches.values()], [upper for _, upper in batches.values()]
-        losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, generator)
+        losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, range(len(lowers)), generator)
         return losses, grads, {"lower/joint": first_loss}
 
 

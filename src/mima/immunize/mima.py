@@ -4,7 +4,7 @@ One outer step k, whole (docs/method.md, "One outer step"); each line names the 
 
     x^l_n, x^u_n   two batches of each target's images              immunize.trainer._Loop._batches
     theta          theta^{k-1} on S^l and S^u                       BilevelImmunizer.base_parameters
-    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))       BilevelImmunizer.unroll -> functional.unroll
+    theta'_n       the simulated attacker's steps on concept n      BilevelImmunizer.unroll -> functional.unroll
     theta'         Merge(theta'_1 .. theta'_N), K/V in closed form  MergeInputs.merge -> closed_form_merge
     upper, g'      mean_n L(x^u_n, c_n; theta') and its gradient    BilevelImmunizer.mean_loss_gradient
     g'_n           g' pulled back through the Merge to copy n       MergeInputs.pull_back
@@ -44,41 +44,47 @@ class MIMA(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        copies, logs = [], {}
-        for name, (lower, _) in batches.items():
-            adapted, logs[f"lower/{name}"] = self.adapt(base, [lower], generator)
-            copies.append(adapted)
-        return self.plan.merge(base, copies), logs
+    ) -> tuple[Params, list[Params], dict[str, float]]:
+        copies, phis, logs = [], [], {}
+        for n, (name, (lower, _)) in enumerate(batches.items()):
+            phi, logs[f"lower/{name}"] = self.adapt(base, [lower], [n], generator)
+            copies.append(self.attacker.weights({**base, **phi}))
+            phis.append(phi)
+        return self.plan.merge(base, copies), phis, logs
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
         """Concept by concept: adapt each copy, keeping only what the Merge needs (and the last copy's graph);
         merge; take the upper gradient at the merged parameters; pull it back through the Merge; replay each
-        copy's inner step with its graph and backpropagate its share (one double-backward graph alive at a time)."""
-        lowers, shard = [lower for lower, _ in batches.values()], self.shard
+        copy's inner steps with their graph and backpropagate its share (one double-backward graph alive at a
+        time)."""
+        lowers, shard, attacker = [lower for lower, _ in batches.values()], self.shard, self.attacker
         owned = [shard.owns(n) for n in range(len(lowers))]
         last = max(n for n in range(len(lowers)) if owned[n]) if any(owned) else -1
-        inputs, runs, logs = self.plan.inputs(), {}, {}
+        inputs, runs, kept, logs = self.plan.inputs(), {}, {}, {}
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
             if not owned[n]:  # another process adapts this copy
-                self.skip_draws(lower, generator, self.config.inner_steps)
+                self.skip_attack(base, lower, n, generator)
                 continue
-            run = self.unroll(base, [lower], generator, keep_last=n == last)  # the last one's graph
-            inputs.add(run.params, n)
-            runs[n] = run.for_replay()
+            run = self.unroll(base, [lower], [n], generator, keep_last=n == last)  # the last one's graph
+            inputs.add(attacker.weights({**base, **run.params}), n)
+            runs[n], kept[n] = run.for_replay(), attacker.kept(run.params)
             logs[f"lower/{name}"] = run.first_loss
         inputs.combine(shard.sum)  # every process merges every copy
         merged = {**base, **inputs.merge(base)}
         uppers = [upper for _, upper in batches.values()]
-        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
-        losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt, owned)
+        wrt = list(dict.fromkeys([*inputs.names(), *self.upper_names]))
+        losses, upper_grads, phi_grads = self.mean_loss_gradient(
+            merged, uppers, generator, wrt, owned, phis=[kept.get(n, {}) for n in range(len(uppers))],
+            concepts=range(len(uppers)))
         upper_grads = shard.sum(upper_grads)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
-        grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
-        if not shard.is_main:  # the gradient through W_0 and outside S^l: counted once, on the main process
+        unmerged = {n: upper_grads[n] for n in self.upper_names if n not in inputs.names()}
+        grads = add_grads(grads, unmerged)
+        if not shard.is_main:  # the gradient through W_0 and outside the Merge: counted once, on the main process
             grads = {}
         for n in sorted(runs, reverse=True):  # the kept graph first, so that one graph is alive at a time
-            grads = add_grads(grads, self.unrolled_vjp(runs[n], base, [lowers[n]], generator, copy_grad(n)))
+            grads = add_grads(grads, self.attack_gradient(runs[n], base, kept[n], [lowers[n]], [n], generator,
+                                                          copy_grad(n), phi_grads[n]))
         return losses, grads, logs
