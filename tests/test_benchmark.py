@@ -106,6 +106,22 @@ def test_named_attack_variants_run_side_by_side_and_the_report_shows_the_worst_c
     assert f"| mima | toy-judge | {per_attack[worst]:.1f} | {worst} |" in markdown
 
 
+def test_a_variants_scales_multiply_the_methods_default_for_the_model_or_the_shared_setting():
+    from mima.attacks import attacks
+    from mima.attacks.variants import AttackVariant
+
+    lora = attacks.get("lora")
+    strong = AttackVariant.parse({"name": "lora-strong", "method": "lora", "lr_scale": 3, "steps_scale": 2})
+    for toy, default_lr in ((True, lora.default_lr), (False, lora.reference_lr)):
+        config = strong.config({}, seed=1, toy=toy)
+        assert (config.lr, config.steps, config.seed) == (pytest.approx(3 * default_lr), 2 * lora.default_steps, 1)
+        assert config.save_every is None  # a quarter of the scaled budget, when the run is built
+    shared = strong.config({"lr": 0.01, "steps": 10, "rank": 2}, seed=0, toy=True)
+    assert (shared.lr, shared.steps, shared.rank) == (pytest.approx(0.03), 20, 2)
+    plain = AttackVariant.parse("lora").config({"steps": 10}, seed=0, toy=True)
+    assert (plain.method, plain.lr, plain.steps) == ("lora", None, 10)
+
+
 def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
     from mima.attacks import AttackConfig, AttackRun
     from mima.benchmark import AttackPiece

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -266,16 +267,21 @@ class Benchmark:
         from mima.attacks import AttackRun
 
         for variant in self.config.attack_variants():
-            configs = [self._attack_config(variant, seed) for seed in self.config.seeds]
-            for config in configs[:1]:  # a seed changes neither name nor token
+            for seed in self.config.seeds[:1]:  # a seed changes neither the method nor the token
+                config = self._attack_config(variant, seed)
                 config.check_names()
                 for concept in concepts:
                     AttackRun(self.config.model, concept, config, self.out_dir, self.device).check()
 
     def _attack_config(self, variant: AttackVariant, seed: int) -> AttackConfig:
+        return variant.config(self.config.attack, seed, toy=self._speaks_toy)
+
+    @cached_property
+    def _speaks_toy(self) -> bool:
+        """Whether the model is of the toy world, whose attack defaults differ (read once: it loads a tokenizer)."""
         from mima.models.components import speaks_toy_vocabulary
 
-        return variant.config(self.config.attack, seed, toy=speaks_toy_vocabulary(self.config.model))
+        return speaks_toy_vocabulary(self.config.model)
 
     def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
         pieces = [EvaluationPiece(path, self.config.encoders, self.device)
