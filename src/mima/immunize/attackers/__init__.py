@@ -8,5 +8,6 @@ from __future__ import annotations
 from mima.immunize.attackers.base import SimulatedAttacker, simulated_attackers
 
 simulated_attackers.register("full", "mima.immunize.attackers.full:FullAttacker")
+simulated_attackers.register("lora", "mima.immunize.attackers.lora:LoraAttacker")
 
 __all__ = ["SimulatedAttacker", "simulated_attackers"]

@@ -9,6 +9,7 @@ and the text conditioning `hidden` returns. The bi-level immunizers run every ki
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
@@ -27,8 +28,12 @@ class SimulatedAttacker(ABC):
     `{**base, **phi}` holds everything a loss needs.
     """
 
+    default_lr: ClassVar[float] = 1.0
+    """The learning rate of its inner steps when the spec sets none."""
+
     def __init__(self, spec: AttackerSpec) -> None:
         self.spec = spec
+        self.lr = self.default_lr if spec.lr is None else spec.lr
 
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
