@@ -207,17 +207,17 @@ def test_the_alternating_schedule_resumes_exactly(tiny_model_dir, tmp_path, monk
 
 
 def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path, capsys):
-    """End to end: `--attackers` names kinds (here the run's one kind twice, overriding the YAML's mappings),
-    each outer step's sampled index lands in immunization.json."""
+    """End to end: `--attackers` names kinds (overriding the YAML's mappings); each outer step's sampled index
+    lands in immunization.json."""
     settings = tmp_path / "settings.yaml"
     settings.write_text("attackers: [{kind: full, steps: 2, order: first-order, trajectory_points: 2}]\n")
     out = tmp_path / "run"
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
-                 "--config", str(settings), "--attackers", "full", "full", "--steps", "3", "--n-images", "4",
+                 "--config", str(settings), "--attackers", "full", "lora", "--steps", "3", "--n-images", "4",
                  "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "immunization.json").read_text())
-    assert [entry["kind"] for entry in record["config"]["attackers"]] == ["full", "full"]
+    assert [entry["kind"] for entry in record["config"]["attackers"]] == ["full", "lora"]
     assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
     assert len({row["attacker"] for row in record["log"]}) == 2  # this seed samples both in three steps
 
