@@ -43,7 +43,7 @@ class BilevelImmunizer(Immunizer):
             param.requires_grad_(name in self.upper_names)
         spec = self.config.attacker_specs()[0]
         self.attacker = simulated_attackers.get(spec.kind)(spec)
-        self.attacker.prepare(components, specs, self.lower_names)
+        self.attacker.bind(components, specs, self.lower_names)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.unet.named_parameters())

@@ -9,6 +9,8 @@ from mima.config import Config
 from mima.errors import ConfigError
 
 Setting = Literal["relearn", "personalize"]
+CONCEPT_PROMPT = "concept"
+FRESH_TOKEN_PROMPT = "fresh-token"
 
 
 @dataclass(frozen=True)
@@ -20,9 +22,19 @@ class AttackerSpec(Config):
     steps: int = field(default=1, metadata={"help": "inner steps"})
     clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
     rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
+    prompt: str | None = field(
+        default=None,
+        metadata={"help": "what its images are captioned with, for its steps and the upper loss: 'concept' (the "
+                          "concept's own prompts; a learned token is added beside its words) or 'fresh-token' (the "
+                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks'); "
+                          "default: fresh-token for textual-inversion, concept for the others, as the attacks"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT):
+            raise ConfigError(f"simulated attacker '{self.kind}': prompt must be '{CONCEPT_PROMPT}' or "
+                              f"'{FRESH_TOKEN_PROMPT}', got {self.prompt!r}")
         if self.lr <= 0 or self.steps <= 0 or self.rank <= 0:
             raise ConfigError(f"simulated attacker '{self.kind}': lr, steps and rank must be positive")
         if self.clip < 0:

@@ -40,7 +40,8 @@ class MIMA(BilevelImmunizer):
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
         captions = load_caption_bank(self.config.caption_bank)
-        self.plan = MergePlan.build(components, [list(s.prompts) for s in specs], captions, ridge=self.config.ridge)
+        prompts = [self.attacker.merge_prompts(n) for n in range(len(specs))]  # as the attacker captions them
+        self.plan = MergePlan.build(components, prompts, captions, ridge=self.config.ridge)
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
