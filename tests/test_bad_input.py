@@ -155,6 +155,12 @@ FAILS = {
     "immunize-into-user-files": (lambda t, m, i, p: _immunize(m, _user_files(t)), "holiday.jpg"),
     "toy-images-into-user-files": (
         lambda t, m, i, p: ["toy", "images", "star", "--n", "2", "--out", str(_user_files(t))], "holiday.jpg"),
+    "generate-over-a-file": (
+        lambda t, m, i, p: ["generate", "--model", str(_unloadable_model(t)), "--prompt", "a star", "--out",
+                            str(_file(t, "star.png", b"an earlier grid"))], "pass --overwrite"),
+    "toy-judge-over-a-file": (
+        lambda t, m, i, p: ["toy", "judge", "--model", str(_unloadable_model(t)), "--out",
+                            str(_file(t, "rates.json", "{}"))], "pass --overwrite"),
     "toy-images-over-finished": (
         lambda t, m, i, p: ["toy", "images", "star", "--n", "2", "--out",
                             str(_finished(t, "metadata.csv", "00000.png"))], "--overwrite"),
@@ -168,6 +174,12 @@ FAILS = {
     "validate-misspelt-attack": (
         lambda t, m, i, p: ["validate", "--kind", "attack", str(_file(t, "a.yaml", "method: lroa\n"))],
         "did you mean 'lora'"),
+    "misspelt-simulated-attacker": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config", str(_file(t, "s.yaml", "attackers: [{kind: ful}]"))),
+        "did you mean 'full'"),
+    "simulated-attacker-negative-lr": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config",
+                                     str(_file(t, "s.yaml", "attackers: [{kind: full, lr: -1}]"))), "positive"),
     "missing-caption-bank": (lambda t, m, i, p: _immunize(m, t / "out", "--caption-bank", str(t / "nope.txt")),
                              "nope.txt"),
     "benchmark-misspelt-attack": (lambda t, m, i, p: _benchmark(t, attacks=["lora", "dreambooht"]),
