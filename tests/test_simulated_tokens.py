@@ -173,6 +173,9 @@ def test_the_token_and_fresh_token_captions(world):
     assert cd.caption(prompt, 0) == "a painting in <new-stripes> stripes style"  # as the CD attack
     assert full.caption(prompt, 0) == "a painting in sks style"
     assert make("mima", "second-order", {"kind": "full"}).attacker.caption(prompt, 0) == prompt
+    spec = toy_concept_spec("stripes")
+    assert full.merge_prompts(0) == [full.caption(p, 0) for p in spec.prompts]  # the rows it trains under
+    assert cd.merge_prompts(0) == list(spec.prompts)  # a learned token's row moves: not a Merge row
     batch = concepts[0].batch(2, torch.Generator().manual_seed(0))
     expected = components.encode_prompts([full.caption(p, 0) for p in batch.prompts]).double()
     torch.testing.assert_close(full.hidden({}, batch, 0), expected)  # constants, for the steps and the upper loss
