@@ -19,8 +19,11 @@ from mima.models.cross_attention import key_value_parameter_names
 
 
 class CustomDiffusionAttacker(TextualInversionAttacker):
-    """phi = the UNet's own cross-attention K/V weights in S^l (from theta^{k-1}) and concept n's token
-    "<new-<concept name>>", which under the default `concept` prompt stands beside the concept's words."""
+    """The cross-attention keys and values in S^l plus a fresh token per concept, as Custom Diffusion trains.
+
+    phi = the UNet's own K/V weights (from theta^{k-1}) and concept n's token "<new-<concept name>>", which under
+    the default `concept` prompt stands beside the concept's words.
+    """
 
     default_prompt = CONCEPT_PROMPT
 

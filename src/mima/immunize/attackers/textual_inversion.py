@@ -19,8 +19,10 @@ from mima.models.encoding import Batch
 
 
 class TextualInversionAttacker(SimulatedAttacker):
-    """phi = concept n's token embeddings "token:<n>:<text encoder>", named "<concept name>" as the attack names it;
-    the upper loss is taken under the prompt with that token."""
+    """A fresh token per concept, tuned by the inner steps; the upper loss is read under the prompt holding it.
+
+    phi = concept n's embeddings "token:<n>:<text encoder>"; the token is "<concept name>", as the attack names it.
+    """
 
     default_prompt = FRESH_TOKEN_PROMPT
     learns_token = True
