@@ -35,6 +35,7 @@ def _torchrun(args, processes=2):
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "mima", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def _upper_weights(out):
@@ -59,7 +60,8 @@ def one_process(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_two_processes_give_the_one_process_weights(tiny_model_dir, tmp_path, method, one_process, one_thread):
-    _torchrun(_args(tiny_model_dir, tmp_path / "two", method))
+    log = _torchrun(_args(tiny_model_dir, tmp_path / "two", method))
+    assert log.count(f"immunize ({method}):   0%") == 1  # one progress bar, the main process's
     one, two = one_process(method), _upper_weights(tmp_path / "two")
     before = _upper_weights(tiny_model_dir.parent)
     assert max((one[name] - before[name]).abs().max() for name in one) > 1e-3  # the steps moved S^u, far

@@ -86,7 +86,7 @@ class BilevelImmunizer(Immunizer):
             for _ in range(spec.steps):
                 loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)
                                     for b, c in zip(batches, concepts, strict=True)]).mean()
-                phi = sgd_step(phi, loss, spec.lr, self.config.order, spec.clip)
+                phi = sgd_step(phi, loss, self.attacker.lr, self.config.order, spec.clip)
                 losses.append(loss.item())
         return phi, losses[0]
 
@@ -120,8 +120,8 @@ class BilevelImmunizer(Immunizer):
         spec, keep = self.attacker.spec, keep_last and self.config.order == "second-order"
         phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
         with self.double_backward_attention() if keep else nullcontext():
-            return unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps, lr=spec.lr,
-                          max_norm=spec.clip, keep=self.upper_names if keep else None)
+            return unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
+                          lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None)
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -131,7 +131,7 @@ class BilevelImmunizer(Immunizer):
         spec = self.attacker.spec
         with self.double_backward_attention():
             return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
-                                self.upper_names, lr=spec.lr, max_norm=spec.clip, order=self.config.order)
+                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=self.config.order)
 
     def attack_gradient(
         self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],

@@ -18,7 +18,7 @@ class AttackerSpec(Config):
     """One simulated attacker of the lower level (docs/method.md, "Simulated attackers"): what it trains and how."""
 
     kind: str = field(default="full", metadata={"help": "what it trains (see `mima ls simulated-attackers`)"})
-    lr: float = field(default=1.0, metadata={"help": "learning rate of its inner steps"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate of its inner steps (default: the kind's)"})
     steps: int = field(default=1, metadata={"help": "inner steps"})
     clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
     rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
@@ -35,7 +35,7 @@ class AttackerSpec(Config):
         if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT):
             raise ConfigError(f"simulated attacker '{self.kind}': prompt must be '{CONCEPT_PROMPT}' or "
                               f"'{FRESH_TOKEN_PROMPT}', got {self.prompt!r}")
-        if self.lr <= 0 or self.steps <= 0 or self.rank <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.steps <= 0 or self.rank <= 0:
             raise ConfigError(f"simulated attacker '{self.kind}': lr, steps and rank must be positive")
         if self.clip < 0:
             raise ConfigError(f"simulated attacker '{self.kind}': clip must be >= 0 (0: off), got {self.clip}")
@@ -141,12 +141,26 @@ class ImmunizeConfig(Config):
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
         the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
-        embedded model and every model made from it), `generic` for any other."""
+        embedded model and every model made from it), `generic` for any other; attackers get their default
+        learning rates (`with_attacker_defaults`)."""
         if self.caption_bank != "auto":
-            return self
+            return self.with_attacker_defaults()
         from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
 
-        return self.with_overrides(caption_bank="toy" if speaks_toy_vocabulary(model) else "generic")
+        bank = "toy" if speaks_toy_vocabulary(model) else "generic"
+        return self.with_overrides(caption_bank=bank).with_attacker_defaults()
+
+    def with_attacker_defaults(self) -> ImmunizeConfig:
+        """These settings with each simulated attacker's unset learning rate set to its kind's default, so that
+        the record says what ran."""
+        from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
+
+        specs = self.attacker_specs()
+        if not self.attackers or all(spec.lr is not None for spec in specs):
+            return self
+        return self.with_overrides(attackers=tuple(
+            {**given, "lr": simulated_attackers.get(spec.kind).default_lr if spec.lr is None else spec.lr}
+            for given, spec in zip(self.attackers, specs, strict=True)))
 
     @property
     def uses_class_images(self) -> bool:

@@ -141,7 +141,7 @@ class _Loop(TrainingLoop):
         settings = LoopSettings(
             steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=config.grad_clip,
             checkpoint_dir=checkpoint_dir, desc=f"immunize ({config.method})", loss_name="objective",
-            step_name="outer step",
+            step_name="outer step", show_progress=immunizer.shard.is_main,
         )
         super().__init__(params, torch.optim.AdamW(params.values(), lr=config.outer_lr, weight_decay=0.0), settings,
                          placement)

@@ -36,6 +36,8 @@ class SimulatedAttacker(ABC):
     `{**base, **phi}` holds everything a loss needs.
     """
 
+    default_lr: ClassVar[float] = 1.0
+    """The learning rate of its inner steps when the spec sets none."""
     default_prompt: ClassVar[str] = CONCEPT_PROMPT
     """The prompt when `spec.prompt` is unset."""
     learns_token: ClassVar[bool] = False
@@ -43,6 +45,7 @@ class SimulatedAttacker(ABC):
 
     def __init__(self, spec: AttackerSpec) -> None:
         self.spec = spec
+        self.lr = self.default_lr if spec.lr is None else spec.lr
         self.prompt_mode = spec.prompt or self.default_prompt
         self._constant_hidden: dict[tuple[int, str], torch.Tensor] = {}
 
