@@ -76,7 +76,8 @@ def _objective_gradient(immunizer, concepts):
     [{"kind": "textual-inversion", "lr": 0.5, "steps": 2, "clip": 0.05},
      {"kind": "custom-diffusion", "lr": 0.5, "steps": 2, "clip": 0.05},
      {"kind": "custom-diffusion", "lr": 0.5, "prompt": "fresh-token", "clip": 0.0},
-     {"kind": "full", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05}],
+     {"kind": "full", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05},
+     {"kind": "lora", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05}],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(world, attacker, method, order):
     """`gradients` (one concept at a time, through `unroll` / `unrolled_vjp` and the attacker's pull-back) gives
