@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
 from mima.config import Config
 from mima.errors import ConfigError
 
 Setting = Literal["relearn", "personalize"]
-CONCEPT_PROMPT = "concept"
-FRESH_TOKEN_PROMPT = "fresh-token"
 
 
 @dataclass(frozen=True)

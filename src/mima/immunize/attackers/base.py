@@ -18,15 +18,14 @@ from typing import ClassVar
 
 import torch
 
-from mima.attacks.tokens import with_token
+from mima.attacks.config import CONCEPT_PROMPT
+from mima.attacks.prompts import RARE_TOKEN, caption
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params
-from mima.immunize.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT, AttackerSpec
+from mima.immunize.config import AttackerSpec
 from mima.models.components import Components
 from mima.models.encoding import Batch
 from mima.registry import Registry
-
-RARE_TOKEN = "sks"  # DreamBooth's identifier: rare in CLIP's vocabulary, in the toy and generic caption banks in none
 
 
 class SimulatedAttacker(ABC):
@@ -59,11 +58,10 @@ class SimulatedAttacker(ABC):
         return RARE_TOKEN
 
     def caption(self, prompt: str, concept: int) -> str:
-        """The prompt an image of concept index `concept` with its own prompt `prompt` is trained under."""
-        spec, token = self.specs[concept], self.token(concept)
-        if self.prompt_mode == FRESH_TOKEN_PROMPT:
-            return with_token(prompt, spec, token)
-        return with_token(prompt, spec, token, keep_words=True) if self.learns_token else prompt
+        """The prompt an image of concept index `concept` with its own prompt `prompt` is trained under, as the
+        real attacks caption it (`mima.attacks.prompts.caption`)."""
+        token = self.token(concept)
+        return caption(prompt, self.prompt_mode, self.specs[concept], token, learns_token=self.learns_token)
 
     def merge_prompts(self, concept: int) -> list[str]:
         """The prompts on whose token features MIMA's closed-form Merge keeps concept `concept`'s copy: its own,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from mima.attacks.config import CONCEPT_PROMPT
 from mima.data.concepts import ConceptSpec
 from mima.errors import ConfigError
 from mima.functional import Params
 from mima.immunize.attackers.textual_inversion import TextualInversionAttacker
 from mima.immunize.attackers.tokens import FreshTokens
-from mima.immunize.config import CONCEPT_PROMPT
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names
 

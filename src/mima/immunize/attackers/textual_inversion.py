@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from mima.attacks.config import FRESH_TOKEN_PROMPT
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params
 from mima.immunize.attackers.base import SimulatedAttacker, batch_prompts
 from mima.immunize.attackers.tokens import FreshTokens
-from mima.immunize.config import FRESH_TOKEN_PROMPT
 from mima.models.components import Components
 from mima.models.encoding import Batch
 

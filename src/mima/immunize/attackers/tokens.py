@@ -14,14 +14,10 @@ from typing import Any
 
 import torch
 
+from mima.attacks.tokens import init_word
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params
 from mima.models.components import Components
-
-
-def init_word(concept: ConceptSpec) -> str:
-    """The word whose embedding a concept's new token starts from, as the real attacks take it: the class's noun."""
-    return (concept.class_prompt or "object").split()[-1]
 
 
 class _PrivateReader:
