@@ -50,6 +50,8 @@ def sgd_step(params: Params, loss: torch.Tensor, lr: float, order: Order, max_no
 
 
 def _step_gradients(params: Params, loss: torch.Tensor, order: Order, max_norm: float) -> list[torch.Tensor]:
+    if not params:  # an attack that trains nothing here (a token attacker on class images)
+        return []
     second_order = order == "second-order"
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
     if not second_order:
@@ -162,14 +164,13 @@ def unroll(
             keep_graph = keep is not None and step == steps - 1 and index == len(losses) - 1
             leaves = {**_leaves({n: fixed[n] for n in keep or () if n in fixed and n not in phi}), **_leaves(phi)}
             loss = loss_fn({**fixed, **leaves}, generator)
-            grads = dict(zip(phi, torch.autograd.grad(loss, [leaves[n] for n in phi], create_graph=keep_graph),
-                             strict=True))
+            grads = _batch_gradient(loss, leaves, list(phi), create_graph=keep_graph)
             kept = (leaves, grads) if keep_graph else kept
             for name, grad in grads.items():
                 mean[name] += grad.detach() / len(losses)
             total += loss.item() / len(losses)
         first = total if first is None else first
-        scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 else 1.0
+        scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 and mean else 1.0
         if replay:
             iterates.append(phi)
             gradients.append(mean)
@@ -181,6 +182,16 @@ def unroll(
         if step + 1 in record:
             trajectory.append(phi)
     return Unrolled(phi, iterates, gradients, states, first, trajectory, kept)
+
+
+def _batch_gradient(loss: torch.Tensor, leaves: Params, names: list[str], *, create_graph: bool) -> Params:
+    """The gradient of one batch's loss on the leaves `names`; zero on a leaf the loss does not read (another
+    concept's token in a joint attack)."""
+    if not names:
+        return {}
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
+    return dict(zip(names, grads, strict=True))
 
 
 def _replay(generator: torch.Generator, state: torch.Tensor) -> torch.Generator:
@@ -211,7 +222,7 @@ def unrolled_vjp(
     d run.params / d params = I.
     """
     lam = dict(cotangent)
-    if order == "first-order":
+    if order == "first-order" or not lam:  # not lam: the attack trained nothing
         return {n: lam[n] for n in wrt if n in lam}
     extra = [n for n in wrt if n in fixed and n not in lam]
     fixed_grads = {n: torch.zeros_like(fixed[n]) for n in extra}
@@ -228,8 +239,7 @@ def unrolled_vjp(
             else:
                 leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
                 loss = losses[index]({**fixed, **leaves}, _replay(generator, run.states[step][index]))
-                grads = dict(zip(lam, torch.autograd.grad(loss, [leaves[n] for n in lam], create_graph=True),
-                                 strict=True))
+                grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
             if u is None:  # one batch: its gradient is the step's mean gradient
                 u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
             inner = sum((u[n] * g).sum() for n, g in grads.items())

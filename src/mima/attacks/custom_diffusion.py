@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
 from mima.attacks.base import Attack, attacks
 from mima.attacks.config import AttackConfig
-from mima.attacks.tokens import NewToken, load_token_embeddings
+from mima.attacks.tokens import NewToken, init_word, load_token_embeddings
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
@@ -71,8 +71,7 @@ class CustomDiffusion(Attack):
             module.requires_grad_(False)
         kv = {path: (a.to_k.weight, a.to_v.weight) for path, a in cross_attention_modules(components.unet).items()}
         self.processors = install_processors(components.unet, kv)
-        init_word = (concept.class_prompt or "object").split()[-1]
-        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word)
+        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word(concept))
 
     def trains_text(self) -> bool:
         return True

@@ -8,7 +8,7 @@ import torch
 
 from mima.attacks.base import Attack, attacks
 from mima.attacks.config import FRESH_TOKEN_PROMPT, AttackConfig
-from mima.attacks.tokens import NewToken
+from mima.attacks.tokens import NewToken, init_word
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 
@@ -29,8 +29,7 @@ class TextualInversion(Attack):
         self.components, self.concept = components, concept
         for module in components.modules().values():
             module.requires_grad_(False)
-        init_word = (concept.class_prompt or "object").split()[-1]
-        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word)
+        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word(concept))
 
     def trains_text(self) -> bool:
         return True

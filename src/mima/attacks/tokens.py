@@ -80,6 +80,11 @@ def token_exists(tokenizer: Any, token: str) -> bool:
     return token in tokenizer.get_vocab() or len(tokenizer.tokenize(token)) == 1
 
 
+def init_word(concept: ConceptSpec) -> str:
+    """The word a concept's new token starts from (its embedding's first sub-token): the class prompt's noun."""
+    return (concept.class_prompt or "object").split()[-1]
+
+
 def with_token(prompt: str, concept: ConceptSpec, token: str, *, keep_words: bool = False) -> str:
     """`prompt` with the words that name `concept` replaced by `token` (or preceded by it, with `keep_words`).
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
 from mima.config import Config
 from mima.errors import ConfigError
 
@@ -42,9 +43,19 @@ class AttackerSpec(Config):
         metadata={"help": "first order: the upper loss is taken after this many evenly spaced inner steps (the last "
                           "one included) and its gradients averaged, as tamper-resistant training does"},
     )
+    prompt: str | None = field(
+        default=None,
+        metadata={"help": "what its images are captioned with, for its steps and the upper loss: 'concept' (the "
+                          "concept's own prompts; a learned token is added beside its words) or 'fresh-token' (the "
+                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks'); "
+                          "default: fresh-token for textual-inversion, concept for the others, as the attacks"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT):
+            raise ConfigError(f"simulated attacker '{self.kind}': prompt must be '{CONCEPT_PROMPT}' or "
+                              f"'{FRESH_TOKEN_PROMPT}', got {self.prompt!r}")
         if (self.lr is not None and self.lr <= 0) or self.steps <= 0 or self.rank <= 0 or self.weight <= 0:
             raise ConfigError(f"simulated attacker '{self.kind}': lr, steps, rank and weight must be positive")
         if self.clip < 0:

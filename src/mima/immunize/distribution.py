@@ -49,7 +49,7 @@ class AttackerDistribution:
         self.attackers: list[SimulatedAttacker] = []
         for spec in config.attacker_specs():
             self.attackers.append(simulated_attackers.get(spec.kind)(spec))
-            self.attackers[-1].prepare(components, specs, lower_names)
+            self.attackers[-1].bind(components, specs, lower_names)
         self.index = 0
         self.carried: dict[str, Params] = {}
 

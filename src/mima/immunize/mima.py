@@ -42,7 +42,18 @@ class MIMA(BilevelImmunizer):
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
         captions = load_caption_bank(self.config.caption_bank)
-        self.plan = MergePlan.build(components, [list(s.prompts) for s in specs], captions, ridge=self.config.ridge)
+        built: dict[str, MergePlan] = {}  # one plan per distinct captioning of the concepts' prompts
+        self.plans = []
+        for attacker in self.distribution.attackers:
+            prompts = [attacker.merge_prompts(n) for n in range(len(specs))]  # as the attacker captions them
+            if repr(prompts) not in built:
+                built[repr(prompts)] = MergePlan.build(components, prompts, captions, ridge=self.config.ridge)
+            self.plans.append(built[repr(prompts)])
+
+    @property
+    def plan(self) -> MergePlan:
+        """The Merge of the current outer step's attacker: on the token features of its captions."""
+        return self.plans[self.distribution.index]
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator

@@ -16,11 +16,13 @@ from mima.models.components import Components
 
 @dataclass
 class Batch:
-    """Latents (B, C, h, w), their text conditioning (B, T, d) and optional prior-preservation pair."""
+    """Latents (B, C, h, w), their text conditioning (B, T, d), optional prior-preservation pair, and the prompts
+    the conditioning encodes (empty where unknown): a simulated attacker that trains the text side re-encodes them."""
 
     latents: torch.Tensor
     hidden: torch.Tensor
     prior: tuple[torch.Tensor, torch.Tensor] | None = None
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -49,9 +51,9 @@ class EncodedConcept:
     prior: EncodedImages | None
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        latents, hidden, _ = self.instance.sample(batch_size, generator)
+        latents, hidden, prompts = self.instance.sample(batch_size, generator)
         prior = self.prior.sample(batch_size, generator)[:2] if self.prior is not None else None
-        return Batch(latents, hidden, prior)
+        return Batch(latents, hidden, prior, prompts)
 
 
 # Pixels per VAE or sampling call: 8 images at 512 px (SD 1.x on a GPU), 32 toy images of 32 px, 2 at SDXL's size.

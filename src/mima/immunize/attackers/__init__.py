@@ -9,5 +9,7 @@ from mima.immunize.attackers.base import SimulatedAttacker, simulated_attackers
 
 simulated_attackers.register("full", "mima.immunize.attackers.full:FullAttacker")
 simulated_attackers.register("lora", "mima.immunize.attackers.lora:LoraAttacker")
+simulated_attackers.register("textual-inversion", "mima.immunize.attackers.textual_inversion:TextualInversionAttacker")
+simulated_attackers.register("custom-diffusion", "mima.immunize.attackers.custom_diffusion:CustomDiffusionAttacker")
 
 __all__ = ["SimulatedAttacker", "simulated_attackers"]

@@ -4,6 +4,11 @@ A simulated attacker trains parameters phi of its own (LoRA factors, a token emb
 (`full`), starting each outer step from phi_0. At phi, the diffusion loss sees the UNet weights `weights` returns
 and the text conditioning `hidden` returns. The bi-level immunizers run every kind through the same inner steps
 (`mima.functional.unroll`, `unrolled_vjp`), so each kind works in first and second order.
+
+Its prompt (`AttackerSpec.prompt`) is that of the real attacks: `concept`, the concept's own prompts, or
+`fresh-token`, the words naming the concept replaced by a token. A kind that trains no token uses the rare untrained
+identifier "sks" there (DreamBooth's; its hidden states are computed once); a kind that learns one
+(`learns_token`) always writes its token in, beside the concept's words under `concept`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import ClassVar
 
 import torch
 
+from mima.attacks.config import CONCEPT_PROMPT
+from mima.attacks.prompts import RARE_TOKEN, caption
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params
 from mima.immunize.config import AttackerSpec
@@ -30,10 +37,37 @@ class SimulatedAttacker(ABC):
 
     default_lr: ClassVar[float] = 1.0
     """The learning rate of its inner steps when the spec sets none."""
+    default_prompt: ClassVar[str] = CONCEPT_PROMPT
+    """The prompt when `spec.prompt` is unset."""
+    learns_token: ClassVar[bool] = False
+    """Whether phi holds a fresh token's embedding; then every prompt it trains under holds the token."""
 
     def __init__(self, spec: AttackerSpec) -> None:
         self.spec = spec
         self.lr = self.default_lr if spec.lr is None else spec.lr
+        self.prompt_mode = spec.prompt or self.default_prompt
+        self._constant_hidden: dict[tuple[int, str], torch.Tensor] = {}
+
+    def bind(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
+        """`prepare`, after keeping what the prompts need (the model and the concepts): what the immunizers call."""
+        self.components, self.specs = components, specs
+        self.prepare(components, specs, lower_names)
+
+    def token(self, concept: int) -> str:
+        """The token written into concept `concept`'s prompts: the rare untrained identifier unless overridden."""
+        return RARE_TOKEN
+
+    def caption(self, prompt: str, concept: int) -> str:
+        """The prompt an image of concept index `concept` with its own prompt `prompt` is trained under, as the
+        real attacks caption it (`mima.attacks.prompts.caption`)."""
+        token = self.token(concept)
+        return caption(prompt, self.prompt_mode, self.specs[concept], token, learns_token=self.learns_token)
+
+    def merge_prompts(self, concept: int) -> list[str]:
+        """The prompts on whose token features MIMA's closed-form Merge keeps concept `concept`'s copy: its own,
+        as this attacker captions them where the caption is constant (a learned token's is not: its own)."""
+        spec = self.specs[concept]
+        return list(spec.prompts) if self.learns_token else [self.caption(p, concept) for p in spec.prompts]
 
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
@@ -51,8 +85,16 @@ class SimulatedAttacker(ABC):
 
     def hidden(self, params: Params, batch: Batch, concept: int | None) -> torch.Tensor:
         """The text conditioning of `batch` (of concept index `concept`, None for class images) at `params`:
-        the batch's own, unless the attacker trains the text side."""
-        return batch.hidden
+        the batch's own under `concept`, else its prompts' captions, encoded once (no text side is trained)."""
+        if concept is None or self.prompt_mode == CONCEPT_PROMPT:
+            return batch.hidden
+        prompts = batch_prompts(batch, self.spec.kind)
+        missing = [p for p in dict.fromkeys(prompts) if (concept, p) not in self._constant_hidden]
+        if missing:
+            with torch.no_grad():
+                encoded = self.components.encode_prompts([self.caption(p, concept) for p in missing])
+            self._constant_hidden.update({(concept, p): h for p, h in zip(missing, encoded, strict=True)})
+        return torch.stack([self._constant_hidden[concept, p] for p in prompts]).to(batch.hidden)
 
     def kept(self, phi: Params) -> Params:
         """What of an adapted phi the pull-back (`pull_back`) and the upper loss (`hidden`) need; all of it unless
@@ -72,6 +114,13 @@ class SimulatedAttacker(ABC):
         named = dict(zip([*phi_leaves, *base_leaves], grads, strict=True))
         return ({n: named[n] if named[n] is not None else torch.zeros_like(p) for n, p in phi_leaves.items()},
                 {n: named[n] for n in base_leaves if named[n] is not None})
+
+
+def batch_prompts(batch: Batch, kind: str) -> list[str]:
+    """The prompts of `batch`, which an attacker that rewrites them needs (a batch built without them is a bug)."""
+    if len(batch.prompts) != batch.latents.shape[0]:
+        raise ValueError(f"simulated attacker '{kind}' rewrites prompts: the batch must carry one per image")
+    return batch.prompts
 
 
 simulated_attackers: Registry[SimulatedAttacker] = Registry("simulated attacker", SimulatedAttacker)
