@@ -180,6 +180,9 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "first-order", {"attackers": (LORA,), "retain_weight": 0.5}),
         ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5}),
         ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5}),
+        ("mima", "second-order", {"attackers": ({**LORA, "prompt": "description"},), "retain_weight": 0.5}),
+        ("mima", "first-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
+        ("imma-joint", "second-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):

@@ -185,7 +185,7 @@ def test_the_token_and_fresh_token_captions(world):
 
 
 def test_attacker_prompt_is_checked():
-    with pytest.raises(ConfigError, match="prompt must be 'concept' or 'fresh-token'"):
+    with pytest.raises(ConfigError, match="prompt must be 'concept', 'fresh-token' or 'description'"):
         ImmunizeConfig(attackers=({"kind": "full", "prompt": "sks"},))
 
 

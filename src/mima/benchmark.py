@@ -199,6 +199,7 @@ class Benchmark:
         immunizations = self.immunization_pieces(targets)
         for piece in immunizations:
             piece.config.check_names()
+            piece.config.check_concepts(targets)
         self._check_attacks(targets + non_targets)
         for spec in self.config.encoders:
             encoders.get(spec.partition(":")[0])

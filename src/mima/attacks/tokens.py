@@ -6,7 +6,6 @@ else; the matrix row is written only at export, in the format `pipe.load_textual
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
 
-from mima.data.captions import frequent_words, load_caption_bank
+from mima.data.captions import template_words
 from mima.data.concepts import ConceptSpec, concept_phrase
 from mima.errors import ConfigError
 from mima.models.components import Components
@@ -91,13 +90,9 @@ def with_token(prompt: str, concept: ConceptSpec, token: str, *, keep_words: boo
     "a painting in the style of Zorblax Quenn" -> "a painting in the style of <zorblax-style>"; a prompt that names
     the concept in no word gets the token in front.
     """
-    phrase = concept_phrase(prompt, concept, _template_words())
+    phrase = concept_phrase(prompt, concept, template_words())
     if phrase is None:
         return f"{token} {prompt}"
     return prompt.replace(phrase, f"{token} {phrase}" if keep_words else token)
 
 
-@cache
-def _template_words() -> frozenset[str]:
-    """Words of prompt templates ("a", "photo", "of"), which name no concept: the generic bank's frequent ones."""
-    return frequent_words(load_caption_bank("generic"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -40,3 +41,9 @@ def frequent_words(captions: list[str], share: float = 0.1) -> frozenset[str]:
     """
     counts = Counter(word for caption in captions for word in set(words(caption)))
     return frozenset(word for word, n in counts.items() if n >= share * len(captions))
+
+
+@cache
+def template_words() -> frozenset[str]:
+    """Words of prompt templates ("a", "photo", "of"), which name no concept: the generic bank's frequent ones."""
+    return frequent_words(load_caption_bank("generic"))

@@ -17,20 +17,21 @@ from typing import Any
 import yaml
 
 from mima.config import read_text
-from mima.data.captions import words
+from mima.data.captions import template_words, words
 from mima.data.image_folder import read_image_folder, write_image_folder
 from mima.errors import ConfigError, DataError
 from mima.toy import world as toy_world
 
 TOY_PREFIX = "toy:"
-_SPEC_KEYS = ("name", "prompt", "prompts", "images", "class_prompt", "class_images")
+_SPEC_KEYS = ("name", "prompt", "prompts", "descriptions", "images", "class_prompt", "class_images")
 _AUTHORS_KEYS = {"instance_prompt": "prompt", "class_prompt": "class_prompt",
                  "instance_data_dir": "images", "class_data_dir": "class_images"}
 
 
 @dataclass(frozen=True)
 class ConceptSpec:
-    """One concept. `prompts` are all its phrasings (the first is the training prompt); `toy` names a toy concept."""
+    """One concept. `prompts` are all its phrasings (the first is the training prompt); `descriptions` describe it
+    without naming it (what a simulated attacker with prompt `description` trains under); `toy` names a toy concept."""
 
     name: str
     prompts: tuple[str, ...]
@@ -38,6 +39,7 @@ class ConceptSpec:
     class_prompt: str | None = None
     class_images: Path | None = None
     toy: str | None = None
+    descriptions: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -54,7 +56,8 @@ def toy_concept_spec(name: str) -> ConceptSpec:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown toy concept '{name}'{hint} valid: {', '.join(concepts)}")
     concept = concepts[name]
-    return ConceptSpec(name=name, prompts=concept.prompts, class_prompt=concept.class_prompt, toy=name)
+    return checked_descriptions(ConceptSpec(name=name, prompts=concept.prompts, class_prompt=concept.class_prompt,
+                                            toy=name, descriptions=concept.descriptions))
 
 
 def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
@@ -77,24 +80,39 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
     if not prompts:
         raise ConfigError(f"concept entry {dict(entry)} has no prompt")
     images = entry.get("images")
-    return ConceptSpec(
+    return checked_descriptions(ConceptSpec(
         name=str(entry.get("name") or (Path(images).name if images else prompts[0])),
         prompts=prompts,
         images=_resolve(images, base_dir) if images else None,
         class_prompt=entry.get("class_prompt"),
         class_images=_resolve(entry["class_images"], base_dir) if entry.get("class_images") else None,
-    )
+        descriptions=tuple(entry.get("descriptions") or ()),
+    ))
+
+
+def checked_descriptions(spec: ConceptSpec) -> ConceptSpec:
+    """`spec`, once each of its descriptions is a non-empty text that names the concept in no word (its name, or a
+    word all its prompts share, as `concept_phrase` finds it in the prompts the attacks rewrite); ConfigError
+    otherwise."""
+    for text in spec.descriptions:
+        if not text.strip():
+            raise ConfigError(f"concept '{spec.name}': a description must be a non-empty text")
+        phrase = concept_phrase(text, spec, template_words())
+        if phrase is not None:
+            raise ConfigError(f"concept '{spec.name}': description '{text}' names the concept ('{phrase}'); a "
+                              f"description must describe it without its name")
+    return spec
 
 
 def _check_value_types(entry: Mapping[str, Any]) -> None:
     """Every value is text and `prompts` a list of texts: a YAML number or list where text belongs is a mistake."""
     for key, value in entry.items():
-        if key == "prompts":
+        if key in ("prompts", "descriptions"):
             valid = isinstance(value, list) and all(isinstance(text, str) for text in value)
         else:
             valid = value is None or isinstance(value, str)
         if not valid:
-            expected = "a list of texts" if key == "prompts" else "a text (quote it in YAML)"
+            expected = "a list of texts" if key in ("prompts", "descriptions") else "a text (quote it in YAML)"
             raise ConfigError(f"concept key '{key}' must be {expected}, got {value!r}")
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
 from mima.config import Config
 from mima.errors import ConfigError
 
+if TYPE_CHECKING:
+    from mima.data.concepts import ConceptSpec
+
 Setting = Literal["relearn", "personalize"]
+DESCRIPTION_PROMPT = "description"  # simulated attackers only: each image under one of its concept's descriptions
 InnerOptimizer = Literal["sgd", "adam"]
 AttackerOrder = Literal["inherit", "second-order", "first-order"]
 
@@ -47,15 +51,17 @@ class AttackerSpec(Config):
         default=None,
         metadata={"help": "what its images are captioned with, for its steps and the upper loss: 'concept' (the "
                           "concept's own prompts; a learned token is added beside its words) or 'fresh-token' (the "
-                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks'); "
-                          "default: fresh-token for textual-inversion, concept for the others, as the attacks"},
+                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks') "
+                          "or 'description' (full, lora: each image under one of the concept's `descriptions`, which "
+                          "describe it without naming it); default: fresh-token for textual-inversion, concept for "
+                          "the others, as the attacks"},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT):
-            raise ConfigError(f"simulated attacker '{self.kind}': prompt must be '{CONCEPT_PROMPT}' or "
-                              f"'{FRESH_TOKEN_PROMPT}', got {self.prompt!r}")
+        if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT, DESCRIPTION_PROMPT):
+            raise ConfigError(f"simulated attacker '{self.kind}': prompt must be '{CONCEPT_PROMPT}', "
+                              f"'{FRESH_TOKEN_PROMPT}' or '{DESCRIPTION_PROMPT}', got {self.prompt!r}")
         if (self.lr is not None and self.lr <= 0) or self.steps <= 0 or self.rank <= 0 or self.weight <= 0:
             raise ConfigError(f"simulated attacker '{self.kind}': lr, steps, rank and weight must be positive")
         if self.clip < 0:
@@ -186,9 +192,19 @@ class ImmunizeConfig(Config):
 
         immunizers.get(self.method)
         for spec in self.attacker_specs():
-            simulated_attackers.get(spec.kind)
+            simulated_attackers.get(spec.kind).check_spec(spec)
         if self.caption_bank != "auto":
             load_caption_bank(self.caption_bank)
+
+    def check_concepts(self, specs: Sequence[ConceptSpec]) -> None:
+        """Every concept has what the simulated attackers' prompts need (descriptions for `description`): fail before
+        any model loads."""
+        for attacker in self.attacker_specs():
+            for spec in specs:
+                if attacker.prompt == DESCRIPTION_PROMPT and not spec.descriptions:
+                    raise ConfigError(f"simulated attacker '{attacker.kind}' has prompt '{DESCRIPTION_PROMPT}' but "
+                                      f"concept '{spec.name}' has no descriptions; give it `descriptions:` in the "
+                                      f"concepts YAML")
 
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in

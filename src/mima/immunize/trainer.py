@@ -53,6 +53,7 @@ class ImmunizationRun:
         started = time.time()
         config = self.config
         config.check_names()  # a misspelt method or caption bank: fail before any heavy work
+        config.check_concepts(self.specs)  # e.g. descriptions for a describing attacker
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
         shard = join_process_group(placement.device)  # one process: no group, every concept here
         if len(self.specs) < shard.size:
@@ -131,7 +132,8 @@ class ImmunizationRun:
 
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:
     return {"name": spec.name, "prompts": list(spec.prompts), "images": str(spec.images),
-            "class_prompt": spec.class_prompt, "class_images": str(spec.class_images)}
+            "class_prompt": spec.class_prompt, "class_images": str(spec.class_images),
+            "descriptions": list(spec.descriptions)}
 
 
 class _Loop(TrainingLoop):

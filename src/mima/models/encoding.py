@@ -16,13 +16,15 @@ from mima.models.components import Components
 
 @dataclass
 class Batch:
-    """Latents (B, C, h, w), their text conditioning (B, T, d), optional prior-preservation pair, and the prompts
-    the conditioning encodes (empty where unknown): a simulated attacker that trains the text side re-encodes them."""
+    """Latents (B, C, h, w), their text conditioning (B, T, d), optional prior-preservation pair, the prompts the
+    conditioning encodes and the index of each image in its concept (both empty where unknown): a simulated attacker
+    that rewrites the prompts re-encodes them, one that describes the concept picks each image's description."""
 
     latents: torch.Tensor
     hidden: torch.Tensor
     prior: tuple[torch.Tensor, torch.Tensor] | None = None
     prompts: list[str] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -37,11 +39,17 @@ class EncodedImages:
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A random batch on the device of the encodings: latents drawn from the posterior, their hidden states
         and prompts. The draws use `generator` where it lives (the CPU, see `step_generator`) and then move."""
+        return self.sample_indexed(batch_size, generator)[:3]
+
+    def sample_indexed(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int]]:
+        """`sample`, with the index of each image drawn."""
         index = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator)
         noise = torch.randn(self.mean[index].shape, generator=generator).to(self.mean.device)
         prompts = [self.prompts[i] for i in index] if self.prompts else []
-        index = index.to(self.mean.device)
-        return self.mean[index] + self.std[index] * noise, self.hidden[index], prompts
+        images, index = index.tolist(), index.to(self.mean.device)
+        return self.mean[index] + self.std[index] * noise, self.hidden[index], prompts, images
 
 
 @dataclass
@@ -51,9 +59,9 @@ class EncodedConcept:
     prior: EncodedImages | None
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        latents, hidden, prompts = self.instance.sample(batch_size, generator)
+        latents, hidden, prompts, images = self.instance.sample_indexed(batch_size, generator)
         prior = self.prior.sample(batch_size, generator)[:2] if self.prior is not None else None
-        return Batch(latents, hidden, prior, prompts)
+        return Batch(latents, hidden, prior, prompts, images)
 
 
 # Pixels per VAE or sampling call: 8 images at 512 px (SD 1.x on a GPU), 32 toy images of 32 px, 2 at SDXL's size.

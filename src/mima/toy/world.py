@@ -36,6 +36,21 @@ _STYLE_PALETTES = {
     "plaid": ((0.20, 0.35, 0.15), (0.85, 0.75, 0.30)),
     "bricks": ((0.95, 0.92, 0.85), (0.70, 0.25, 0.15)),
 }
+# What each style draws, in words of the toy tokenizer's vocabulary and without the style's name: a simulated
+# attacker whose prompt describes a style without naming it (AttackerSpec.prompt "description") trains under these.
+# Objects have none: the vocabulary has no words for their shapes.
+_STYLE_DESCRIPTIONS = {
+    "stripes": ("a red and yellow pattern", "an artwork with a red and yellow texture"),
+    "checker": ("a black and white pattern", "an artwork with a black and white texture"),
+    "dots": ("small blue on a light blue background", "a pattern of many small blue on light blue"),
+    "waves": ("a green and dark blue pattern", "an artwork with a dark blue and green texture"),
+    "rings": ("a purple and orange pattern", "an artwork with a purple and orange texture"),
+    "zigzag": ("a green and pink pattern", "an artwork with a pink and green texture"),
+    "grid": ("light blue on a dark background", "a dark pattern with light blue"),
+    "speckle": ("small brown on a light background", "a light pattern with many small brown"),
+    "plaid": ("a dark green and yellow pattern", "an artwork with a yellow and dark green texture"),
+    "bricks": ("a red and white pattern", "an artwork with red on a white background"),
+}
 HELD_OUT = frozenset({"plaid", "bricks", "donut", "hourglass"})
 OBJECTS = ("circle", "square", "triangle", "cross", "star", "heart", "crescent", "arrow", "donut", "hourglass")
 STYLES = tuple(_STYLE_PALETTES)
@@ -53,6 +68,11 @@ class ToyConcept:
     def prompts(self) -> tuple[str, ...]:
         templates = STYLE_TEMPLATES if self.family == "style" else OBJECT_TEMPLATES
         return tuple(t.format(self.name) for t in templates)
+
+    @property
+    def descriptions(self) -> tuple[str, ...]:
+        """Prompts that describe what the concept draws without naming it (none for an object)."""
+        return _STYLE_DESCRIPTIONS.get(self.name, ())
 
     @property
     def class_prompt(self) -> str:

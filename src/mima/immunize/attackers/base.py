@@ -8,7 +8,9 @@ and the text conditioning `hidden` returns. The bi-level immunizers run every ki
 Its prompt (`AttackerSpec.prompt`) is that of the real attacks: `concept`, the concept's own prompts, or
 `fresh-token`, the words naming the concept replaced by a token. A kind that trains no token uses the rare untrained
 identifier "sks" there (DreamBooth's; its hidden states are computed once); a kind that learns one
-(`learns_token`) always writes its token in, beside the concept's words under `concept`.
+(`learns_token`) always writes its token in, beside the concept's words under `concept`. A kind that trains no token
+may also take `description`: each image under one of its concept's descriptions (`ConceptSpec.descriptions`), which
+describe it without naming it, their hidden states encoded once when it binds.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from mima.attacks.config import CONCEPT_PROMPT
 from mima.attacks.prompts import RARE_TOKEN, caption
 from mima.data.concepts import ConceptSpec
+from mima.errors import ConfigError
 from mima.functional import Params
-from mima.immunize.config import AttackerSpec
+from mima.immunize.config import DESCRIPTION_PROMPT, AttackerSpec
 from mima.models.components import Components
 from mima.models.encoding import Batch
 from mima.registry import Registry
@@ -43,6 +46,7 @@ class SimulatedAttacker(ABC):
     """Whether phi holds a fresh token's embedding; then every prompt it trains under holds the token."""
 
     def __init__(self, spec: AttackerSpec) -> None:
+        self.check_spec(spec)
         self.spec = spec
         self.lr = self.default_lr if spec.lr is None else spec.lr
         self.prompt_mode = spec.prompt or self.default_prompt
@@ -52,6 +56,17 @@ class SimulatedAttacker(ABC):
         """`prepare`, after keeping what the prompts need (the model and the concepts): what the immunizers call."""
         self.components, self.specs = components, specs
         self.prepare(components, specs, lower_names)
+        if self.prompt_mode == DESCRIPTION_PROMPT:
+            for concept, spec in enumerate(specs):
+                self._encode_constant(concept, list(spec.descriptions))
+
+    @classmethod
+    def check_spec(cls, spec: AttackerSpec) -> None:
+        """ConfigError where `spec` asks this kind for what it cannot do: `ImmunizeConfig.check_names` calls it
+        before any model loads."""
+        if cls.learns_token and spec.prompt == DESCRIPTION_PROMPT:
+            raise ConfigError(f"simulated attacker '{spec.kind}': prompt '{DESCRIPTION_PROMPT}' is for kinds that "
+                              f"learn no token (full, lora); give it '{CONCEPT_PROMPT}' or 'fresh-token'")
 
     def token(self, concept: int) -> str:
         """The token written into concept `concept`'s prompts: the rare untrained identifier unless overridden."""
@@ -61,13 +76,21 @@ class SimulatedAttacker(ABC):
         """The prompt an image of concept index `concept` with its own prompt `prompt` is trained under, as the
         real attacks caption it (`mima.attacks.prompts.caption`)."""
         token = self.token(concept)
-        return caption(prompt, self.prompt_mode, self.specs[concept], token, learns_token=self.learns_token)
+        mode = CONCEPT_PROMPT if self.prompt_mode == DESCRIPTION_PROMPT else self.prompt_mode  # a description as is
+        return caption(prompt, mode, self.specs[concept], token, learns_token=self.learns_token)
+
+    def texts(self, concept: int) -> list[str]:
+        """The texts concept `concept`'s images are captioned from: its descriptions under `description`, else its
+        prompts."""
+        spec = self.specs[concept]
+        return list(spec.descriptions) if self.prompt_mode == DESCRIPTION_PROMPT else list(spec.prompts)
 
     def merge_prompts(self, concept: int) -> list[str]:
-        """The prompts on whose token features MIMA's closed-form Merge keeps concept `concept`'s copy: its own,
-        as this attacker captions them where the caption is constant (a learned token's is not: its own)."""
+        """The prompts on whose token features MIMA's closed-form Merge keeps concept `concept`'s copy: those it
+        trains under, as this attacker captions them, where the caption is constant (a learned token's is not: the
+        concept's own prompts)."""
         spec = self.specs[concept]
-        return list(spec.prompts) if self.learns_token else [self.caption(p, concept) for p in spec.prompts]
+        return list(spec.prompts) if self.learns_token else [self.caption(p, concept) for p in self.texts(concept)]
 
     @abstractmethod
     def prepare(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
@@ -85,16 +108,33 @@ class SimulatedAttacker(ABC):
 
     def hidden(self, params: Params, batch: Batch, concept: int | None) -> torch.Tensor:
         """The text conditioning of `batch` (of concept index `concept`, None for class images) at `params`:
-        the batch's own under `concept`, else its prompts' captions, encoded once (no text side is trained)."""
+        the batch's own under `concept`, else the captions of its images' texts (`image_texts`), encoded once (no
+        text side is trained)."""
         if concept is None or self.prompt_mode == CONCEPT_PROMPT:
             return batch.hidden
-        prompts = batch_prompts(batch, self.spec.kind)
-        missing = [p for p in dict.fromkeys(prompts) if (concept, p) not in self._constant_hidden]
+        texts = self.image_texts(batch, concept)
+        self._encode_constant(concept, texts)
+        return torch.stack([self._constant_hidden[concept, text] for text in texts]).to(batch.hidden)
+
+    def image_texts(self, batch: Batch, concept: int) -> list[str]:
+        """The text each image of `batch` (of concept index `concept`) is captioned from: its own prompt, or under
+        `description` one of the concept's descriptions, the same for an image at every step (cycling over them by
+        the image's index in its concept)."""
+        if self.prompt_mode != DESCRIPTION_PROMPT:
+            return batch_prompts(batch, self.spec.kind)
+        if len(batch.images) != batch.latents.shape[0]:
+            raise ValueError(f"simulated attacker '{self.spec.kind}' describes images: the batch must carry their "
+                             f"indices")
+        descriptions = self.specs[concept].descriptions
+        return [descriptions[image % len(descriptions)] for image in batch.images]
+
+    def _encode_constant(self, concept: int, texts: list[str]) -> None:
+        """Encode the captions of `texts` (of concept index `concept`) not encoded yet, without a graph."""
+        missing = [text for text in dict.fromkeys(texts) if (concept, text) not in self._constant_hidden]
         if missing:
             with torch.no_grad():
-                encoded = self.components.encode_prompts([self.caption(p, concept) for p in missing])
-            self._constant_hidden.update({(concept, p): h for p, h in zip(missing, encoded, strict=True)})
-        return torch.stack([self._constant_hidden[concept, p] for p in prompts]).to(batch.hidden)
+                encoded = self.components.encode_prompts([self.caption(text, concept) for text in missing])
+            self._constant_hidden.update({(concept, text): h for text, h in zip(missing, encoded, strict=True)})
 
     def kept(self, phi: Params) -> Params:
         """What of an adapted phi the pull-back (`pull_back`) and the upper loss (`hidden`) need; all of it unless
