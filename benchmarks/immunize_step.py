@@ -14,11 +14,14 @@ over peak memory at the smallest N. Prints a table and writes JSON:
 
     python benchmarks/immunize_step.py [--model toy|sd15-shaped|FOLDER] [--concepts 1 3 8 16] [--steps 2]
         [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
-        [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
+        [--gradient-checkpointing] [--with-prior] [--attackers lora '{kind: lora, steps: 5}' ...]
+        [--json benchmarks/results/immunize_step.json]
 
 `sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
-the prior-preservation and retain terms of the default settings are paid for too.
+the prior-preservation and retain terms of the default settings are paid for too. `--attackers` times the step
+with those simulated attackers instead of the default one, and also the default step, their steps alternated in
+the same child (a noisy machine loads both alike), and prints the ratio.
 """
 
 from __future__ import annotations
@@ -116,21 +119,29 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             caption_bank="toy" if args.model == "toy" else "generic", prior_weight=1.0 if args.with_prior else 0.0,
             retain_weight=1.0 if args.with_prior else 0.0, gradient_checkpointing=args.gradient_checkpointing,
         )
-        immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
-        immunizer.prepare(components, specs, concepts)
+
+        def immunizer_step(config: ImmunizeConfig):
+            """One outer step (AdamW on S^u) of the child's method with `config`."""
+            immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
+            immunizer.prepare(components, specs, concepts)
+            params = immunizer.trainable_parameters()
+            optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+
+            def step() -> None:
+                batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
+                           for c in concepts}
+                _, grads, _ = immunizer.gradients(batches, g)
+                for name, param in params.items():
+                    param.grad = grads[name]
+                optimizer.step()
+                optimizer.zero_grad()
+
+            return step
+
+        default_step = immunizer_step(config) if args.attackers else None
+        step = immunizer_step(config.with_overrides(attackers=_attacker_specs(args.attackers)))
         for method in ("add", "merge", "pull_back"):
             _time_calls(MergeInputs, method, merge_seconds)
-        params = immunizer.trainable_parameters()
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
-
-        def step() -> None:
-            batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
-                       for c in concepts}
-            _, grads, _ = immunizer.gradients(batches, g)
-            for name, param in params.items():
-                param.grad = grads[name]
-            optimizer.step()
-            optimizer.zero_grad()
 
     sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
     sampler.start()
@@ -142,11 +153,24 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     result = {"step_s": seconds, "merge_s": sum(merge_seconds) / args.steps,
               "peak_bytes": peak_memory_bytes(device) or 0,
               "step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0}
-    if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
-        plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
-        plain()
-        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
+    if args.child == "finetune":
+        return result
+    if default_step is not None:  # the default attacker's step and this one, alternated: the same machine load
+        default_step()
+        result["default_step_s"], result["attackers_step_s"] = _alternated_seconds(default_step, step, args.steps)
+    plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)  # right after, in this process
+    plain()
+    result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
     return result
+
+
+def _attacker_specs(given: list[str] | None) -> tuple[dict, ...]:
+    """`--attackers` entries, each a kind (`lora`) or a YAML mapping of AttackerSpec fields (`{kind: lora, steps:
+    5}`), as `ImmunizeConfig.attackers`; none: the default attacker."""
+    import yaml
+
+    parsed = [yaml.safe_load(entry) for entry in given or []]
+    return tuple(entry if isinstance(entry, dict) else {"kind": str(entry)} for entry in parsed)
 
 
 def _seconds_per_step(step, steps: int) -> float:
@@ -154,6 +178,15 @@ def _seconds_per_step(step, steps: int) -> float:
     for _ in range(steps):
         step()
     return (time.perf_counter() - start) / steps
+
+
+def _alternated_seconds(first, second, steps: int) -> tuple[float, float]:
+    """Mean seconds per step of `first` and of `second`, their steps alternated so that both see the same load."""
+    totals = [0.0, 0.0]
+    for _ in range(steps):
+        for index, step in enumerate((first, second)):
+            totals[index] += _seconds_per_step(step, 1)
+    return totals[0] / steps, totals[1] / steps
 
 
 def _finetune_step(components, concept, batch_size: int, g, to_device):
@@ -191,6 +224,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--device", args.device,
                *(["--with-prior"] if args.with_prior else []),
+               *(["--attackers", *args.attackers] if args.attackers else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -209,6 +243,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
+    parser.add_argument("--attackers", nargs="+", help="simulated attackers, each a kind or a YAML mapping "
+                        "('{kind: lora, steps: 5}'): also time today's default step, alternated, and print the ratio")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -240,6 +276,10 @@ def main() -> None:
             print(f"{n:>3} {method:>10} {r['step_s']:>8.3f} {row['per_concept']:>10.2f}"
                   f" {100 * row['merge_share']:>7.1f}% {r['peak_bytes'] / 2**20:>9.0f} {row['peak_ratio']:>7.2f}"
                   f" {r['step_peak_bytes'] / 2**20:>9.0f} {row['step_peak_ratio']:>6.2f}")
+    for row in rows if args.attackers else []:
+        print(f"attackers {args.attackers}, {row['method']} at N = {row['n']}: {row['attackers_step_s']:.3f} s vs "
+              f"{row['default_step_s']:.3f} s for the default attacker (steps alternated in one process): "
+              f"x{row['attackers_step_s'] / row['default_step_s']:.2f}")
     print(f"bars (second order): peak x N=1 <= {BARS['peak_ratio']}, step / N plain <= {BARS['time_per_concept']}, "
           f"merge < {100 * BARS['merge_share']:.0f} %")
     if args.json:
