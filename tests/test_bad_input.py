@@ -122,6 +122,17 @@ def _full_disk(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp / "out"
 
 
+def _no_weights(model: Path, tmp: Path, monkeypatch) -> Path:
+    """The model, whose weights must not load: a check that needs only its tokenizer comes first."""
+    from mima.models.components import Components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(Components, "from_pretrained", refuse)
+    return model
+
+
 def _immunize(model, out, *extra):
     return ["immunize", "--model", str(model), "--concepts", "toy:stripes", "--out", str(out), *IMMUNIZE, *extra]
 
@@ -186,10 +197,42 @@ FAILS = {
                                   "did you mean 'dreambooth'"),
     "benchmark-misspelt-encoder": (lambda t, m, i, p: _benchmark(t, attacks=["lora"], encoders=["toy-judeg"]),
                                    "did you mean 'toy-judge'"),
+    "benchmark-variant-without-name": (lambda t, m, i, p: _benchmark(t, attacks=["lora", {"method": "lora"}]),
+                                       "needs a name"),
+    "benchmark-variant-twice": (
+        lambda t, m, i, p: _benchmark(t, attacks=["lora", {"name": "lora", "method": "lora", "lr_scale": 3}]),
+        "given twice"),
+    "benchmark-variant-misspelt-key": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "strong", "method": "lora", "stesp": 3}]),
+        "did you mean 'steps'"),
+    "benchmark-variant-zero-scale": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "weak", "method": "lora", "lr_scale": 0}]),
+        "lr_scale must be a positive number"),
+    "benchmark-variant-common-fresh-token": (
+        lambda t, m, i, p: _benchmark(t, model=str(_no_weights(m, t, p)), attacks=[
+            "lora", {"name": "fresh", "method": "lora", "prompt": "fresh-token", "token": "star"}]), "common word"),
     "benchmark-nan": (lambda t, m, i, p: _benchmark(t, immunize={"outer_lr": float("nan")}), "finite"),
     "sweep-misspelt-method": (
         lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora", "lroa",
                             "--budgets", "1", "--out", str(t / "sweep")], "did you mean 'lora'"),
+    "attack-empty-prompt": (lambda t, m, i, p: _attack(m, t / "out", "--prompt", " "), "non-empty text"),
+    "attack-common-fresh-token": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--prompt", "fresh-token", "--token", "star"),
+        "common word"),
+    "attack-fresh-token-names-concept": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--prompt", "fresh-token", "--token", "donut"),
+        "word of concept 'donut'"),
+    "attack-learned-token-exists": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--method", "custom-diffusion", "--prompt",
+                                   "fresh-token", "--token", "star"), "already exists"),
+    "attack-token-with-space": (lambda t, m, i, p: _attack(m, t / "out", "--token", "s k"), "one word"),
+    "sweep-empty-prompt": (
+        lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora",
+                            "--prompts", "concept", "", "--budgets", "1", "--out", str(t / "sweep")], "non-empty"),
+    "sweep-common-fresh-token": (
+        lambda t, m, i, p: ["attack-sweep", "--model", str(_no_weights(m, t, p)), "--concept", "toy:donut",
+                            "--methods", "lora", "--prompts", "concept", "fresh-token", "--token", "star",
+                            "--budgets", "1", "--out", str(t / "sweep")], "common word"),
     # 4. tracebacks instead of errors
     "settings-not-utf8": (lambda t, m, i, p: _immunize(m, t / "out", "--config", str(_file(t, "s.yaml", NOT_UTF8))),
                           "not UTF-8"),

@@ -21,7 +21,7 @@ class LoRA(Attack):
     default_steps = 200
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
-        self.components = components
+        self.components, self.concept = components, concept
         for module in components.modules().values():
             module.requires_grad_(False)
         adapter = LoraConfig(
