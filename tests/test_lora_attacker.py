@@ -161,3 +161,9 @@ def test_concept_parallel_mima_with_lora_gives_the_one_process_gradient(tiny_com
         assert value == pytest.approx(expected[0], rel=1e-12) and logs == pytest.approx(expected[2], rel=1e-12)
         for name in expected[1]:
             torch.testing.assert_close(grads[name], expected[1][name], rtol=1e-9, atol=1e-15)
+
+
+def test_ls_lists_lora_with_its_default_learning_rate(capsys):
+    assert main(["ls", "simulated-attackers"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lora "))
+    assert f"(default lr {simulated_attackers.get('lora').default_lr:g})" in line
