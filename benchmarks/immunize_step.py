@@ -30,6 +30,7 @@ the prior-preservation and retain terms of the default settings are paid for too
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
     def to_device(batch):
         prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
-        return type(batch)(batch.latents.to(device), batch.hidden.to(device), prior)
+        return dataclasses.replace(batch, latents=batch.latents.to(device), hidden=batch.hidden.to(device),
+                                   prior=prior)
 
     if args.attackers:
         return _distribution_cost(args, components, specs, concepts, g, to_device)
