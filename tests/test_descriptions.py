@@ -11,10 +11,11 @@ import torch
 from transformers import CLIPTokenizer
 
 from mima.cli import main
-from mima.data.captions import words
+from mima.data.captions import load_caption_bank, words
 from mima.data.concepts import load_concepts, toy_concept_spec
 from mima.errors import ConfigError
 from mima.immunize import ImmunizeConfig, immunizers
+from mima.merge.plan import MergePlan
 from mima.models.components import Components, toy_model_dir
 from mima.models.encoding import EncodedConcept, EncodedImages
 from mima.toy import world as toy_world
@@ -146,3 +147,20 @@ def test_cli_immunize_with_a_describing_lora_attacker(tiny_model_dir, tmp_path, 
     before, after = Components.from_pretrained(tiny_model_dir), Components.from_pretrained(out / "model")
     changed = [n for n, p in after.unet.named_parameters() if not torch.equal(p, before.unet.get_parameter(n))]
     assert changed and all("attn" in n for n in changed)
+
+
+def test_mima_merges_each_attacker_on_the_prompts_it_trains_under(described):
+    """In a distribution, each attacker's copies are merged on its own captions: the concept's prompts for one,
+    the descriptions for the other (the Merge's rows are their token features)."""
+    components, specs, concepts, _ = described
+    config = ImmunizeConfig(method="mima", caption_bank="toy", prior_weight=0.0, retain_weight=0.0,
+                            attackers=({"kind": "lora"}, DESCRIBING_LORA))
+    immunizer = immunizers.get("mima")(config)
+    immunizer.prepare(components, specs, concepts)
+    expected = [MergePlan.build(components, [list(getattr(s, texts)) for s in specs], load_caption_bank("toy"),
+                                ridge=config.ridge) for texts in ("prompts", "descriptions")]
+    for index, plan in enumerate(expected):
+        immunizer.distribution.index = index
+        for got, want in zip(immunizer.plan.concept_targets, plan.concept_targets, strict=True):
+            torch.testing.assert_close(got, want)
+    assert immunizer.plans[0] is not immunizer.plans[1]
