@@ -216,7 +216,7 @@ def test_sd_shaped_textual_inversion_replaces_a_multi_token_name_by_one_token(sd
 def test_cli_immunize_with_a_textual_inversion_attacker_saves_the_model_without_its_tokens(tiny_model_dir, tmp_path,
                                                                                           capsys):
     config = tmp_path / "immunize.yaml"
-    config.write_text("attackers:\n  - {kind: textual-inversion, lr: 0.01, steps: 2}\n")
+    config.write_text("attackers:\n  - {kind: textual-inversion, steps: 2}\n")
     out = tmp_path / "run"
     code = main([
         "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
@@ -231,5 +231,6 @@ def test_cli_immunize_with_a_textual_inversion_attacker_saves_the_model_without_
     assert rows.shape == before.text_encoder.get_input_embeddings().weight.shape
     assert torch.equal(rows, before.text_encoder.get_input_embeddings().weight)
     record = json.loads((out / "immunization.json").read_text())
-    assert record["config"]["attackers"][0]["kind"] == "textual-inversion"
+    assert record["config"]["attackers"] == [{"kind": "textual-inversion", "lr": 3.0, "steps": 2,
+                                              "prompt": "fresh-token"}]  # with its kind's defaults: what ran
     assert {"upper/stripes", "lower/stripes"} <= set(record["log"][0])

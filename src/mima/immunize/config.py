@@ -150,16 +150,18 @@ class ImmunizeConfig(Config):
         return self.with_overrides(caption_bank=bank).with_attacker_defaults()
 
     def with_attacker_defaults(self) -> ImmunizeConfig:
-        """These settings with each simulated attacker's unset learning rate set to its kind's default, so that
-        the record says what ran."""
+        """These settings with each simulated attacker's unset learning rate and prompt set to its kind's defaults,
+        so that the record says what ran."""
         from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
 
         specs = self.attacker_specs()
-        if not self.attackers or all(spec.lr is not None for spec in specs):
+        if not self.attackers or all(spec.lr is not None and spec.prompt is not None for spec in specs):
             return self
+        kinds = [simulated_attackers.get(spec.kind) for spec in specs]
         return self.with_overrides(attackers=tuple(
-            {**given, "lr": simulated_attackers.get(spec.kind).default_lr if spec.lr is None else spec.lr}
-            for given, spec in zip(self.attackers, specs, strict=True)))
+            {**given, "lr": kind.default_lr if spec.lr is None else spec.lr,
+             "prompt": spec.prompt or kind.default_prompt}
+            for given, spec, kind in zip(self.attackers, specs, kinds, strict=True)))
 
     @property
     def uses_class_images(self) -> bool:
