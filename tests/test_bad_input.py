@@ -193,6 +193,12 @@ FAILS = {
                                      str(_file(t, "s.yaml", "attackers: [{kind: full, lr: -1}]"))), "positive"),
     "missing-caption-bank": (lambda t, m, i, p: _immunize(m, t / "out", "--caption-bank", str(t / "nope.txt")),
                              "nope.txt"),
+    "misspelt-attacker-kind-on-the-cli": (lambda t, m, i, p: _immunize(m, t / "out", "--attackers", "full", "ful"),
+                                         "unknown simulated attacker 'ful'"),
+    "adam-attacker-in-second-order": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config",
+                                     str(_file(t, "s.yaml", "attackers: [{kind: full, optimizer: adam}]\n"))),
+        "Adam inner steps are first order only"),
     "benchmark-misspelt-attack": (lambda t, m, i, p: _benchmark(t, attacks=["lora", "dreambooht"]),
                                   "did you mean 'dreambooth'"),
     "benchmark-misspelt-encoder": (lambda t, m, i, p: _benchmark(t, attacks=["lora"], encoders=["toy-judeg"]),

@@ -86,3 +86,20 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_p
     full, resumed = one_process("mima"), _upper_weights(tmp_path / "cut")
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=1e-4, atol=1e-5)
+
+
+def test_every_process_samples_the_same_attacker(tiny_model_dir, tmp_path, one_thread):
+    """A distribution (today's step, and a first-order attack with two trajectory points): both processes take
+    the attacker the one-process run takes at each step (so the summed shares make its gradient)."""
+    import json
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("attackers: [{kind: full}, {kind: full, steps: 2, order: first-order, trajectory_points: 2}]")
+    extra = ["--config", str(settings), "--steps", "3"]
+    assert main([*_args(tiny_model_dir, tmp_path / "one", "mima"), *extra]) == 0
+    _torchrun([*_args(tiny_model_dir, tmp_path / "two", "mima"), *extra])
+    logs = [json.loads((tmp_path / run / "immunization.json").read_text())["log"] for run in ("one", "two")]
+    assert [row["attacker"] for row in logs[0]] == [row["attacker"] for row in logs[1]] == [1, 1, 0]
+    one, two = _upper_weights(tmp_path / "one"), _upper_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)

@@ -10,9 +10,10 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import BatchLoss, Params, Unrolled, sgd_step, unet_call_with, unroll, unrolled_vjp
-from mima.immunize.attackers import simulated_attackers
+from mima.functional import BatchLoss, Params, Unrolled, inner_step, unet_call_with, unroll, unrolled_vjp
+from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, Immunizer
+from mima.immunize.distribution import AttackerDistribution
 from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
@@ -23,7 +24,9 @@ class BilevelImmunizer(Immunizer):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined. The
-    attacker (`self.attacker`, a `SimulatedAttacker`) decides what each copy trains.
+    attacker (`self.attacker`, a `SimulatedAttacker`, the one `begin_step` sampled from `self.distribution`)
+    decides what each copy trains, how, and at which points of its trajectory the upper loss is
+    taken (`AttackerSpec.trajectory_steps`; first order only when more than the last).
     With `splits_concepts`, `upper_gradient` does only this process's concepts (`self.shard`) and returns its share
     of the gradient, which `gradients` sums over processes; otherwise every process computes all of it.
     """
@@ -41,9 +44,23 @@ class BilevelImmunizer(Immunizer):
         self.unet.requires_grad_(False)
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
-        spec = self.config.attacker_specs()[0]
-        self.attacker = simulated_attackers.get(spec.kind)(spec)
-        self.attacker.bind(components, specs, self.lower_names)
+        self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names)
+
+    @property
+    def attacker(self) -> SimulatedAttacker:
+        """The simulated attacker of the current outer step."""
+        return self.distribution.attacker
+
+    def begin_step(self, step: int) -> dict[str, float]:
+        """Sample outer step `step`'s attacker from the distribution; logged as `attacker`, its index in
+        `attacker_specs()`."""
+        return {"attacker": self.distribution.sample(step)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.distribution.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.distribution.load(state, self.unet.device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.unet.named_parameters())
@@ -80,15 +97,26 @@ class BilevelImmunizer(Immunizer):
     ) -> tuple[Params, float]:
         """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
         their graph (second order). Returns the adapted phi and the first lower-level loss."""
-        spec, losses = self.attacker.spec, []
-        phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
+        trajectory, first_loss = self.adapt_trajectory(base, batches, concepts, generator)
+        return trajectory[-1], first_loss
+
+    def adapt_trajectory(
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
+    ) -> tuple[list[Params], float]:
+        """`adapt`, returning phi at each point of the trajectory (`AttackerSpec.trajectory_steps`; the adapted phi
+        last)."""
+        spec, losses, trajectory, adam = self.attacker.spec, [], [], None
+        phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention():
-            for _ in range(spec.steps):
+            for step in range(spec.steps):
                 loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)
                                     for b, c in zip(batches, concepts, strict=True)]).mean()
-                phi = sgd_step(phi, loss, self.attacker.lr, self.config.order, spec.clip)
+                phi, adam = inner_step(phi, loss, self.attacker.lr, spec.order, spec.clip, spec.optimizer, adam)
                 losses.append(loss.item())
-        return phi, losses[0]
+                if step + 1 in spec.trajectory_steps:
+                    trajectory.append(phi)
+        self.distribution.carry(concepts, phi, base)
+        return trajectory, losses[0]
 
     def adapted_weights(self, base: Params, phi: Params) -> Params:
         """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
@@ -97,7 +125,7 @@ class BilevelImmunizer(Immunizer):
     def skip_attack(self, base: Params, batch: Batch, concept: int, generator: torch.Generator) -> None:
         """Draw from `generator` what an attack on `batch` would, without the UNet: so a process skipping another's
         concept draws the same noise and timesteps as one process doing every concept."""
-        self.attacker.start(base, [concept], generator)
+        self.distribution.start(base, [concept], generator)
         self.skip_draws(batch, generator, self.attacker.spec.steps)
 
     def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
@@ -117,11 +145,16 @@ class BilevelImmunizer(Immunizer):
     ) -> Unrolled:
         """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
         (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
-        spec, keep = self.attacker.spec, keep_last and self.config.order == "second-order"
-        phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
+        spec = self.attacker.spec
+        second_order = spec.order == "second-order"
+        keep = keep_last and second_order
+        phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention() if keep else nullcontext():
-            return unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
-                          lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None)
+            run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
+                         lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None,
+                         optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order)
+        self.distribution.carry(concepts, run.params, base)
+        return run
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -131,7 +164,7 @@ class BilevelImmunizer(Immunizer):
         spec = self.attacker.spec
         with self.double_backward_attention():
             return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
-                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=self.config.order)
+                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=spec.order)
 
     def attack_gradient(
         self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -145,18 +178,19 @@ class BilevelImmunizer(Immunizer):
 
     def double_backward_attention(self) -> AbstractContextManager[None]:
         """The plain-math attention kernel where the inner step is differentiated twice (second order only)."""
-        return differentiable_attention() if self.config.order == "second-order" else nullcontext()
+        return differentiable_attention() if self.attacker.spec.order == "second-order" else nullcontext()
 
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
         owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
-        concepts: Sequence[int | None] | None = None,
+        concepts: Sequence[int | None] | None = None, cap: float = 0.0,
     ) -> tuple[list[float], Params, list[Params]]:
         """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi,
         one graph at a time.
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
         `phis[n]`. With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
+        With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no gradient.
         """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
@@ -171,6 +205,10 @@ class BilevelImmunizer(Immunizer):
             weights = {**params, **leaves}
             loss = self.conditioned_loss(weights, {**weights, **phi}, batch, generator,
                                          concepts[index] if concepts else None)
+            if 0 < cap < loss.item():  # min(loss, cap) is the constant cap here
+                losses.append(cap)
+                phi_grads.append({})
+                continue
             named = [*leaves.values(), *phi.values()]
             results = torch.autograd.grad(loss, named, allow_unused=True)
             for name, grad in zip(leaves, results[:len(leaves)], strict=True):
@@ -183,23 +221,28 @@ class BilevelImmunizer(Immunizer):
 
     def adapted_loss_gradient(
         self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],
-        generator: torch.Generator,
+        generator: torch.Generator, cap: float = 0.0,
     ) -> tuple[list[float], Params, float]:
         """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
-        imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss."""
+        imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss; each
+        averaged over the attack's trajectory points, each loss counted up to `cap` (`mean_loss_gradient`)."""
         run = self.unroll(base, lowers, concepts, generator)
-        kept = self.attacker.kept(run.params)
-        changed = self.attacker.weights({**base, **run.params})
-        wrt = list(dict.fromkeys([*changed, *self.upper_names]))
-        losses, grads, phi_grads = self.mean_loss_gradient(
-            {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts)
-        direct = {n: grads[n] for n in self.upper_names if n not in changed}  # S^u the attack does not change
-        phi_grad = {}
-        for more in phi_grads:
-            phi_grad = add_grads(phi_grad, more)
-        pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
-                                      {n: grads[n] for n in changed}, phi_grad)
-        return losses, add_grads(pulled, direct), run.first_loss
+        points, losses, grads = len(run.trajectory), [0.0] * len(uppers), {}
+        for phi in run.trajectory:
+            kept = self.attacker.kept(phi)
+            changed = self.attacker.weights({**base, **phi})
+            wrt = list(dict.fromkeys([*changed, *self.upper_names]))
+            point_losses, point_grads, phi_grads = self.mean_loss_gradient(
+                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, cap=cap)
+            direct = {n: point_grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
+            phi_grad = {}
+            for more in phi_grads:
+                phi_grad = add_grads(phi_grad, more)
+            pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
+                                          {n: point_grads[n] for n in changed}, phi_grad)
+            grads = add_grads(grads, {n: g / points for n, g in add_grads(pulled, direct).items()})
+            losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
+        return losses, grads, run.first_loss
 
     @abstractmethod
     def upper_gradient(
@@ -225,7 +268,7 @@ class BilevelImmunizer(Immunizer):
         if self.splits_concepts:  # each process's share, summed (a name missing from a share counts as zero)
             grads = {name: grads[name] if name in grads else torch.zeros_like(base[name]) for name in self.upper_names}
             uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
-        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}
+        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
             weight, value = getattr(self.config, f"{name}_weight"), sum(losses) / max(len(losses), 1)
@@ -264,9 +307,10 @@ class BilevelImmunizer(Immunizer):
     @abstractmethod
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, list[Params], dict[str, float]]:
-        """theta' (the weights after the attack and, for MIMA, the Merge), each protected concept's adapted phi
-        (what conditions its upper loss) and the lower-level losses to log."""
+    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+        """At each point of the attacker's trajectory (`AttackerSpec.trajectory_steps`, the end last): theta' (the
+        weights after the attack and, for MIMA, the Merge) and each protected concept's phi (what conditions its
+        upper loss); and the lower-level losses to log."""
 
     def protected(self, batches: ConceptBatches) -> ConceptBatches:
         """The concepts whose upper loss is maximised (all of them, except for single-concept IMMA)."""
@@ -275,10 +319,13 @@ class BilevelImmunizer(Immunizer):
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         batches = self.protected(batches)
         base = self.base_parameters()
-        adapted, phis, lower_logs = self.adapted_parameters(base, batches, generator)
-        adapted = {**base, **adapted}
-        upper = {name: self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n)
-                 for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True))}
+        points, lower_logs = self.adapted_parameters(base, batches, generator)
+        upper: dict[str, torch.Tensor] = {}
+        for adapted, phis in points:  # the mean over the trajectory's points of each concept's counted loss
+            adapted = {**base, **adapted}
+            for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True)):
+                loss = self.counted(self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n))
+                upper[name] = upper.get(name, 0.0) + loss / len(points)
         objective = -torch.stack(list(upper.values())).mean()
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
         if self.config.prior_weight > 0:
@@ -294,6 +341,11 @@ class BilevelImmunizer(Immunizer):
             objective = objective + self.config.retain_weight * retain
             logs["retain"] = retain.item()
         return objective, logs
+
+    def counted(self, loss: torch.Tensor) -> torch.Tensor:
+        """An upper loss as the objective counts it: min(L, upper_cap) when the ascent is bounded (APDM, NeurIPS
+        2025, argues the plain -L does not converge), so a concept above the cap pushes no further."""
+        return torch.clamp(loss, max=self.config.upper_cap) if self.config.upper_cap > 0 else loss
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Utility preservation: the released (un-adapted) model keeps denoising class images."""
@@ -326,9 +378,11 @@ class BilevelImmunizer(Immunizer):
         pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
         if not pairs:
             return torch.zeros(())
-        phi, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], [None] * len(pairs), generator)
-        adapted = self.adapted_weights(base, phi)
-        return torch.stack([self.loss(adapted, Batch(*upper), generator) for _, upper in pairs]).mean()
+        lowers, no_concepts = [Batch(*lower) for lower, _ in pairs], [None] * len(pairs)
+        trajectory, _ = self.adapt_trajectory(base, lowers, no_concepts, generator)
+        return torch.stack([  # the mean over the trajectory's points, as the upper loss
+            torch.stack([self.loss(self.adapted_weights(base, phi), Batch(*upper), generator) for _, upper in pairs])
+            .mean() for phi in trajectory]).mean()
 
 
 def add_grads(grads: Params, more: Params) -> Params:
