@@ -44,9 +44,10 @@ def _lines(kind: str) -> list[str]:
 
 
 def _defaults(cls: type) -> str:
-    """An attack's declared defaults (see `Attack.settings`); nothing for an immunizer."""
+    """An attack's declared defaults (see `Attack.settings`), a simulated attacker's learning rate; nothing for an
+    immunizer."""
     if not hasattr(cls, "default_steps"):
-        return ""
+        return f" (default lr {cls.default_lr:g})" if hasattr(cls, "default_lr") else ""
     return f" (defaults: {cls.default_steps} steps, lr {cls.default_lr:g}; on a real model {cls.reference_lr:g})"
 
 

@@ -18,8 +18,10 @@ from mima.models.cross_attention import attention_projection_names
 
 
 class LoraAttacker(SimulatedAttacker):
-    """Rank-r factors on every attention projection weight in S^l; down ~ N(0, 1/r^2) (peft's "gaussian"
-    initialisation), up = 0, alpha = r as the LoRA attack sets it, so the attack starts at the UNet's weights."""
+    """Fresh rank-r LoRA factors on the attention projections in S^l, the only thing its inner steps train.
+
+    down ~ N(0, 1/r^2) (peft's "gaussian" initialisation), up = 0 and alpha = r as the LoRA attack sets them, so
+    each attack starts at the UNet's weights."""
 
     default_lr = 3.0  # measured on the toy (docs/method.md, "Simulated attackers"): the inner loss falls
 
