@@ -11,9 +11,12 @@ the immunized models). Everything resumes like `mima benchmark`.
     python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...]
                                         [--threads 1] [--jobs 2]
 
-Writes OUT/summary.md and OUT/summary.json: per variant, method and encoder, the mean over seeds (and the
-per-seed values) of MSGR, every target's SGR, the non-target SGR, and the toy judge's rates before any attack
-(immunized vs base model) on the non-targets (do they stay?) and on the targets (do they stay erased?).
+Writes OUT/summary.md and OUT/summary.json: first, per variant, method and encoder, the worst case over the
+attacks (the lowest seed-mean MSGR and its attack, then every attack's); then per variant, method, attack and
+encoder, the mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and the
+toy judge's rates before any attack (immunized vs base model) on the non-targets (do they stay?) and on the targets
+(do they stay erased?). A study's `attacks:` may name variants (`mima.attacks.variants`), e.g. a stronger or a
+fresh-token LoRA beside the plain one.
 With a `tradeoff` list of variants in the study, OUT/tradeoff.png plots MIMA's MSGR against the non-target's
 |SGR| and judge rate before attack, one point per listed variant.
 """
@@ -58,10 +61,14 @@ def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = Non
     return json.dumps([config.model, config.setting, list(config.targets), method, settings], sort_keys=True)
 
 
-def _attack_key(config: BenchmarkConfig) -> str:
+def _attack_keys(config: BenchmarkConfig) -> dict[str, str]:
+    """What decides each attack variant's runs, by variant name: the shared `attack:` settings and the variant's
+    own (method, scales, overrides)."""
     from mima.attacks import AttackConfig
 
-    return json.dumps(AttackConfig.from_dict(config.attack).to_dict(), sort_keys=True)
+    shared = AttackConfig.from_dict(config.attack).to_dict()
+    return {v.name: json.dumps([shared, v.method, v.lr_scale, v.steps_scale, dict(v.overrides)], sort_keys=True)
+            for v in config.attack_variants()}
 
 
 def finished_pieces(out: Path) -> dict[tuple, Path]:
@@ -75,10 +82,12 @@ def finished_pieces(out: Path) -> dict[tuple, Path]:
             method = model.parent.name
             key = _model_key(config, method, json.loads(model.read_text())["config"])
             pieces.setdefault((key,), model.parent)
+            attack_keys = _attack_keys(config)
             for attack in sorted((folder / "attacks" / method).glob("*/*/seed*/attack.json")):
                 run = attack.parent
-                piece = (key, _attack_key(config), run.parent.parent.name, run.parent.name, run.name)
-                pieces.setdefault(piece, run)
+                variant = run.parent.parent.name
+                if variant in attack_keys:
+                    pieces.setdefault((key, attack_keys[variant], variant, run.parent.name, run.name), run)
     return pieces
 
 
@@ -87,14 +96,14 @@ def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Pat
     from mima.data.concepts import load_concepts
 
     concept_names = [c.name for c in load_concepts(list(config.targets + config.non_targets))]
-    attack_settings, linked = _attack_key(config), 0
+    attack_keys, linked = _attack_keys(config), 0
     for method in (REFERENCE, *config.methods):
         key = _model_key(config, method)
         wanted = {(key,): folder / "models" / method}
-        for attack in config.attacks:
+        for attack, attack_key in attack_keys.items():
             for name in concept_names:
                 for seed in config.seeds:
-                    wanted[(key, attack_settings, attack, name, f"seed{seed}")] = (
+                    wanted[(key, attack_key, attack, name, f"seed{seed}")] = (
                         folder / "attacks" / method / attack / name / f"seed{seed}")
         for piece, target in wanted.items():
             source = pieces.get(piece)
@@ -246,8 +255,26 @@ def plot_tradeoff(points: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def worst_case_lines(table: dict) -> list[str]:
+    """Per variant, method and encoder: the attack with the lowest seed-mean MSGR (the one the immunization slows
+    least), then every attack's, as a markdown table."""
+    lines = ["| variant | method | encoder | worst-case MSGR | worst attack | MSGR per attack |", "|" + "---|" * 6]
+    for variant, by_method in table.items():
+        for method, by_attack in by_method.items():
+            for encoder in dict.fromkeys(e for by_encoder in by_attack.values() for e in by_encoder):
+                msgrs = {attack: mean(m for m in by_encoder[encoder]["msgr"] if m is not None)
+                         for attack, by_encoder in by_attack.items()
+                         if encoder in by_encoder and any(m is not None for m in by_encoder[encoder]["msgr"])}
+                if msgrs:
+                    worst = min(msgrs, key=msgrs.__getitem__)
+                    each = ", ".join(f"{attack} {value:.1f}" for attack, value in msgrs.items())
+                    lines.append(f"| {variant} | {method} | {encoder} | {msgrs[worst]:.1f} | {worst} | {each} |")
+    return lines
+
+
 def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> None:
-    lines = ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
+    lines = [*worst_case_lines(table), ""]
+    lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
              " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
              "|" + "---|" * 11]

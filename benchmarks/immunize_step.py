@@ -16,6 +16,12 @@ over peak memory at the smallest N. Prints a table and writes JSON:
         [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
 
+With `--attackers FILE` (a YAML file whose `attackers:` list is `ImmunizeConfig.attackers`, e.g. the distribution
+a run would sample from), it measures instead, in each child, today's default outer step (one `full` SGD step) and a
+step with each attacker of the distribution, interleaved so that all see the same machine load, and prints the
+expected step time under the distribution (each attacker's time weighted by its sampling weight) over the default
+step's: the cost bar of issue 18 is a ratio of at most 2.
+
 `sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
 the prior-preservation and retain terms of the default settings are paid for too.
@@ -107,6 +113,8 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
         return type(batch)(batch.latents.to(device), batch.hidden.to(device), prior)
 
+    if args.attackers:
+        return _distribution_cost(args, components, specs, concepts, g, to_device)
     merge_seconds: list[float] = []
     if args.child == "finetune":
         step = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
@@ -147,6 +155,66 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         plain()
         result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
     return result
+
+
+def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g, to_device) -> dict:
+    """Seconds of today's default outer step and of a step with each attacker of `args.attackers`, interleaved."""
+    import torch
+    import yaml
+
+    from mima.immunize import ImmunizeConfig, immunizers
+
+    def immunizer_step(config):
+        immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
+        immunizer.prepare(components, specs, concepts)
+        params = immunizer.trainable_parameters()
+        optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+
+        def step(index: int) -> None:
+            immunizer.distribution.index = index  # as `sample_attacker` would choose it
+            batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
+                       for c in concepts}
+            _, grads, _ = immunizer.gradients(batches, g)
+            for name, param in params.items():
+                param.grad = grads[name]
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return immunizer, step
+
+    terms = 1.0 if args.with_prior else 0.0
+    default = ImmunizeConfig(order="first-order" if args.child.endswith("-1st") else "second-order",
+                             caption_bank="toy" if args.model == "toy" else "generic", prior_weight=terms,
+                             retain_weight=terms, gradient_checkpointing=args.gradient_checkpointing)
+    attackers = yaml.safe_load(Path(args.attackers).read_text(encoding="utf-8"))["attackers"]
+    _, default_step = immunizer_step(default)
+    sampled, distribution_step = immunizer_step(default.with_overrides(attackers=attackers))
+    weights = [a.spec.weight for a in sampled.distribution.attackers]
+    runs = [lambda: default_step(0)] + [lambda i=i: distribution_step(i) for i in range(len(weights))]
+    seconds = [0.0] * len(runs)
+    for run in runs:
+        run()  # warm-up
+    for _ in range(args.steps):
+        for index, run in enumerate(runs):
+            seconds[index] += _seconds_per_step(run, 1) / args.steps
+    expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
+    return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
+            "distribution_step_s": expected, "ratio": expected / seconds[0],
+            "attackers": [a.spec.to_dict() for a in sampled.distribution.attackers]}
+
+
+def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:
+    print(f"cost of the distribution in {args.attackers} against today's default step ({args.model}, batch "
+          f"{args.batch_size}, {args.device}, {args.steps} interleaved steps each; a shared machine is noisy)")
+    rows = []
+    for method in args.methods:
+        for n in sorted(args.concepts):
+            r = _run_child(args, model_dir, method, n)
+            rows.append({"method": method, "n": n, **r})
+            each = ", ".join(f"{t:.3f}" for t in r["attacker_step_s"])
+            print(f"N={n} {method}: default {r['default_step_s']:.3f} s, distribution {r['distribution_step_s']:.3f} s"
+                  f" (each attacker: {each} s) -> ratio {r['ratio']:.2f} (bar <= 2)")
+    return rows
 
 
 def _seconds_per_step(step, steps: int) -> float:
@@ -190,6 +258,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
     command = [sys.executable, __file__, "--model", args.model, "--model-dir", model_dir, "--child", method,
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--device", args.device,
+               *(["--attackers", str(args.attackers)] if args.attackers else []),
                *(["--with-prior"] if args.with_prior else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -209,6 +278,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
+    parser.add_argument("--attackers", type=Path,
+                        help="YAML file with an `attackers:` list: print its step-time ratio to today's default step")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -221,6 +292,14 @@ def main() -> None:
         print(json.dumps(_measure(args)))
         return
     model_dir = _model_dir(args.model)
+    if args.attackers:
+        rows = _print_distribution_costs(args, model_dir)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "n", "json")}
+            args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, sort_keys=True,
+                                            default=str) + "\n")
+        return
     plain = _run_child(args, model_dir, "finetune", 1)
     print(f"plain fine-tuning step ({args.model}, batch {args.batch_size}, {args.device}): {plain['step_s']:.3f} s, "
           f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")

@@ -77,12 +77,9 @@ def test_attack_export_reloads_in_plain_diffusers_and_reproduces_samples(tiny_mo
     loaded = CONTRACT[method]["load"](pipe, export)
     pipe = loaded if isinstance(loaded, StableDiffusionPipeline) else pipe
     components = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
-    attack = attacks.get(method)(AttackConfig(method=method, **FAST))
-    attack.concept = toy_concept_spec("donut")
-    token = {"textual-inversion": "<donut>", "custom-diffusion": "<new-donut> donut"}.get(method, "donut")
-    reproduced = sample_images(
-        components, [p.replace("donut", token) for p in prompts], seed=0, steps=3, guidance_scale=4.0
-    )
+    expected = {"textual-inversion": "<donut>", "custom-diffusion": "<new-donut> donut"}.get(method, "donut")
+    assert all(expected in p for p in prompts) and record["sample_prompts"] == sorted(set(prompts))
+    reproduced = sample_images(components, prompts, seed=0, steps=3, guidance_scale=4.0)  # the prompts recorded
     difference = np.abs(reproduced.astype(float) - np.stack([np.asarray(a) for a in attacked]).astype(float))
     assert difference.mean() < 1.0, f"{method}: reloaded samples differ by {difference.mean():.2f}"
 
@@ -135,10 +132,11 @@ def test_bad_attack_inputs_are_one_line_errors(tiny_model_dir, tmp_path, capsys)
 def test_attack_sweep_runs_the_grid_and_skips_finished_runs(tiny_model_dir, tmp_path, capsys):
     args = ["attack-sweep", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--methods", "lora",
             "textual-inversion", "--budgets", "1", "2", "--lrs", "0.01", "--out", str(tmp_path),
-            "--n-images", "4", "--eval-images", "2", "--sampling-steps", "2", "--batch-size", "2"]
+            "--n-images", "4", "--eval-images", "2", "--sampling-steps", "2", "--batch-size", "2",
+            "--encoder", "toy-judge"]
     assert main(args) == 0, capsys.readouterr().err
-    records = sorted(tmp_path.glob("*/lr0.01/steps*/attack.json"))
-    assert [r.parent.relative_to(tmp_path).as_posix() for r in records] == [
+    records = sorted(tmp_path.glob("*/lr0.01/steps*/prompt-default/attack.json"))
+    assert [r.parent.parent.relative_to(tmp_path).as_posix() for r in records] == [
         "lora/lr0.01/steps1", "lora/lr0.01/steps2", "textual-inversion/lr0.01/steps1",
         "textual-inversion/lr0.01/steps2"]
     assert [json.loads(r.read_text())["config"]["steps"] for r in records] == [1, 2, 1, 2]

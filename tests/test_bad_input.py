@@ -122,6 +122,17 @@ def _full_disk(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp / "out"
 
 
+def _no_weights(model: Path, tmp: Path, monkeypatch) -> Path:
+    """The model, whose weights must not load: a check that needs only its tokenizer comes first."""
+    from mima.models.components import Components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(Components, "from_pretrained", refuse)
+    return model
+
+
 def _immunize(model, out, *extra):
     return ["immunize", "--model", str(model), "--concepts", "toy:stripes", "--out", str(out), *IMMUNIZE, *extra]
 
@@ -155,6 +166,12 @@ FAILS = {
     "immunize-into-user-files": (lambda t, m, i, p: _immunize(m, _user_files(t)), "holiday.jpg"),
     "toy-images-into-user-files": (
         lambda t, m, i, p: ["toy", "images", "star", "--n", "2", "--out", str(_user_files(t))], "holiday.jpg"),
+    "generate-over-a-file": (
+        lambda t, m, i, p: ["generate", "--model", str(_unloadable_model(t)), "--prompt", "a star", "--out",
+                            str(_file(t, "star.png", b"an earlier grid"))], "pass --overwrite"),
+    "toy-judge-over-a-file": (
+        lambda t, m, i, p: ["toy", "judge", "--model", str(_unloadable_model(t)), "--out",
+                            str(_file(t, "rates.json", "{}"))], "pass --overwrite"),
     "toy-images-over-finished": (
         lambda t, m, i, p: ["toy", "images", "star", "--n", "2", "--out",
                             str(_finished(t, "metadata.csv", "00000.png"))], "--overwrite"),
@@ -168,16 +185,60 @@ FAILS = {
     "validate-misspelt-attack": (
         lambda t, m, i, p: ["validate", "--kind", "attack", str(_file(t, "a.yaml", "method: lroa\n"))],
         "did you mean 'lora'"),
+    "misspelt-simulated-attacker": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config", str(_file(t, "s.yaml", "attackers: [{kind: ful}]"))),
+        "did you mean 'full'"),
+    "simulated-attacker-negative-lr": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config",
+                                     str(_file(t, "s.yaml", "attackers: [{kind: full, lr: -1}]"))), "positive"),
     "missing-caption-bank": (lambda t, m, i, p: _immunize(m, t / "out", "--caption-bank", str(t / "nope.txt")),
                              "nope.txt"),
+    "misspelt-attacker-kind-on-the-cli": (lambda t, m, i, p: _immunize(m, t / "out", "--attackers", "full", "ful"),
+                                         "unknown simulated attacker 'ful'"),
+    "adam-attacker-in-second-order": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--config",
+                                     str(_file(t, "s.yaml", "attackers: [{kind: full, optimizer: adam}]\n"))),
+        "Adam inner steps are first order only"),
     "benchmark-misspelt-attack": (lambda t, m, i, p: _benchmark(t, attacks=["lora", "dreambooht"]),
                                   "did you mean 'dreambooth'"),
     "benchmark-misspelt-encoder": (lambda t, m, i, p: _benchmark(t, attacks=["lora"], encoders=["toy-judeg"]),
                                    "did you mean 'toy-judge'"),
+    "benchmark-variant-without-name": (lambda t, m, i, p: _benchmark(t, attacks=["lora", {"method": "lora"}]),
+                                       "needs a name"),
+    "benchmark-variant-twice": (
+        lambda t, m, i, p: _benchmark(t, attacks=["lora", {"name": "lora", "method": "lora", "lr_scale": 3}]),
+        "given twice"),
+    "benchmark-variant-misspelt-key": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "strong", "method": "lora", "stesp": 3}]),
+        "did you mean 'steps'"),
+    "benchmark-variant-zero-scale": (
+        lambda t, m, i, p: _benchmark(t, attacks=[{"name": "weak", "method": "lora", "lr_scale": 0}]),
+        "lr_scale must be a positive number"),
+    "benchmark-variant-common-fresh-token": (
+        lambda t, m, i, p: _benchmark(t, model=str(_no_weights(m, t, p)), attacks=[
+            "lora", {"name": "fresh", "method": "lora", "prompt": "fresh-token", "token": "star"}]), "common word"),
     "benchmark-nan": (lambda t, m, i, p: _benchmark(t, immunize={"outer_lr": float("nan")}), "finite"),
     "sweep-misspelt-method": (
         lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora", "lroa",
                             "--budgets", "1", "--out", str(t / "sweep")], "did you mean 'lora'"),
+    "attack-empty-prompt": (lambda t, m, i, p: _attack(m, t / "out", "--prompt", " "), "non-empty text"),
+    "attack-common-fresh-token": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--prompt", "fresh-token", "--token", "star"),
+        "common word"),
+    "attack-fresh-token-names-concept": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--prompt", "fresh-token", "--token", "donut"),
+        "word of concept 'donut'"),
+    "attack-learned-token-exists": (
+        lambda t, m, i, p: _attack(_no_weights(m, t, p), t / "out", "--method", "custom-diffusion", "--prompt",
+                                   "fresh-token", "--token", "star"), "already exists"),
+    "attack-token-with-space": (lambda t, m, i, p: _attack(m, t / "out", "--token", "s k"), "one word"),
+    "sweep-empty-prompt": (
+        lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora",
+                            "--prompts", "concept", "", "--budgets", "1", "--out", str(t / "sweep")], "non-empty"),
+    "sweep-common-fresh-token": (
+        lambda t, m, i, p: ["attack-sweep", "--model", str(_no_weights(m, t, p)), "--concept", "toy:donut",
+                            "--methods", "lora", "--prompts", "concept", "fresh-token", "--token", "star",
+                            "--budgets", "1", "--out", str(t / "sweep")], "common word"),
     # 4. tracebacks instead of errors
     "settings-not-utf8": (lambda t, m, i, p: _immunize(m, t / "out", "--config", str(_file(t, "s.yaml", NOT_UTF8))),
                           "not UTF-8"),

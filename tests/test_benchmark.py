@@ -82,6 +82,52 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
         assert [np.asarray(i).tolist() for i in serial_images] == [np.asarray(i).tolist() for i in parallel_images]
 
 
+def test_named_attack_variants_run_side_by_side_and_the_report_shows_the_worst_case_first(tiny_model_dir, tmp_path):
+    fresh = {"name": "lora-fresh", "method": "lora", "prompt": "fresh-token", "lr_scale": 3, "steps_scale": 2}
+    config = {
+        "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": [], "methods": ["mima"],
+        "attacks": ["lora", fresh], "encoders": ["toy-judge"],
+        "immunize": {"steps": 1, "n_images": 4, "n_class_images": 2, "batch_size": 2},
+        "attack": {"steps": 1, "save_every": 1, "eval_images": 2, "sampling_steps": 2, "n_images": 4},
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
+    from mima.attacks import attacks
+
+    run = json.loads((out / "attacks/mima/lora-fresh/stripes/seed0/attack.json").read_text())
+    assert run["prompt_mode"] == "fresh-token" and run["config"]["steps"] == 2
+    assert run["config"]["lr"] == pytest.approx(3 * attacks.get("lora").default_lr)
+    assert json.loads((out / "attacks/none/lora/stripes/seed0/attack.json").read_text())["config"]["steps"] == 1
+    record = json.loads((out / "report" / "metrics.json").read_text())
+    per_attack = {a: record["summary"]["mima"][a]["toy-judge"]["msgr"] for a in ("lora", "lora-fresh")}
+    worst = min(per_attack, key=per_attack.__getitem__)
+    assert per_attack[worst] != max(per_attack.values())
+    assert record["worst_case"]["mima"]["toy-judge"] == {"attack": worst, "msgr": per_attack[worst],
+                                                         "per_attack": per_attack}
+    assert record["before_attack"]["attack"] == "lora"  # the fresh-token runs do not draw the concept's prompt
+    markdown = (out / "report" / "report.md").read_text()
+    assert markdown.index("worst-case MSGR") < markdown.index("MRSGR")
+    assert f"| mima | toy-judge | {per_attack[worst]:.1f} | {worst} |" in markdown
+
+
+def test_a_variants_scales_multiply_the_methods_default_for_the_model_or_the_shared_setting():
+    from mima.attacks import attacks
+    from mima.attacks.variants import AttackVariant
+
+    lora = attacks.get("lora")
+    strong = AttackVariant.parse({"name": "lora-strong", "method": "lora", "lr_scale": 3, "steps_scale": 2})
+    for toy, default_lr in ((True, lora.default_lr), (False, lora.reference_lr)):
+        config = strong.config({}, seed=1, toy=toy)
+        assert (config.lr, config.steps, config.seed) == (pytest.approx(3 * default_lr), 2 * lora.default_steps, 1)
+        assert config.save_every is None  # a quarter of the scaled budget, when the run is built
+    shared = strong.config({"lr": 0.01, "steps": 10, "rank": 2}, seed=0, toy=True)
+    assert (shared.lr, shared.steps, shared.rank) == (pytest.approx(0.03), 20, 2)
+    plain = AttackVariant.parse("lora").config({"steps": 10}, seed=0, toy=True)
+    assert (plain.method, plain.lr, plain.steps) == ("lora", None, 10)
+
+
 def test_a_failing_parallel_piece_raises_its_own_one_line_error(tmp_path):
     from mima.attacks import AttackConfig, AttackRun
     from mima.benchmark import AttackPiece
@@ -166,8 +212,8 @@ def test_before_attack_skips_attacks_that_rewrite_the_prompt():
 
     evaluations = {"mima": {"textual-inversion": {0: evaluation(0.1, 0.0)},
                             "lora": {0: evaluation(0.6, 0.5), 1: evaluation(0.7, 0.75)}}}
-    assert before_attack(evaluations, ["textual-inversion"], ["waves"]) is None
-    before = before_attack(evaluations, ["textual-inversion", "lora"], ["waves"])
+    assert before_attack(evaluations, [], ["waves"]) is None
+    before = before_attack(evaluations, ["lora"], ["waves"])
     assert before.attack == "lora"
     waves = before.models["mima"]["toy-judge"]["waves"]
     assert abs(waves.similarity - 0.65) < 1e-12 and abs(waves.success_rate - 0.625) < 1e-12

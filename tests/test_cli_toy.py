@@ -115,6 +115,21 @@ def test_generate_writes_a_grid(tmp_path, tiny_model_dir, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     # Two 32-pixel images side by side, upscaled 4x by save_grid.
     assert Image.open(out).size == (2 * 32 * 4, 32 * 4)
+    out.write_bytes(b"an older grid")
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0  # without it: tests/test_bad_input.py
+    assert Image.open(out).size == (2 * 32 * 4, 32 * 4)
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """`mima ls | head -1`: the pipe closes before mima writes; no error line, the shell's SIGPIPE status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before mima writes anything
+    try:
+        done = subprocess.run([sys.executable, "-m", "mima", "ls"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_generate_rejects_a_non_diffusers_folder(tmp_path, capsys):

@@ -35,6 +35,7 @@ def _torchrun(args, processes=2):
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "mima", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def _upper_weights(out):
@@ -59,7 +60,8 @@ def one_process(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_two_processes_give_the_one_process_weights(tiny_model_dir, tmp_path, method, one_process, one_thread):
-    _torchrun(_args(tiny_model_dir, tmp_path / "two", method))
+    log = _torchrun(_args(tiny_model_dir, tmp_path / "two", method))
+    assert log.count(f"immunize ({method}):   0%") == 1  # one progress bar, the main process's
     one, two = one_process(method), _upper_weights(tmp_path / "two")
     before = _upper_weights(tiny_model_dir.parent)
     assert max((one[name] - before[name]).abs().max() for name in one) > 1e-3  # the steps moved S^u, far
@@ -84,3 +86,20 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_p
     full, resumed = one_process("mima"), _upper_weights(tmp_path / "cut")
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=1e-4, atol=1e-5)
+
+
+def test_every_process_samples_the_same_attacker(tiny_model_dir, tmp_path, one_thread):
+    """A distribution (today's step, and a first-order attack with two trajectory points): both processes take
+    the attacker the one-process run takes at each step (so the summed shares make its gradient)."""
+    import json
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("attackers: [{kind: full}, {kind: full, steps: 2, order: first-order, trajectory_points: 2}]")
+    extra = ["--config", str(settings), "--steps", "3"]
+    assert main([*_args(tiny_model_dir, tmp_path / "one", "mima"), *extra]) == 0
+    _torchrun([*_args(tiny_model_dir, tmp_path / "two", "mima"), *extra])
+    logs = [json.loads((tmp_path / run / "immunization.json").read_text())["log"] for run in ("one", "two")]
+    assert [row["attacker"] for row in logs[0]] == [row["attacker"] for row in logs[1]] == [1, 1, 0]
+    one, two = _upper_weights(tmp_path / "one"), _upper_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)

@@ -60,6 +60,28 @@ def test_a_variant_of_the_attacks_only_reuses_the_immunized_models(study, tmp_pa
     assert os.stat(linked_copy).st_ino == os.stat(source).st_ino
 
 
+def test_an_added_attack_variant_reuses_the_other_attacks_runs_but_not_a_differently_scaled_namesake(study,
+                                                                                                       tmp_path):
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
+    strong = {"name": "lora-strong", "method": "lora", "lr_scale": 3, "steps_scale": 2}
+    linked = _linked(study, tmp_path, {"attacks": ["lora", strong]})
+    assert linked == {"models/none", "models/mima", *(f"attacks/{m}/lora/{c}/seed0" for m in ("none", "mima")
+                                                        for c in ("stripes", "waves"))}
+    for method in ("none", "mima"):  # as if the strong variant had finished there too
+        for concept in ("stripes", "waves"):
+            run = tmp_path / "new" / "seed0" / "attacks" / method / "lora-strong" / concept / "seed0"
+            run.mkdir(parents=True)
+            (run / "attack.json").write_text("strong")
+    new_config = study.variant_config(BASE, {"attacks": ["lora", strong]}, 0)
+    new_config.save_json(tmp_path / "new" / "seed0" / "benchmark_config.json")
+    folder = tmp_path / "other" / "seed0"
+    for scale, expected in ((3, 4), (2, 0)):
+        config = study.variant_config(BASE, {"attacks": [{**strong, "lr_scale": scale}]}, 0)
+        shutil.rmtree(folder, ignore_errors=True)
+        study.link_finished(config, folder, study.finished_pieces(tmp_path))
+        assert len(list(folder.glob("attacks/*/lora-strong/*/seed0/attack.json"))) == expected
+
+
 def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path):
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
     linked = _linked(study, tmp_path, {"immunize": {"retain_weight": 0.0}})
@@ -111,10 +133,21 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
     assert row["target_judge"] == {"stripes": [(0.0, 0.0), (0.5, 0.0)]}
     assert row["non_target_judge"] == {"waves": [(0.9, 1.0), (0.9, 1.0)]}
     study.write_summary(table, tmp_path)
-    line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| defaults |" in line)
+    line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| mima | lora |" in line)
     assert "| 25.0 (20.0, 30.0) | 20.0 |" in line  # the mean MSGR, per seed, and the weakest target's mean SGR
     assert "waves 90 / 100" in line and "stripes 25 / 0 (0 / 0; 50 / 0)" in line
     assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_the_summary_starts_with_the_worst_case_over_attacks(study, tmp_path):
+    seeds = {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}
+    for seed, record in seeds.items():  # a stronger attack: MSGR 10 and 14, mean 12
+        row = dict(record["summary"]["mima"]["lora"]["toy-judge"], msgr=10.0 + 4 * seed)
+        record["summary"]["mima"]["lora-strong"] = {"toy-judge": row}
+    study.write_summary(study.summarize({"defaults": seeds}), tmp_path)
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0].startswith("| variant | method | encoder | worst-case MSGR |")
+    assert lines[2] == "| defaults | mima | toy-judge | 12.0 | lora-strong | lora 25.0, lora-strong 12.0 |"
 
 
 def test_tradeoff_points_pair_protection_with_the_non_targets_worst_case(study, tmp_path):

@@ -60,13 +60,18 @@ def _gradient(immunizer, objective):
     return dict(zip(params, torch.autograd.grad(objective(immunizer), list(params.values())), strict=True))
 
 
-def test_second_order_meta_gradient_matches_finite_differences(setup):
+LORA = {"kind": "lora", "lr": 0.5, "steps": 2, "clip": 0.05, "rank": 2}
+"""A lora simulated attacker whose down factor matters: its first step moves only `up` (`up` starts at 0)."""
+
+
+@pytest.mark.parametrize(("overrides", "directions"), [({}, 3), ({"attackers": (LORA,)}, 1)])
+def test_second_order_meta_gradient_matches_finite_differences(setup, overrides, directions):
     _, make, objective = setup
-    immunizer = make("second-order")
+    immunizer = make("second-order", **overrides)
     grads = _gradient(immunizer, objective)
     params = immunizer.trainable_parameters()
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for _ in range(directions):
         direction = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
         eps = 1e-5
         values = []
@@ -171,6 +176,10 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("imma-joint", "second-order", {"inner_clip": 0.05}),
         ("imma-joint", "second-order", {"inner_steps": 2}),
         ("imma", "second-order", {"inner_clip": 0.05}),
+        ("mima", "second-order", {"attackers": (LORA,), "prior_weight": 0.7, "retain_weight": 0.5}),
+        ("mima", "first-order", {"attackers": (LORA,), "retain_weight": 0.5}),
+        ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5}),
+        ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):

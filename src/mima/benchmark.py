@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import yaml
 
+from mima.attacks.variants import AttackVariant, parse_variants
 from mima.config import Config
 from mima.errors import ConfigError
 from mima.executors import Executor, LocalExecutor
@@ -45,7 +47,8 @@ class BenchmarkConfig(Config):
     targets: tuple[str, ...] = field(default=("toy:stripes", "toy:checker", "toy:dots"), metadata={"help": "protect"})
     non_targets: tuple[str, ...] = field(default=("toy:waves",), metadata={"help": "must stay learnable"})
     methods: tuple[str, ...] = field(default=("imma", "imma-joint", "mima"), metadata={"help": "immunizers"})
-    attacks: tuple[str, ...] = field(default=("lora",), metadata={"help": "adaptation methods"})
+    attacks: tuple[str | dict, ...] = field(default=("lora",), metadata={
+        "help": "adaptation methods, or named variants ({name, method, lr_scale, steps_scale, AttackConfig fields})"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "attack seeds"})
     encoders: tuple[str, ...] = field(default=("efficientnet-lite0", "toy-judge"), metadata={"help": "features"})
     immunize: dict = field(default_factory=dict, metadata={"help": "ImmunizeConfig overrides for every method"})
@@ -60,6 +63,14 @@ class BenchmarkConfig(Config):
             raise ConfigError("a benchmark needs at least one target concept")
         if "none" in self.methods:
             raise ConfigError("'none' is always run as the un-immunized reference; do not list it in methods")
+        self.attack_variants()
+
+    def attack_variants(self) -> tuple[AttackVariant, ...]:
+        """The entries of `attacks` as named variants (see `mima.attacks.variants`)."""
+        return parse_variants(self.attacks)
+
+    def attack_names(self) -> list[str]:
+        return [variant.name for variant in self.attack_variants()]
 
 
 def load_benchmarks(path: str | Path) -> dict[str, BenchmarkConfig]:
@@ -217,9 +228,7 @@ class Benchmark:
         immunizations = self.immunization_pieces(targets)
         for piece in immunizations:
             piece.config.check_names()
-        for attack in self.config.attacks:  # the attack pieces themselves are built once their models exist
-            for seed in self.config.seeds:
-                self._attack_config(attack, seed).check_names()
+        self._check_attacks(targets + non_targets)
         for spec in self.config.encoders:
             encoders.get(spec.partition(":")[0])
         if self.config.references != "toy" and not Path(self.config.references).is_dir():
@@ -289,19 +298,36 @@ class Benchmark:
         runs: dict = {}
         pieces = []
         for method, model_dir in models.items():
-            for attack in self.config.attacks:
+            for variant in self.config.attack_variants():
                 for concept in concepts:
                     for seed in self.config.seeds:
-                        out = self.out_dir / "attacks" / method / attack / concept.name / f"seed{seed}"
-                        runs.setdefault(method, {})[(attack, concept.name, seed)] = out
-                        config = self._attack_config(attack, seed)
+                        out = self.out_dir / "attacks" / method / variant.name / concept.name / f"seed{seed}"
+                        runs.setdefault(method, {})[(variant.name, concept.name, seed)] = out
+                        config = self._attack_config(variant, seed)
                         pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out, self.device)))
         return pieces, runs
 
-    def _attack_config(self, attack: str, seed: int) -> AttackConfig:
-        from mima.attacks import AttackConfig
+    def _check_attacks(self, concepts: list[ConceptSpec]) -> None:
+        """Every variant's name, prompt and token on every concept, read with the base model's tokenizers (the
+        attack pieces themselves are built once their models exist)."""
+        from mima.attacks import AttackRun
 
-        return AttackConfig.from_dict({**self.config.attack, "method": attack, "seed": seed})
+        for variant in self.config.attack_variants():
+            for seed in self.config.seeds[:1]:  # a seed changes neither the method nor the token
+                config = self._attack_config(variant, seed)
+                config.check_names()
+                for concept in concepts:
+                    AttackRun(self.config.model, concept, config, self.out_dir, self.device).check()
+
+    def _attack_config(self, variant: AttackVariant, seed: int) -> AttackConfig:
+        return variant.config(self.config.attack, seed, toy=self._speaks_toy)
+
+    @cached_property
+    def _speaks_toy(self) -> bool:
+        """Whether the model is of the toy world, whose attack defaults differ (read once: it loads a tokenizer)."""
+        from mima.models.components import speaks_toy_vocabulary
+
+        return speaks_toy_vocabulary(self.config.model)
 
     def _encode_all(self, runs: dict[str, dict[tuple, Path]]) -> None:
         pieces = [EvaluationPiece(path, self.config.encoders, self.device)
@@ -329,7 +355,7 @@ class Benchmark:
                       else {c: Path(self.config.references) / c for c in concepts})
         evaluations: Evaluations = {}
         for method in self.config.methods:
-            for attack in self.config.attacks:
+            for attack in self.config.attack_names():
                 for seed in self.config.seeds:
                     pairs = {c: (runs[UNIMMUNIZED][(attack, c, seed)], runs[method][(attack, c, seed)])
                              for c in concepts}

@@ -7,7 +7,7 @@ the memory of a meta-gradient does not grow with the number of batches (concepts
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +18,7 @@ from mima.losses import UNetCall
 
 Params = dict[str, torch.Tensor]
 Order = Literal["first-order", "second-order"]
+InnerOptimizer = Literal["sgd", "adam"]
 BatchLoss = Callable[[Params, torch.Generator], torch.Tensor]
 """The loss of one batch at the given parameters, drawing its noise and timesteps from the generator."""
 
@@ -44,6 +45,11 @@ def sgd_step(params: Params, loss: torch.Tensor, lr: float, order: Order, max_no
     detaches the gradient, so d theta' / d theta = I. `max_norm` > 0 scales the gradient down to that global
     norm, as the attacks clip theirs; the scale is differentiated like the rest.
     """
+    grads = _step_gradients(params, loss, order, max_norm)
+    return {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+
+
+def _step_gradients(params: Params, loss: torch.Tensor, order: Order, max_norm: float) -> list[torch.Tensor]:
     second_order = order == "second-order"
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
     if not second_order:
@@ -51,7 +57,54 @@ def sgd_step(params: Params, loss: torch.Tensor, lr: float, order: Order, max_no
     if max_norm > 0:
         scale = clip_scale(grads, max_norm)
         grads = [g * scale for g in grads]
-    return {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+    return grads
+
+
+@dataclass
+class AdamState:
+    """The moments of functional Adam inner steps, as plain tensors (Kingma & Ba 2015, Algorithm 1).
+
+    Args:
+        m (`Params`): first-moment estimates.
+        v (`Params`): second-moment estimates.
+        t (`int`): steps taken.
+    """
+
+    m: Params
+    v: Params
+    t: int = 0
+
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the attacks use
+
+
+def adam_update(params: Params, grads: Params, lr: float, state: AdamState | None) -> tuple[Params, AdamState]:
+    """One Adam step of `params` along the (already clipped, detached) `grads`, as new dicts: first order only,
+    since its update is not differentiated through."""
+    (b1, b2), t = ADAM_BETAS, (state.t if state else 0) + 1
+    m = {n: b1 * state.m[n] + (1 - b1) * g if state else (1 - b1) * g for n, g in grads.items()}
+    v = {n: b2 * state.v[n] + (1 - b2) * g * g if state else (1 - b2) * g * g for n, g in grads.items()}
+    stepped = {n: p - lr * (m[n] / (1 - b1**t)) / ((v[n] / (1 - b2**t)).sqrt() + ADAM_EPS)
+               for n, p in params.items()}
+    return stepped, AdamState(m, v, t)
+
+
+def adam_step(
+    params: Params, loss: torch.Tensor, lr: float, state: AdamState | None, max_norm: float = 0.0
+) -> tuple[Params, AdamState]:
+    """`sgd_step`'s first-order counterpart with Adam: the clipped, detached gradient of `loss`, then `adam_update`."""
+    grads = _step_gradients(params, loss, "first-order", max_norm)
+    return adam_update(params, dict(zip(params, grads, strict=True)), lr, state)
+
+
+def inner_step(
+    params: Params, loss: torch.Tensor, lr: float, order: Order, max_norm: float = 0.0,
+    optimizer: InnerOptimizer = "sgd", state: AdamState | None = None,
+) -> tuple[Params, AdamState | None]:
+    """One step of a simulated attacker's optimizer: `sgd_step`, or `adam_step` (first order; `state` its moments)."""
+    if optimizer == "adam":
+        return adam_step(params, loss, lr, state, max_norm)
+    return sgd_step(params, loss, lr, order, max_norm), None
 
 
 @dataclass
@@ -64,6 +117,7 @@ class Unrolled:
         gradients (`list[Params]`): each step's mean gradient (empty after `for_replay`).
         states (`list[list[torch.Tensor]]`): the generator's state before each batch loss of each step.
         first_loss (`float`): the mean loss before the first step.
+        trajectory (`list[Params]`): the parameters after each of the steps `unroll` was asked to record.
         kept (`tuple[Params, Params]`, *optional*): the leaves and graph-carrying gradient of the last batch of
             the last step, kept so that the VJP need not replay that one batch.
     """
@@ -73,12 +127,13 @@ class Unrolled:
     gradients: list[Params]
     states: list[list[torch.Tensor]]
     first_loss: float
+    trajectory: list[Params]
     kept: tuple[Params, Params] | None = None
 
     def for_replay(self) -> Unrolled:
-        """What a VJP over ONE batch needs: the run without its final parameters and gradients (which it
-        recomputes), so keeping one per concept costs no parameter copy for one inner step."""
-        return Unrolled({}, self.iterates, [], self.states, self.first_loss, self.kept)
+        """What a VJP over ONE batch needs: the run without its final parameters, trajectory and gradients (which
+        it recomputes), so keeping one per concept costs no parameter copy for one inner step."""
+        return Unrolled({}, self.iterates, [], self.states, self.first_loss, [], self.kept)
 
 
 def _leaves(params: Params) -> Params:
@@ -87,15 +142,19 @@ def _leaves(params: Params) -> Params:
 
 def unroll(
     params: Params, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, *,
-    steps: int, lr: float, max_norm: float = 0.0, keep: list[str] | None = None,
+    steps: int, lr: float, max_norm: float = 0.0, keep: list[str] | None = None, optimizer: InnerOptimizer = "sgd",
+    record: Collection[int] = (), replay: bool = True,
 ) -> Unrolled:
-    """`steps` SGD steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
+    """`steps` SGD (or Adam) steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
 
-    The values equal those of `sgd_step` applied `steps` times to the stacked mean loss. With `keep` (the names
-    a VJP will differentiate), the last batch's gradient keeps its graph (`Unrolled.kept`): one graph alive,
-    and one forward and backward fewer for the VJP.
+    The values equal those of `sgd_step` (`adam_step`) applied `steps` times to the stacked mean loss. With `keep`
+    (the names a VJP will differentiate), the last batch's gradient keeps its graph (`Unrolled.kept`): one graph
+    alive, and one forward and backward fewer for the VJP. The parameters after each step in `record` (1-based)
+    are kept in `Unrolled.trajectory`. Without `replay` (first order), no iterate or gradient is kept: a long
+    trajectory then holds one copy of the parameters per recorded step only.
     """
     phi, iterates, gradients, states, first, kept = {n: p.detach() for n, p in params.items()}, [], [], [], None, None
+    trajectory, adam = [], None
     for step in range(steps):
         step_states, mean, total = [], {n: torch.zeros_like(p) for n, p in phi.items()}, 0.0
         for index, loss_fn in enumerate(losses):
@@ -111,11 +170,17 @@ def unroll(
             total += loss.item() / len(losses)
         first = total if first is None else first
         scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 else 1.0
-        iterates.append(phi)
-        gradients.append(mean)
+        if replay:
+            iterates.append(phi)
+            gradients.append(mean)
         states.append(step_states)
-        phi = {n: p - lr * scale * mean[n] for n, p in phi.items()}
-    return Unrolled(phi, iterates, gradients, states, first, kept)
+        if optimizer == "adam":
+            phi, adam = adam_update(phi, {n: scale * g for n, g in mean.items()}, lr, adam)
+        else:
+            phi = {n: p - lr * scale * mean[n] for n, p in phi.items()}
+        if step + 1 in record:
+            trajectory.append(phi)
+    return Unrolled(phi, iterates, gradients, states, first, trajectory, kept)
 
 
 def _replay(generator: torch.Generator, state: torch.Tensor) -> torch.Generator:

@@ -34,6 +34,7 @@ class LoopSettings:
     desc: str  # progress-bar label
     loss_name: str = "loss"  # the log key of the minimised quantity
     step_name: str = "step"  # how an error names a step, e.g. "outer step"
+    show_progress: bool = True  # False on all but the main process of a distributed run: one bar on the terminal
 
 
 class TrainingLoop:
@@ -85,7 +86,8 @@ class TrainingLoop:
             raise ConfigError(f"'{folder}' holds an unfinished run; pass --resume or use another --out")
         if self.step == 0:
             self.at_checkpoint()
-        with tqdm(total=settings.steps, initial=self.step, desc=settings.desc) as bar:
+        with tqdm(total=settings.steps, initial=self.step, desc=settings.desc,
+                  disable=not settings.show_progress) as bar:
             while self.step < settings.steps:
                 logs = self.train_step()
                 self.step += 1

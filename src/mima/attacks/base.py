@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from mima.attacks.config import AttackConfig
+from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT, AttackConfig
+from mima.attacks.prompts import RARE_TOKEN, caption, check_new_token, check_rare_token
 from mima.data.concepts import ConceptSpec
 from mima.losses import diffusion_loss, unet_caller
 from mima.models.components import Components
@@ -28,6 +29,10 @@ class Attack(ABC):
     """The learning rate of the method's reference implementation for Stable Diffusion, the default on real models."""
     default_steps: ClassVar[int]
     uses_prior: ClassVar[bool] = False
+    default_prompt: ClassVar[str] = CONCEPT_PROMPT
+    """The prompt mode when `config.prompt` is unset (see `mima.attacks.prompts`)."""
+    learns_token: ClassVar[bool] = False
+    """Whether the method trains a new token's embedding; then every prompt it trains or samples holds the token."""
 
     def __init__(self, config: AttackConfig) -> None:
         self.config = config
@@ -56,19 +61,43 @@ class Attack(ABC):
     def export(self, out_dir: Path) -> Path:
         """Write the learnt artifact in the format plain diffusers loads; return its folder."""
 
-    def prompt(self, prompt: str) -> str:
-        """How this method refers to the concept in a prompt (token methods substitute their new token)."""
-        return prompt
+    @classmethod
+    def prompt_mode(cls, config: AttackConfig) -> str:
+        """`concept`, `fresh-token` or the fixed text that `config` trains under."""
+        return config.prompt or cls.default_prompt
 
     @classmethod
-    def rewrites_prompts(cls) -> bool:
-        """Whether `prompt` changes prompts, so that the samples at step 0 are not the model's own drawing."""
-        return cls.prompt is not Attack.prompt
+    def token_for(cls, config: AttackConfig, concept: ConceptSpec) -> str | None:
+        """The token this run writes into prompts: for a method that learns none, the rare untrained identifier
+        of `fresh-token` (`config.token`, default "sks"), else None. Token methods override it."""
+        return (config.token or RARE_TOKEN) if cls.prompt_mode(config) == FRESH_TOKEN_PROMPT else None
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning of `prompts` (differentiable where the method trains the text side)."""
+    @classmethod
+    def check_prompt(cls, config: AttackConfig, concept: ConceptSpec, tokenizers: list, caption_bank: str) -> None:
+        """Refuse (`ConfigError`) a token the run cannot use, before any model loads: a learned token the
+        `tokenizers` already know, or a fresh identifier that is a common word (of `caption_bank`) or unreadable."""
+        token = cls.token_for(config, concept)
+        if cls.learns_token:
+            check_new_token(token, tokenizers)
+        elif token is not None:
+            check_rare_token(token, concept, tokenizers, caption_bank)
+
+    def prompt(self, prompt: str) -> str:
+        """How this run captions (and samples) an image whose own prompt is `prompt`, under its prompt mode."""
+        token = self.token_for(self.config, self.concept)
+        return caption(prompt, self.prompt_mode(self.config), self.concept, token, learns_token=self.learns_token)
+
+    @classmethod
+    def rewrites_prompts(cls, prompt: str | None = None) -> bool:
+        """Whether a run with prompt mode `prompt` (default the method's) changes the concept's prompts, so that
+        its samples at step 0 are not the model's own drawing of them."""
+        return cls.learns_token or (prompt or cls.default_prompt) != CONCEPT_PROMPT
+
+    def encode(self, prompts: list[str], *, rewrite: bool = True) -> torch.Tensor:
+        """Text conditioning of `prompts`, captioned by [`Attack.prompt`] unless `rewrite` is False (class images
+        keep their class prompt); differentiable where the method trains the text side."""
         with torch.set_grad_enabled(self.trains_text()):
-            return self.components.encode_prompts([self.prompt(p) for p in prompts])
+            return self.components.encode_prompts([self.prompt(p) for p in prompts] if rewrite else prompts)
 
     def trains_text(self) -> bool:
         return False
@@ -78,7 +107,7 @@ class Attack(ABC):
         prior: tuple[torch.Tensor, list[str]] | None = None,
     ) -> torch.Tensor:
         """The shared diffusion loss of one batch (with prior preservation when the method uses it)."""
-        prior_pair = (prior[0], self.encode(prior[1])) if prior is not None else None
+        prior_pair = (prior[0], self.encode(prior[1], rewrite=False)) if prior is not None else None
         return diffusion_loss(
             unet_caller(self.components.unet), self.components.scheduler, latents, self.encode(prompts),
             generator=generator, prior=prior_pair, prior_weight=self.config.prior_weight,

@@ -8,6 +8,9 @@ from typing import Literal
 from mima.config import Config
 from mima.errors import ConfigError
 
+CONCEPT_PROMPT = "concept"
+FRESH_TOKEN_PROMPT = "fresh-token"
+
 
 @dataclass(frozen=True)
 class AttackConfig(Config):
@@ -27,7 +30,14 @@ class AttackConfig(Config):
     rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
     prior_weight: float = field(default=1.0, metadata={"help": "dreambooth: prior-preservation weight (0: off)"})
     train_text_encoder: bool = field(default=False, metadata={"help": "dreambooth: also tune the text encoder"})
-    token: str | None = field(default=None, metadata={"help": "new token (textual-inversion, custom-diffusion)"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "what the training images are captioned with: 'concept' (the concept's own prompts; a learned token "
+        "is added beside its words), 'fresh-token' (the words naming the concept replaced by a token: the learned "
+        "one, or for lora/dreambooth --token untrained, default 'sks') or any other TEXT, the caption of every "
+        "image; evaluation samples use the same (default: the method's, fresh-token for textual-inversion, "
+        "concept for the others)"})
+    token: str | None = field(default=None, metadata={
+        "help": "new token (textual-inversion, custom-diffusion), or the rare untrained one of --prompt fresh-token"})
     n_images: int = field(default=32, metadata={"help": "images generated per toy concept"})
     n_class_images: int = field(default=32, metadata={"help": "class images for prior preservation"})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
@@ -46,6 +56,10 @@ class AttackConfig(Config):
         for name in ("batch_size", "eval_images", "sampling_steps", "rank", "n_images", "n_class_images"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("prompt must be 'concept', 'fresh-token' or a non-empty text, got an empty one")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError(f"token must be one word without spaces, got {self.token!r}")
 
     def check_names(self) -> None:
         """Resolve the method's name, so that a misspelling fails before any model loads; every run and

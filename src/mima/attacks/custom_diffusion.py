@@ -15,7 +15,8 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
 from mima.attacks.base import Attack, attacks
-from mima.attacks.tokens import NewToken, load_token_embeddings, with_token
+from mima.attacks.config import AttackConfig
+from mima.attacks.tokens import NewToken, load_token_embeddings
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 from mima.models.cross_attention import cross_attention_modules
@@ -58,6 +59,11 @@ class CustomDiffusion(Attack):
     reference_lr = 1e-5  # diffusers examples/custom_diffusion/train_custom_diffusion.py (unscaled)
     default_steps = 200
     uses_prior = True
+    learns_token = True  # its default prompt mode, `concept`, keeps the concept's words beside the token
+
+    @classmethod
+    def token_for(cls, config: AttackConfig, concept: ConceptSpec) -> str:
+        return config.token or f"<new-{concept.name}>"
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
         self.components, self.concept = components, concept
@@ -66,10 +72,7 @@ class CustomDiffusion(Attack):
         kv = {path: (a.to_k.weight, a.to_v.weight) for path, a in cross_attention_modules(components.unet).items()}
         self.processors = install_processors(components.unet, kv)
         init_word = (concept.class_prompt or "object").split()[-1]
-        self.new_token = NewToken(components, self.config.token or f"<new-{concept.name}>", init_word)
-
-    def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept, self.new_token.token, keep_words=True)
+        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word)
 
     def trains_text(self) -> bool:
         return True

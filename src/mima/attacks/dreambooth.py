@@ -20,7 +20,7 @@ class DreamBooth(Attack):
     uses_prior = True
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
-        self.components = components
+        self.components, self.concept = components, concept
         components.vae.requires_grad_(False)
         components.text_encoder.requires_grad_(self.config.train_text_encoder)
         components.unet.requires_grad_(True)

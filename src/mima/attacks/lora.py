@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from mima.attacks.base import Attack, attacks
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
+from mima.models.cross_attention import ATTENTION_PROJECTIONS
 
 
 @attacks.register("lora")
@@ -20,12 +21,12 @@ class LoRA(Attack):
     default_steps = 200
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
-        self.components = components
+        self.components, self.concept = components, concept
         for module in components.modules().values():
             module.requires_grad_(False)
         adapter = LoraConfig(
             r=self.config.rank, lora_alpha=self.config.rank, init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=list(ATTENTION_PROJECTIONS),
         )
         components.unet.add_adapter(adapter)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from mima.attacks.base import Attack, attacks
-from mima.attacks.tokens import NewToken, with_token
+from mima.attacks.config import FRESH_TOKEN_PROMPT, AttackConfig
+from mima.attacks.tokens import NewToken
 from mima.data.concepts import ConceptSpec
 from mima.models.components import Components
 
@@ -17,16 +18,19 @@ class TextualInversion(Attack):
     default_lr = 5e-3  # the reference 5e-4 x batch scaling, raised for the toy world's short budget
     reference_lr = 5e-4  # diffusers examples/textual_inversion/textual_inversion.py (unscaled)
     default_steps = 300
+    default_prompt = FRESH_TOKEN_PROMPT
+    learns_token = True
+
+    @classmethod
+    def token_for(cls, config: AttackConfig, concept: ConceptSpec) -> str:
+        return config.token or f"<{concept.name}>"
 
     def prepare(self, components: Components, concept: ConceptSpec) -> None:
         self.components, self.concept = components, concept
         for module in components.modules().values():
             module.requires_grad_(False)
         init_word = (concept.class_prompt or "object").split()[-1]
-        self.new_token = NewToken(components, self.config.token or f"<{concept.name}>", init_word)
-
-    def prompt(self, prompt: str) -> str:
-        return with_token(prompt, self.concept, self.new_token.token)
+        self.new_token = NewToken(components, self.token_for(self.config, concept), init_word)
 
     def trains_text(self) -> bool:
         return True

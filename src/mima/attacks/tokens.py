@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -30,7 +31,7 @@ class NewToken:
     def __init__(self, components: Components, token: str, init_word: str) -> None:
         self.token, self.token_ids, self.vectors = token, [], []
         for tokenizer, text_encoder in components.text_pairs():
-            if token in tokenizer.get_vocab() or len(tokenizer.tokenize(token)) == 1:
+            if token_exists(tokenizer, token):
                 raise ConfigError(f"token '{token}' already exists in the tokenizer; choose a new one with --token")
             init_id = tokenizer(init_word, add_special_tokens=False).input_ids[0]
             tokenizer.add_tokens(token)
@@ -72,6 +73,11 @@ def load_token_embeddings(pipe: DiffusionPipeline, directory: str | Path) -> Non
     pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
     for key, (text_encoder, tokenizer) in zip(SDXL_KEYS, pairs, strict=True):
         pipe.load_textual_inversion(tensors[key], token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def token_exists(tokenizer: Any, token: str) -> bool:
+    """Whether `tokenizer` already reads `token` as one of its tokens (then it cannot be learned as a new one)."""
+    return token in tokenizer.get_vocab() or len(tokenizer.tokenize(token)) == 1
 
 
 def with_token(prompt: str, concept: ConceptSpec, token: str, *, keep_words: bool = False) -> str:

@@ -22,7 +22,7 @@ from mima.attacks.base import Attack
 from mima.attacks.config import AttackConfig
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.data.image_folder import write_image_folder
-from mima.models.components import Components, speaks_toy_vocabulary
+from mima.models.components import Components, load_tokenizers, speaks_toy_vocabulary
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.training import LoopSettings, TrainingLoop
@@ -46,6 +46,14 @@ class AttackRun:
         method = attacks.get(self.config.method)  # unset fields: the method's defaults for this model's family
         self.config = method.settings(self.config, toy=speaks_toy_vocabulary(self.model))
 
+    def check(self) -> None:
+        """Refuse (`ConfigError`) a token this run cannot use, reading only the model's tokenizers: every run calls
+        it before anything loads, a sweep or benchmark for each of its runs before the first starts."""
+        method = attacks.get(self.config.method)
+        if method.learns_token or method.token_for(self.config, self.concept) is not None:
+            bank = "toy" if speaks_toy_vocabulary(self.model) else "generic"
+            method.check_prompt(self.config, self.concept, load_tokenizers(self.model), bank)
+
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
         method = attacks.get(self.config.method)
@@ -53,6 +61,7 @@ class AttackRun:
         placement = resolve_placement(self.device, config.mixed_precision)
         sampling = resolve_placement(self.device, config.sampling_precision or config.mixed_precision,
                                      flag="--sampling-precision" if config.sampling_precision else "--mixed-precision")
+        self.check()
         claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
         concept = materialize(self.concept, self.out_dir / "data", config.n_images, seed=config.seed)
@@ -66,11 +75,15 @@ class AttackRun:
             with placement.autocast():
                 concept = ensure_class_images(components, concept, self.out_dir / "data", config.n_class_images)
         attack.prepare(components, concept)
-        log = _Loop(attack, components, concept, config, self.out_dir, placement, sampling).run(resume)
+        loop = _Loop(attack, components, concept, config, self.out_dir, placement, sampling)
+        log = loop.run(resume)
         export_dir = attack.export(self.out_dir / "export")
         record = {
             "config": config.to_dict(), "model": self.model, "concept": concept.name, "prompts": list(concept.prompts),
-            "eval_prompts": _eval_prompts(concept, config), "log": log, "elapsed_s": time.time() - started,
+            "eval_prompts": _eval_prompts(concept, config), "prompt_mode": method.prompt_mode(config),
+            "token": method.token_for(config, concept), "train_prompts": sorted(set(map(attack.prompt, loop.prompts))),
+            "sample_prompts": list(dict.fromkeys(loop.sample_prompts())), "log": log,
+            "elapsed_s": time.time() - started,
             **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -111,6 +124,7 @@ class _Loop(TrainingLoop):
         super().__init__(params, torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-2), settings,
                          placement)
         self.instance = encode_folder(components, concept.images, concept.prompt)
+        self.prompts = self.instance.prompts
         self.prior = None
         if attack.uses_prior and config.prior_weight > 0 and concept.class_images is not None:
             self.prior = encode_folder(components, concept.class_images, concept.class_prompt or "")
@@ -123,12 +137,16 @@ class _Loop(TrainingLoop):
             prior = (prior_latents, prior_prompts)
         return self.attack.loss(latents, prompts, generator, prior), {}
 
-    def at_checkpoint(self) -> None:
+    def sample_prompts(self) -> list[str]:
+        """The prompts of the evaluation samples: the evaluation prompts captioned as the training images are."""
         prompts = _eval_prompts(self.concept, self.config)
-        eval_prompts = [prompts[i % len(prompts)] for i in range(self.config.eval_images)]
+        return [self.attack.prompt(prompts[i % len(prompts)]) for i in range(self.config.eval_images)]
+
+    def at_checkpoint(self) -> None:
+        prompts = self.sample_prompts()
         with self.sampling.autocast():
             images = sample_images(
-                self.components, [self.attack.prompt(p) for p in eval_prompts], seed=self.config.seed,
-                steps=self.config.sampling_steps, guidance_scale=self.config.guidance_scale,
+                self.components, prompts, seed=self.config.seed, steps=self.config.sampling_steps,
+                guidance_scale=self.config.guidance_scale,
             )
-        write_image_folder(images, eval_prompts, self.out_dir / "samples" / f"step_{self.step}")
+        write_image_folder(images, prompts, self.out_dir / "samples" / f"step_{self.step}")

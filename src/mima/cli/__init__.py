@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args) or 0
     except MimaError as e:
         return _fail(str(e))
+    except BrokenPipeError:  # the reader went away (`mima ls | head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141
     except OSError as e:
         if e.errno is None:  # not the operating system's refusal (read-only, full disk, permission) but a bug
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +27,24 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
     return value
+def add_output_file_arguments(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    """`--out FILE` and `--overwrite`: a file already there is replaced only when asked (`check_output_file`)."""
+    parser.add_argument("--out", type=Path, required=required, help=help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuse, before any heavy work, to replace an existing file without `--overwrite` (or to write over a
+    folder), and create the file's folder (an unwritable destination fails here too)."""
+    from mima.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--out '{path}' is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out '{path}' exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """`--device`, checked (with `mima.utils.device.resolve_device`) before any model loads."""
     parser.add_argument(

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mima.cli._args import add_device_argument, finite_float, positive_int
+from mima.cli._args import (
+    add_device_argument,
+    add_output_file_arguments,
+    check_output_file,
+    finite_float,
+    positive_int,
+)
 from mima.errors import ConfigError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -22,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=finite_float, default=4.0,
                         help="classifier-free guidance scale (default 4.0)")
-    parser.add_argument("--out", type=Path, required=True, help="output image, e.g. outputs/star.png")
+    add_output_file_arguments(parser, help="output image, e.g. outputs/star.png")
     add_device_argument(parser)
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                         help="sample with the weights cast to this dtype (fp16: GPU only) (default no: float32)")
@@ -32,8 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     if args.out.suffix.lower() not in _IMAGE_SUFFIXES:
         raise ConfigError(f"--out '{args.out}' must end in one of {', '.join(_IMAGE_SUFFIXES)}")
-    # Fail on an unwritable destination before the model loads.
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(args.out, args.overwrite)  # before the model loads
 
     from mima.models.components import Components
     from mima.sampling import sample_images, save_grid

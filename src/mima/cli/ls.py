@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-_KINDS = ("immunizers", "attacks", "encoders", "metrics")
+_KINDS = ("immunizers", "attacks", "simulated-attackers", "encoders", "metrics")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("ls", help="list registered immunizers, attacks, encoders and metrics")
+    parser = subparsers.add_parser(
+        "ls", help="list registered immunizers, attacks, simulated attackers, encoders and metrics")
     parser.add_argument("kind", nargs="?", choices=_KINDS, help="what to list (default: everything)")
     parser.set_defaults(func=_ls)
 
@@ -23,11 +24,13 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _lines(kind: str) -> list[str]:
-    if kind in ("immunizers", "attacks"):
+    if kind in ("immunizers", "attacks", "simulated-attackers"):
         if kind == "immunizers":
             from mima.immunize import immunizers as registry
-        else:
+        elif kind == "attacks":
             from mima.attacks import attacks as registry
+        else:
+            from mima.immunize.attackers import simulated_attackers as registry
         classes = {name: registry.get(name) for name in registry.names()}
         return [f"{name:<20} {_summary(cls)}{_defaults(cls)}" for name, cls in classes.items()]
     if kind == "encoders":
@@ -41,9 +44,10 @@ def _lines(kind: str) -> list[str]:
 
 
 def _defaults(cls: type) -> str:
-    """An attack's declared defaults (see `Attack.settings`); nothing for an immunizer."""
+    """An attack's declared defaults (see `Attack.settings`), a simulated attacker's learning rate; nothing for an
+    immunizer."""
     if not hasattr(cls, "default_steps"):
-        return ""
+        return f" (default lr {cls.default_lr:g})" if hasattr(cls, "default_lr") else ""
     return f" (defaults: {cls.default_steps} steps, lr {cls.default_lr:g}; on a real model {cls.reference_lr:g})"
 
 

@@ -10,7 +10,13 @@ import shutil
 from pathlib import Path
 
 from mima.cli import toy_pretrain
-from mima.cli._args import add_device_argument, finite_float, positive_int
+from mima.cli._args import (
+    add_device_argument,
+    add_output_file_arguments,
+    check_output_file,
+    finite_float,
+    positive_int,
+)
 from mima.errors import ConfigError, ModelError
 from mima.toy.world import toy_concepts
 
@@ -40,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--n", type=positive_int, default=32, help="samples per prompt (default 32)")
     judge.add_argument("--guidance", type=finite_float, default=4.0, help="guidance scale (default 4.0)")
     judge.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
-    judge.add_argument("--out", type=Path, help="also write the rates as JSON here")
+    add_output_file_arguments(judge, help="also write the rates as JSON here", required=False)
     add_device_argument(judge)
     judge.set_defaults(func=_judge)
 
@@ -63,7 +69,10 @@ def _judge(args: argparse.Namespace) -> None:
     from mima.toy.judge import load_default_judge
     from mima.toy.quality import concept_rates, summarize
     from mima.utils.device import resolve_device
+    from mima.utils.io import atomic_write_text
 
+    if args.out:
+        check_output_file(args.out, args.overwrite)  # before the model loads
     device = resolve_device(args.device)
     rates = concept_rates(Components.from_pretrained(args.model).to(device), load_default_judge().to(device),
                           n=args.n, steps=args.steps, guidance_scale=args.guidance)
@@ -72,8 +81,8 @@ def _judge(args: argparse.Namespace) -> None:
     for group, stats in summarize(rates).items():
         print(f"{group}: mean {100 * stats['mean']:.1f}%, min {100 * stats['min']:.1f}%")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rates": rates, "summary": summarize(rates)}, indent=2, sort_keys=True))
+        record = {"rates": rates, "summary": summarize(rates)}
+        atomic_write_text(args.out, json.dumps(record, indent=2, sort_keys=True))
 
 
 def _images(args: argparse.Namespace) -> None:

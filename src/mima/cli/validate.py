@@ -70,4 +70,4 @@ def _validate_benchmark(path: Path) -> None:
         plan = Benchmark(config, Path(part or ".")).plan()
         name = f"{part}: " if part else ""
         print(f"{path}: {name}valid benchmark of {len(plan.immunizations)} models, each attacked with "
-              f"{', '.join(config.attacks)}")
+              f"{', '.join(config.attack_names())}")

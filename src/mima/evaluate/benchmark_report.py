@@ -21,10 +21,12 @@ from mima.evaluate.summary import (
     BeforeAttack,
     Evaluations,
     Summary,
+    WorstCase,
     before_attack,
     evaluations_to_json,
     mean,
     summarize,
+    worst_cases,
 )
 from mima.sampling import save_grid
 from mima.utils.io import atomic_write_text
@@ -83,6 +85,20 @@ def _table(summary: Summary) -> list[list[str]]:
     return rows
 
 
+def _worst_case_table(worst: dict[str, dict[str, WorstCase]], attacks: list[str]) -> list[list[str]]:
+    """Rows (method, encoder): the lowest MSGR over the attacks and its attack, then every attack's MSGR."""
+    rows = [["method", "encoder", "worst-case MSGR %", "worst attack", *(f"MSGR % {a}" for a in attacks)]]
+    for method, by_encoder in worst.items():
+        for encoder, case in by_encoder.items():
+            cells = [case.per_attack.get(a) for a in attacks]
+            rows.append([method, encoder, _percent(case.msgr), case.attack or "n/a", *map(_percent, cells)])
+    return rows
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _before_attack_table(before: BeforeAttack, concepts: list[str], non_targets: list[str]) -> list[list[str]]:
     """Rows (encoder, concept), columns the models: similarity to the references, and the judge's rate if known."""
     models = list(before.models)
@@ -106,12 +122,17 @@ def write_benchmark_report(
     """Write the report folder of a benchmark's `evaluations` (sample grids from the attack `runs`' folders)."""
     concepts = targets + non_targets
     summary = summarize(evaluations, targets, non_targets)
+    attacks = config.attack_names()
     figures = [_curve_figure(evaluations, a, e, concepts, out_dir / "figures" / f"similarity-{slug(a)}-{slug(e)}.png")
-               for a in config.attacks for e in config.encoders]
+               for a in attacks for e in config.encoders]
     grids = [_sample_grid(runs, a, c, config.seeds[0], out_dir / "grids" / f"{slug(a)}-{slug(c)}.png")
-             for a in config.attacks for c in concepts]
-    before = before_attack(evaluations, list(config.attacks), concepts)
+             for a in attacks for c in concepts]
+    plain = [v.name for v in config.attack_variants() if not v.rewrites_prompts(config.attack)]
+    before = before_attack(evaluations, plain, concepts)
+    worst = worst_cases(summary)
     record = {
+        "worst_case": {method: {encoder: case.to_json() for encoder, case in by_encoder.items()}
+                       for method, by_encoder in worst.items()},
         "summary": {method: {attack: {encoder: row.to_json() for encoder, row in by_encoder.items()}
                              for attack, by_encoder in by_attack.items()} for method, by_attack in summary.items()},
         "before_attack": before.to_json() if before else {}, "evaluations": evaluations_to_json(evaluations),
@@ -119,7 +140,8 @@ def write_benchmark_report(
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     before_table = _before_attack_table(before, concepts, non_targets) if before else None
-    _write_documents(summary, before_table, figures, grids, list(runs), timings, out_dir)
+    tables = (_worst_case_table(worst, attacks), _table(summary))
+    _write_documents(tables, before_table, figures, grids, list(runs), timings, out_dir)
     return out_dir
 
 
@@ -134,20 +156,25 @@ def _html_table(rows: list[list[str]], table_id: str) -> str:
     return f"<table id='{table_id}'>{cells}</table>"
 
 
-def _write_documents(summary: Summary, before_table: list[list[str]] | None, figures: list[Path], grids: list[Path],
-                     methods: list[str], timings: dict[str, dict[str, float]], out_dir: Path) -> None:
-    table = _table(summary)
+def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_table: list[list[str]] | None,
+                     figures: list[Path], grids: list[Path], methods: list[str], timings: dict[str, dict[str, float]],
+                     out_dir: Path) -> None:
+    """`tables`: the worst case over attacks, then the main table (every method, attack and encoder)."""
+    worst_table, table = tables
+    worst_legend = ("Worst case over attacks: per model and encoder, the attack the immunization slows least (the "
+                    "lowest MSGR, seed means), then every attack's MSGR.")
     legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "
               "learnable (definitions: docs/metrics.md).")
     before_legend = ("Each model's own samples of each concept's prompt, before any attack step: similarity to the "
                      "references (judge's rate). Non-targets should match `none`; targets should be low.")
     if before_table is None:
-        before_legend = ("Not measured: every attack rewrites the prompt with a new token, so its step 0 is not "
-                         "the model's own drawing.")
+        before_legend = ("Not measured: every attack rewrites the concept's prompt (a new token, a fresh token or a "
+                         "fixed text), so its step 0 is not the model's own drawing.")
     time_line = "Time (s). " + "; ".join(
         f"{kind}: " + ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in phases.items())
         for kind, phases in timings.items())
-    md = ["# mima benchmark report", "", legend, "", *_markdown_table(table), "", time_line, "",
+    md = ["# mima benchmark report", "", worst_legend, "", *_markdown_table(worst_table), "", legend, "",
+          *_markdown_table(table), "", time_line, "",
           "## Before any attack", "", before_legend, ""]
     md += _markdown_table(before_table) if before_table else []
     md += ["", "## Similarity vs attack steps"]
@@ -158,7 +185,8 @@ def _write_documents(summary: Summary, before_table: list[list[str]] | None, fig
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>mima benchmark report</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #999;padding:4px 8px}</style></head><body>",
-            "<h1>mima benchmark report</h1>", f"<p>{legend}</p>", _html_table(table, "summary"),
+            "<h1>mima benchmark report</h1>", f"<p>{worst_legend}</p>", _html_table(worst_table, "worst-case"),
+            f"<p>{legend}</p>", _html_table(table, "summary"),
             f"<p>{time_line}</p>", "<h2>Before any attack</h2>", f"<p>{before_legend}</p>",
             _html_table(before_table, "before-attack") if before_table else "", "<h2>Similarity vs attack steps</h2>",
             *(_embed(f) for f in figures), f"<h2>Last-checkpoint samples (rows: {', '.join(methods)})</h2>",

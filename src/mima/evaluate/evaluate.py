@@ -253,8 +253,7 @@ def _evaluate_encoder(
     concepts: dict[str, ConceptResult] = {}
     similarities, successes = {}, {}
     for concept, pair in runs.items():
-        with FeatureCache(references[concept], encoder) as cache:
-            reference, _ = cache.encode(read_image_folder(references[concept])[0])  # (|R|, F)
+        reference = _reference_features(encoder, references[concept])
         curves = {c: _run_curves(encoder, run, pair.steps, reference, concept)
                   for c, run in zip(CONDITIONS, (pair.without, pair.immunized), strict=True)}
         similarities[concept] = {c: s for c, (s, _) in curves.items()}
@@ -265,6 +264,21 @@ def _evaluate_encoder(
         concepts[concept] = _concept_result(pair, similarities[concept], successes.get(concept), target)
     curve_set = CurveSet(similarities, successes, non_targets)
     return EncoderResult(concepts, {name: metrics.get(name)().compute(curve_set) for name in metrics.names()})
+
+
+def run_similarity(run: PathLike, references: PathLike, encoder: ImageEncoder) -> SimilarityCurve:
+    """S(samples of `run` at each of its checkpoints, the images of `references`) under `encoder`, features cached
+    as [`evaluate_runs`] caches them: one attack run scored alone, without a run on an un-immunized model."""
+    info = read_attack_run(run)
+    if not Path(references).is_dir():
+        raise DataError(f"reference image folder '{references}' does not exist")
+    reference = _reference_features(encoder, references)
+    return _run_curves(encoder, info, list(info.steps), reference, info.concept)[0]
+
+
+def _reference_features(encoder: ImageEncoder, folder: PathLike) -> torch.Tensor:
+    with FeatureCache(folder, encoder) as cache:
+        return cache.encode(read_image_folder(folder)[0])[0]  # (|R|, F)
 
 
 def _run_curves(

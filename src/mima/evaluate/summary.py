@@ -1,7 +1,8 @@
 """The numbers of a benchmark's report: seed means of its evaluations, per method, attack and encoder.
 
-`summarize` gives the main table ([`SummaryRow`]); `before_attack` what each model draws of each concept before any
-attack step ([`BeforeAttack`]). Both are typed, with `to_json` for the report's `metrics.json`.
+`summarize` gives the main table ([`SummaryRow`]); `worst_cases` the attack each model resists least ([`WorstCase`]);
+`before_attack` what each model draws of each concept before any attack step ([`BeforeAttack`]). All are typed, with
+`to_json` for the report's `metrics.json`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
 
 
 @dataclass(frozen=True)
+class WorstCase:
+    """One (method, encoder): the attack with the lowest MSGR (seed means), the one the immunization slows least,
+    that MSGR (percent), and every attack's MSGR."""
+
+    attack: str | None
+    msgr: float | None
+    per_attack: dict[str, float | None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attack": self.attack, "msgr": self.msgr, "per_attack": self.per_attack}
+
+
+def worst_cases(summary: Summary) -> dict[str, dict[str, WorstCase]]:
+    """method -> encoder -> [`WorstCase`] over the attacks of `summary` (attacks without an MSGR are not ranked)."""
+    cases: dict[str, dict[str, WorstCase]] = {}
+    for method, by_attack in summary.items():
+        encoders = dict.fromkeys(encoder for by_encoder in by_attack.values() for encoder in by_encoder)
+        for encoder in encoders:
+            per_attack = {attack: by_encoder[encoder].msgr for attack, by_encoder in by_attack.items()
+                          if encoder in by_encoder}
+            known = {attack: msgr for attack, msgr in per_attack.items() if msgr is not None}
+            worst = min(known, key=known.__getitem__) if known else None
+            cases.setdefault(method, {})[encoder] = WorstCase(worst, known.get(worst), per_attack)
+    return cases
+
+
+@dataclass(frozen=True)
 class Drawing:
     """What a model draws of a concept's prompt before any attack step, seed means: similarity to the references
     and, where the encoder knows the concept, the share it recognises."""
@@ -97,15 +125,12 @@ class BeforeAttack:
         return {"attack": self.attack, "models": models}
 
 
-def before_attack(evaluations: Evaluations, attacks: list[str], concepts: list[str]) -> BeforeAttack | None:
+def before_attack(evaluations: Evaluations, plain: list[str], concepts: list[str]) -> BeforeAttack | None:
     """Each model's own samples of each concept's prompt before any attack step (seed means).
 
-    Read from step 0 of the first attack that keeps prompts as they are (a token method's step 0 draws its new
-    token instead); None when every attack rewrites prompts.
+    Read from step 0 of the first of the `plain` attacks, those that keep the concept's prompts as they are (a token
+    method's step 0 draws its new token, a fresh-token or fixed-text run its own prompt); None when there is none.
     """
-    from mima.attacks import attacks as registry
-
-    plain = [a for a in attacks if not registry.get(a).rewrites_prompts()]
     if not plain:
         return None
     models: dict[str, dict[str, dict[str, Drawing]]] = {}

@@ -40,6 +40,19 @@ class Immunizer(ABC):
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         """Bind to the model (in place) and precompute what the steps need."""
 
+    def begin_step(self, step: int) -> dict[str, float]:
+        """Called before outer step `step` (0-based) with nothing drawn from its generator; returns values to log
+        (nothing by default; the bi-level methods sample the step's simulated attacker)."""
+        return {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What besides S^u and the optimizer a checkpoint must hold for an exact resume (nothing by default)."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state` returned (nothing to restore by default)."""
+        return None
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The upper-level parameters S^u (name -> parameter) the trainer optimises."""
         return {}

@@ -10,8 +10,10 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import BatchLoss, Params, Unrolled, sgd_step, unet_call_with, unroll, unrolled_vjp
+from mima.functional import BatchLoss, Params, Unrolled, inner_step, unet_call_with, unroll, unrolled_vjp
+from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, Immunizer
+from mima.immunize.distribution import AttackerDistribution
 from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
@@ -21,7 +23,10 @@ from mima.models.encoding import Batch, EncodedConcept
 class BilevelImmunizer(Immunizer):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
-    Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined.
+    Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined. The
+    attacker (`self.attacker`, a `SimulatedAttacker`, the one `begin_step` sampled from `self.distribution`)
+    decides what each copy trains, how, and at which points of its trajectory the upper loss is
+    taken (`AttackerSpec.trajectory_steps`; first order only when more than the last).
     With `splits_concepts`, `upper_gradient` does only this process's concepts (`self.shard`) and returns its share
     of the gradient, which `gradients` sums over processes; otherwise every process computes all of it.
     """
@@ -33,11 +38,29 @@ class BilevelImmunizer(Immunizer):
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(self.unet)
         names = [name for name, _ in self.unet.named_parameters()]
+        self.unet_names = frozenset(names)
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
         self.unet.requires_grad_(False)
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
+        self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names)
+
+    @property
+    def attacker(self) -> SimulatedAttacker:
+        """The simulated attacker of the current outer step."""
+        return self.distribution.attacker
+
+    def begin_step(self, step: int) -> dict[str, float]:
+        """Sample outer step `step`'s attacker from the distribution; logged as `attacker`, its index in
+        `attacker_specs()`."""
+        return {"attacker": self.distribution.sample(step)}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.distribution.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.distribution.load(state, self.unet.device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.unet.named_parameters())
@@ -56,88 +79,170 @@ class BilevelImmunizer(Immunizer):
         call = unet_call_with(self.unet, params)
         return diffusion_loss(call, self.scheduler, batch.latents, batch.hidden, generator=generator)
 
-    def adapt(self, base: Params, batches: list[Batch], generator: torch.Generator) -> tuple[Params, float]:
-        """The simulated attacker: `inner_steps` SGD steps on S^l from theta^{k-1}, on the mean loss of `batches`.
+    def conditioned_loss(
+        self, weights: Params, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
+    ) -> torch.Tensor:
+        """The loss of the UNet with `weights` on `batch` conditioned as the attacker conditions it at `params`."""
+        return self.loss(weights, Batch(batch.latents, self.attacker.hidden(params, batch, concept)), generator)
 
-        Returns the adapted S^l parameters and the first lower-level loss.
-        """
-        lower = {name: base[name] for name in self.lower_names}
-        losses = []
+    def attacked_loss(
+        self, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
+    ) -> torch.Tensor:
+        """The simulated attacker's loss at `params` = `{**base, **phi}` on `batch` of concept index `concept`."""
+        weights = {name: p for name, p in params.items() if name in self.unet_names}
+        return self.conditioned_loss({**weights, **self.attacker.weights(params)}, params, batch, generator, concept)
+
+    def adapt(
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
+    ) -> tuple[Params, float]:
+        """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
+        their graph (second order). Returns the adapted phi and the first lower-level loss."""
+        trajectory, first_loss = self.adapt_trajectory(base, batches, concepts, generator)
+        return trajectory[-1], first_loss
+
+    def adapt_trajectory(
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
+    ) -> tuple[list[Params], float]:
+        """`adapt`, returning phi at each point of the trajectory (`AttackerSpec.trajectory_steps`; the adapted phi
+        last)."""
+        spec, losses, trajectory, adam = self.attacker.spec, [], [], None
+        phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention():
-            for _ in range(self.config.inner_steps):
-                loss = torch.stack([self.loss({**base, **lower}, b, generator) for b in batches]).mean()
-                lower = sgd_step(lower, loss, self.config.inner_lr, self.config.order, self.config.inner_clip)
+            for step in range(spec.steps):
+                loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)
+                                    for b, c in zip(batches, concepts, strict=True)]).mean()
+                phi, adam = inner_step(phi, loss, self.attacker.lr, spec.order, spec.clip, spec.optimizer, adam)
                 losses.append(loss.item())
-        return lower, losses[0]
+                if step + 1 in spec.trajectory_steps:
+                    trajectory.append(phi)
+        self.distribution.carry(concepts, phi, base)
+        return trajectory, losses[0]
+
+    def adapted_weights(self, base: Params, phi: Params) -> Params:
+        """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
+        return {**base, **self.attacker.weights({**base, **phi})}
+
+    def skip_attack(self, base: Params, batch: Batch, concept: int, generator: torch.Generator) -> None:
+        """Draw from `generator` what an attack on `batch` would, without the UNet: so a process skipping another's
+        concept draws the same noise and timesteps as one process doing every concept."""
+        self.distribution.start(base, [concept], generator)
+        self.skip_draws(batch, generator, self.attacker.spec.steps)
 
     def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
-        """Draw from `generator` what `times` losses of `batch` would, without the UNet: so a process skipping
-        another's concept draws the same noise and timesteps as one process doing every concept."""
+        """Draw from `generator` what `times` losses of `batch` would, without the UNet."""
         for _ in range(times):
             diffusion_loss(lambda noisy, t, hidden: noisy, self.scheduler, batch.latents, batch.hidden,
                            generator=generator)
 
-    def batch_loss(self, batch: Batch) -> BatchLoss:
-        """The loss of `batch` as a function of the parameters and the generator."""
-        return lambda params, generator: self.loss(params, batch, generator)
+    def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> list[BatchLoss]:
+        """The attacker's loss of each batch as a function of the parameters and the generator."""
+        return [lambda params, generator, b=b, c=c: self.attacked_loss(params, b, generator, c)
+                for b, c in zip(batches, concepts, strict=True)]
 
     def unroll(
-        self, base: Params, batches: list[Batch], generator: torch.Generator, *, keep_last: bool = True
+        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
+        keep_last: bool = True,
     ) -> Unrolled:
         """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
         (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
-        lower = {name: base[name] for name in self.lower_names}
-        config, keep = self.config, keep_last and self.config.order == "second-order"
-        losses = [self.batch_loss(b) for b in batches]
+        spec = self.attacker.spec
+        second_order = spec.order == "second-order"
+        keep = keep_last and second_order
+        phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention() if keep else nullcontext():
-            return unroll(lower, base, losses, generator, steps=config.inner_steps, lr=config.inner_lr,
-                          max_norm=config.inner_clip, keep=self.upper_names if keep else None)
+            run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
+                         lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None,
+                         optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order)
+        self.distribution.carry(concepts, run.params, base)
+        return run
 
     def unrolled_vjp(
-        self, run: Unrolled, base: Params, batches: list[Batch], generator: torch.Generator, cotangent: Params
+        self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator, cotangent: Params,
     ) -> Params:
-        """The gradient on S^u of <cotangent, adapted S^l>, replaying `run` batch by batch (`unrolled_vjp`)."""
-        losses = [self.batch_loss(b) for b in batches]
+        """The gradient on S^u of <cotangent, adapted phi>, replaying `run` batch by batch (`unrolled_vjp`)."""
+        spec = self.attacker.spec
         with self.double_backward_attention():
-            return unrolled_vjp(run, base, losses, generator, cotangent, self.upper_names, lr=self.config.inner_lr,
-                                max_norm=self.config.inner_clip, order=self.config.order)
+            return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
+                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=spec.order)
+
+    def attack_gradient(
+        self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator, weight_grads: Params, phi_grads: Params,
+    ) -> Params:
+        """The gradient on S^u reaching it through one attack, from the gradient on the weights it changed and on
+        its phi (`kept`: what the attacker kept of its adapted phi)."""
+        cotangent, direct = self.attacker.pull_back(base, kept, weight_grads, self.upper_names)
+        return add_grads(direct, self.unrolled_vjp(run, base, batches, concepts, generator,
+                                                    add_grads(cotangent, phi_grads)))
 
     def double_backward_attention(self) -> AbstractContextManager[None]:
         """The plain-math attention kernel where the inner step is differentiated twice (second order only)."""
-        return differentiable_attention() if self.config.order == "second-order" else nullcontext()
+        return differentiable_attention() if self.attacker.spec.order == "second-order" else nullcontext()
 
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
-        owned: Sequence[bool] | None = None,
-    ) -> tuple[list[float], Params]:
-        """Each batch's loss at `params`, and the gradient of their mean on the names `wrt`, one graph at a time.
+        owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
+        concepts: Sequence[int | None] | None = None, cap: float = 0.0,
+    ) -> tuple[list[float], Params, list[Params]]:
+        """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi,
+        one graph at a time.
 
-        With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
+        With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
+        `phis[n]`. With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
+        With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no gradient.
         """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
+        phi_grads: list[Params] = []
         for index, batch in enumerate(batches):
+            phi = {n: p.detach().requires_grad_() for n, p in (phis[index] if phis else {}).items()}
             if owned is not None and not owned[index]:
                 self.skip_draws(batch, generator)
                 losses.append(0.0)
+                phi_grads.append({})
                 continue
-            loss = self.loss({**params, **leaves}, batch, generator)
-            for name, grad in zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True):
-                grads[name] += grad / len(batches)
+            weights = {**params, **leaves}
+            loss = self.conditioned_loss(weights, {**weights, **phi}, batch, generator,
+                                         concepts[index] if concepts else None)
+            if 0 < cap < loss.item():  # min(loss, cap) is the constant cap here
+                losses.append(cap)
+                phi_grads.append({})
+                continue
+            named = [*leaves.values(), *phi.values()]
+            results = torch.autograd.grad(loss, named, allow_unused=True)
+            for name, grad in zip(leaves, results[:len(leaves)], strict=True):
+                if grad is not None:
+                    grads[name] += grad / len(batches)
+            phi_grads.append({n: g / len(batches) for n, g in zip(phi, results[len(leaves):], strict=True)
+                              if g is not None})
             losses.append(loss.item())
-        return losses, grads
+        return losses, grads, phi_grads
 
     def adapted_loss_gradient(
-        self, base: Params, lowers: list[Batch], uppers: list[Batch], generator: torch.Generator
+        self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],
+        generator: torch.Generator, cap: float = 0.0,
     ) -> tuple[list[float], Params, float]:
-        """The losses of `uppers` after one simulated attack on all of `lowers` (imma-joint, the retain term),
-        the gradient of their mean on S^u, and the first lower-level loss."""
-        run = self.unroll(base, lowers, generator)
-        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
-        losses, grads = self.mean_loss_gradient({**base, **run.params}, uppers, generator, wrt)
-        pulled = self.unrolled_vjp(run, base, lowers, generator, {n: grads[n] for n in self.lower_names})
-        direct = {n: grads[n] for n in self.upper_names if n not in run.params}  # S^u outside S^l
-        return losses, add_grads(pulled, direct), run.first_loss
+        """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
+        imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss; each
+        averaged over the attack's trajectory points, each loss counted up to `cap` (`mean_loss_gradient`)."""
+        run = self.unroll(base, lowers, concepts, generator)
+        points, losses, grads = len(run.trajectory), [0.0] * len(uppers), {}
+        for phi in run.trajectory:
+            kept = self.attacker.kept(phi)
+            changed = self.attacker.weights({**base, **phi})
+            wrt = list(dict.fromkeys([*changed, *self.upper_names]))
+            point_losses, point_grads, phi_grads = self.mean_loss_gradient(
+                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, cap=cap)
+            direct = {n: point_grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
+            phi_grad = {}
+            for more in phi_grads:
+                phi_grad = add_grads(phi_grad, more)
+            pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
+                                          {n: point_grads[n] for n in changed}, phi_grad)
+            grads = add_grads(grads, {n: g / points for n, g in add_grads(pulled, direct).items()})
+            losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
+        return losses, grads, run.first_loss
 
     @abstractmethod
     def upper_gradient(
@@ -163,7 +268,7 @@ class BilevelImmunizer(Immunizer):
         if self.splits_concepts:  # each process's share, summed (a name missing from a share counts as zero)
             grads = {name: grads[name] if name in grads else torch.zeros_like(base[name]) for name in self.upper_names}
             uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
-        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}
+        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
             weight, value = getattr(self.config, f"{name}_weight"), sum(losses) / max(len(losses), 1)
@@ -185,7 +290,9 @@ class BilevelImmunizer(Immunizer):
         if self.config.retain_weight > 0:
             lowers = [Batch(*lo) for lo, _ in pairs if lo is not None]
             classes = [Batch(*up.prior) for lo, up in pairs if lo is not None]
-            yield "retain", self.adapted_loss_gradient(base, lowers, classes, generator)[:2] if lowers else ([], {})
+            no_concepts = [None] * len(lowers)  # class images: conditioned by their own prompts
+            yield "retain", (self.adapted_loss_gradient(base, lowers, classes, no_concepts, generator)[:2]
+                             if lowers else ([], {}))
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -194,14 +301,16 @@ class BilevelImmunizer(Immunizer):
         if not batches:
             return [], {}
         owned = [self.shard.owns(index) for index in range(len(batches))]
-        losses, grads = self.mean_loss_gradient(params, batches, generator, wrt, owned)
+        losses, grads, _ = self.mean_loss_gradient(params, batches, generator, wrt, owned)
         return self.shard.sum_floats(losses), self.shard.sum(grads)
 
     @abstractmethod
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        """theta' over S^l (the adapted and, for MIMA, merged parameters) and the lower-level losses to log."""
+    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+        """At each point of the attacker's trajectory (`AttackerSpec.trajectory_steps`, the end last): theta' (the
+        weights after the attack and, for MIMA, the Merge) and each protected concept's phi (what conditions its
+        upper loss); and the lower-level losses to log."""
 
     def protected(self, batches: ConceptBatches) -> ConceptBatches:
         """The concepts whose upper loss is maximised (all of them, except for single-concept IMMA)."""
@@ -210,9 +319,13 @@ class BilevelImmunizer(Immunizer):
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         batches = self.protected(batches)
         base = self.base_parameters()
-        adapted, lower_logs = self.adapted_parameters(base, batches, generator)
-        adapted = {**base, **adapted}
-        upper = {name: self.loss(adapted, up, generator) for name, (_, up) in batches.items()}
+        points, lower_logs = self.adapted_parameters(base, batches, generator)
+        upper: dict[str, torch.Tensor] = {}
+        for adapted, phis in points:  # the mean over the trajectory's points of each concept's counted loss
+            adapted = {**base, **adapted}
+            for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True)):
+                loss = self.counted(self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n))
+                upper[name] = upper.get(name, 0.0) + loss / len(points)
         objective = -torch.stack(list(upper.values())).mean()
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
         if self.config.prior_weight > 0:
@@ -228,6 +341,11 @@ class BilevelImmunizer(Immunizer):
             objective = objective + self.config.retain_weight * retain
             logs["retain"] = retain.item()
         return objective, logs
+
+    def counted(self, loss: torch.Tensor) -> torch.Tensor:
+        """An upper loss as the objective counts it: min(L, upper_cap) when the ascent is bounded (APDM, NeurIPS
+        2025, argues the plain -L does not converge), so a concept above the cap pushes no further."""
+        return torch.clamp(loss, max=self.config.upper_cap) if self.config.upper_cap > 0 else loss
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Utility preservation: the released (un-adapted) model keeps denoising class images."""
@@ -260,9 +378,11 @@ class BilevelImmunizer(Immunizer):
         pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
         if not pairs:
             return torch.zeros(())
-        adapted, _ = self.adapt(base, [Batch(*lower) for lower, _ in pairs], generator)
-        adapted = {**base, **adapted}
-        return torch.stack([self.loss(adapted, Batch(*upper), generator) for _, upper in pairs]).mean()
+        lowers, no_concepts = [Batch(*lower) for lower, _ in pairs], [None] * len(pairs)
+        trajectory, _ = self.adapt_trajectory(base, lowers, no_concepts, generator)
+        return torch.stack([  # the mean over the trajectory's points, as the upper loss
+            torch.stack([self.loss(self.adapted_weights(base, phi), Batch(*upper), generator) for _, upper in pairs])
+            .mean() for phi in trajectory]).mean()
 
 
 def add_grads(grads: Params, more: Params) -> Params:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -9,6 +11,59 @@ from mima.config import Config
 from mima.errors import ConfigError
 
 Setting = Literal["relearn", "personalize"]
+InnerOptimizer = Literal["sgd", "adam"]
+AttackerOrder = Literal["inherit", "second-order", "first-order"]
+
+
+@dataclass(frozen=True)
+class AttackerSpec(Config):
+    """One simulated attacker of the lower level (docs/method.md, "Simulated attackers"): what it trains and how.
+
+    In `ImmunizeConfig.attackers`, an entry that leaves out steps, clip or order takes the run's `inner_steps`,
+    `inner_clip` and `order`; one that leaves out lr, the kind's own default (`SimulatedAttacker.default_lr`).
+    """
+
+    kind: str = field(default="full", metadata={"help": "what it trains (see `mima ls simulated-attackers`)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate of its inner steps (default: the kind's)"})
+    steps: int = field(default=1, metadata={"help": "inner steps"})
+    clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
+    rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
+    optimizer: InnerOptimizer = field(
+        default="sgd", metadata={"help": "sgd, or adam (first order only: its steps are not differentiated through)"}
+    )
+    weight: float = field(default=1.0, metadata={"help": "sampling weight in the distribution of attackers"})
+    order: AttackerOrder = field(
+        default="inherit",
+        metadata={"help": "differentiate through its steps (second-order) or not (first-order); inherit: the "
+                          "run's `order`"},
+    )
+    trajectory_points: int = field(
+        default=1,
+        metadata={"help": "first order: the upper loss is taken after this many evenly spaced inner steps (the last "
+                          "one included) and its gradients averaged, as tamper-resistant training does"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.lr is not None and self.lr <= 0) or self.steps <= 0 or self.rank <= 0 or self.weight <= 0:
+            raise ConfigError(f"simulated attacker '{self.kind}': lr, steps, rank and weight must be positive")
+        if self.clip < 0:
+            raise ConfigError(f"simulated attacker '{self.kind}': clip must be >= 0 (0: off), got {self.clip}")
+        if not 1 <= self.trajectory_points <= self.steps:
+            raise ConfigError(f"simulated attacker '{self.kind}': trajectory_points must be between 1 and its steps "
+                              f"({self.steps}), got {self.trajectory_points}")
+        if self.order == "second-order" and self.optimizer == "adam":
+            raise ConfigError(f"simulated attacker '{self.kind}': Adam inner steps are first order only; give it "
+                              f"order: first-order (or run with --order first-order)")
+        if self.order == "second-order" and self.trajectory_points > 1:
+            raise ConfigError(f"simulated attacker '{self.kind}': trajectory_points > 1 needs first order; give it "
+                              f"order: first-order (or run with --order first-order)")
+
+    @property
+    def trajectory_steps(self) -> list[int]:
+        """After which inner steps (1-based) the upper loss is taken: `trajectory_points` evenly spaced, the last
+        step always among them."""
+        return [math.ceil(k * self.steps / self.trajectory_points) for k in range(1, self.trajectory_points + 1)]
 
 
 @dataclass(frozen=True)
@@ -28,6 +83,23 @@ class ImmunizeConfig(Config):
     )
     order: Literal["second-order", "first-order"] = field(
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
+    )
+    attackers: tuple[dict | str, ...] = field(
+        default=(),
+        metadata={"help": "the distribution of simulated attackers each outer step samples one from (by weight): "
+                          "kinds (`--attackers full lora`) or mappings of AttackerSpec fields (kind, lr, steps, "
+                          "clip, rank, optimizer, weight, order, trajectory_points); what an entry leaves out comes "
+                          "from inner_lr, inner_steps, inner_clip and order; empty: one 'full' attacker"},
+    )
+    persistent_attacker: bool = field(
+        default=False,
+        metadata={"help": "alternating schedule (the authors' code): each attack starts where the same attacker's "
+                          "attack of the previous outer step ended, instead of afresh (one process only)"},
+    )
+    upper_cap: float = field(
+        default=0.0,
+        metadata={"help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above "
+                          "the cap pushes no further (0: off, the plain -L)"},
     )
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
@@ -76,34 +148,72 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        for name in ("inner_clip", "grad_clip"):
+        for name in ("inner_clip", "grad_clip", "upper_cap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        self.attacker_specs()  # each a valid AttackerSpec
         for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+
+    def attacker_specs(self) -> list[AttackerSpec]:
+        """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; the steps,
+        clip and order an entry leaves out taken from the run (inner_steps, inner_clip, order: never `inherit`)."""
+        run = {"steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
+        specs = []
+        for entry in self.attackers or ({"lr": self.inner_lr},):
+            spec = {**run, **_attacker_mapping(entry)}
+            specs.append(AttackerSpec.from_dict({**spec, "order": self.order} if spec["order"] == "inherit" else spec))
+        return specs
 
     def check_names(self) -> None:
         """Resolve what the settings name (the method, a caption-bank file), so that a misspelling fails before any
         model loads; every run and `mima validate` call it."""
         from mima.data.captions import load_caption_bank
         from mima.immunize import immunizers
+        from mima.immunize.attackers import simulated_attackers
 
         immunizers.get(self.method)
+        for spec in self.attacker_specs():
+            simulated_attackers.get(spec.kind)
         if self.caption_bank != "auto":
             load_caption_bank(self.caption_bank)
 
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
         the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
-        embedded model and every model made from it), `generic` for any other."""
+        embedded model and every model made from it), `generic` for any other; attackers get their default
+        learning rates (`with_attacker_defaults`)."""
         if self.caption_bank != "auto":
-            return self
+            return self.with_attacker_defaults()
         from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
 
-        return self.with_overrides(caption_bank="toy" if speaks_toy_vocabulary(model) else "generic")
+        bank = "toy" if speaks_toy_vocabulary(model) else "generic"
+        return self.with_overrides(caption_bank=bank).with_attacker_defaults()
+
+    def with_attacker_defaults(self) -> ImmunizeConfig:
+        """These settings with each simulated attacker's unset learning rate set to its kind's default, so that
+        the record says what ran."""
+        from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
+
+        specs = self.attacker_specs()
+        if not self.attackers or all(spec.lr is not None for spec in specs):
+            return self
+        return self.with_overrides(attackers=tuple(
+            {**_attacker_mapping(given),
+             "lr": simulated_attackers.get(spec.kind).default_lr if spec.lr is None else spec.lr}
+            for given, spec in zip(self.attackers, specs, strict=True)))
 
     @property
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
         return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+
+
+def _attacker_mapping(entry: object) -> Mapping:
+    """An entry of `ImmunizeConfig.attackers` as a mapping of AttackerSpec fields (a bare kind: `{"kind": kind}`)."""
+    if isinstance(entry, str):
+        return {"kind": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
+    return entry

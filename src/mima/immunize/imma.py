@@ -23,15 +23,18 @@ class IMMAJoint(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        adapted, loss = self.adapt(base, [lower for lower, _ in batches.values()], generator)
-        return adapted, {"lower/joint": loss}
+    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+        lowers = [lower for lower, _ in batches.values()]
+        trajectory, loss = self.adapt_trajectory(base, lowers, range(len(batches)), generator)
+        points = [(self.attacker.weights({**base, **phi}), [phi] * len(batches)) for phi in trajectory]
+        return points, {"lower/joint": loss}
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
         lowers, uppers = [lower for lower, _ in batches.values()], [upper for _, upper in batches.values()]
-        losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, generator)
+        losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, range(len(lowers)), generator,
+                                                               cap=self.config.upper_cap)
         return losses, grads, {"lower/joint": first_loss}
 
 

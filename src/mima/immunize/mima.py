@@ -3,8 +3,9 @@
 One outer step k, whole (docs/method.md, "One outer step"); each line names the function that does it:
 
     x^l_n, x^u_n   two batches of each target's images              immunize.trainer._Loop._batches
+    attacker       this step's simulated attacker, sampled          AttackerDistribution.sample
     theta          theta^{k-1} on S^l and S^u                       BilevelImmunizer.base_parameters
-    theta'_n       theta - alpha * clip(grad L(x^l_n; theta))       BilevelImmunizer.unroll -> functional.unroll
+    theta'_n       the simulated attacker's steps on concept n      BilevelImmunizer.unroll -> functional.unroll
     theta'         Merge(theta'_1 .. theta'_N), K/V in closed form  MergeInputs.merge -> closed_form_merge
     upper, g'      mean_n L(x^u_n, c_n; theta') and its gradient    BilevelImmunizer.mean_loss_gradient
     g'_n           g' pulled back through the Merge to copy n       MergeInputs.pull_back
@@ -13,7 +14,8 @@ One outer step k, whole (docs/method.md, "One outer step"); each line names the 
     objective      -upper + terms, and its gradient on S^u          BilevelImmunizer.gradients
     S^u            AdamW step on clip(gradient) with rate beta      training.TrainingLoop.train_step
 
-`MIMA.upper_gradient` runs lines 3-7. `BilevelImmunizer.objective` is the same objective as one differentiable
+`MIMA.upper_gradient` runs lines 4-8 (lines 5-8 at each point of a first-order trajectory, in
+`merged_upper_gradient`, averaged). `BilevelImmunizer.objective` is the same objective as one differentiable
 expression (`adapted_parameters` then autograd), kept as the reference the tests compare the gradient with.
 """
 
@@ -23,10 +25,10 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params
+from mima.functional import Params, Unrolled
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer, add_grads
-from mima.merge.plan import MergePlan
+from mima.merge.plan import MergeInputs, MergePlan
 from mima.models.components import Components
 from mima.models.encoding import EncodedConcept
 
@@ -44,41 +46,67 @@ class MIMA(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[Params, dict[str, float]]:
-        copies, logs = [], {}
-        for name, (lower, _) in batches.items():
-            adapted, logs[f"lower/{name}"] = self.adapt(base, [lower], generator)
-            copies.append(adapted)
-        return self.plan.merge(base, copies), logs
+    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+        trajectories, logs = [], {}
+        for n, (name, (lower, _)) in enumerate(batches.items()):
+            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
+            trajectories.append(trajectory)
+        points = []  # at each trajectory point, the copies there merged
+        for phis in zip(*trajectories, strict=True):
+            copies = [self.attacker.weights({**base, **phi}) for phi in phis]
+            points.append((self.plan.merge(base, copies), list(phis)))
+        return points, logs
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
-        """Concept by concept: adapt each copy, keeping only what the Merge needs (and the last copy's graph);
-        merge; take the upper gradient at the merged parameters; pull it back through the Merge; replay each
-        copy's inner step with its graph and backpropagate its share (one double-backward graph alive at a time)."""
-        lowers, shard = [lower for lower, _ in batches.values()], self.shard
+        """Concept by concept: adapt each copy, keeping only what the Merge needs at each trajectory point (and the
+        last copy's graph); at each point, merge, take the upper gradient at the merged parameters, pull it back
+        through the Merge, replay each copy's inner steps with their graph and backpropagate its share (one
+        double-backward graph alive at a time); average over the points."""
+        lowers, shard, attacker = [lower for lower, _ in batches.values()], self.shard, self.attacker
         owned = [shard.owns(n) for n in range(len(lowers))]
         last = max(n for n in range(len(lowers)) if owned[n]) if any(owned) else -1
-        inputs, runs, logs = self.plan.inputs(), {}, {}
+        points = len(attacker.spec.trajectory_steps)
+        inputs, runs, kept, logs = [self.plan.inputs() for _ in range(points)], {}, {}, {}
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
             if not owned[n]:  # another process adapts this copy
-                self.skip_draws(lower, generator, self.config.inner_steps)
+                self.skip_attack(base, lower, n, generator)
                 continue
-            run = self.unroll(base, [lower], generator, keep_last=n == last)  # the last one's graph
-            inputs.add(run.params, n)
-            runs[n] = run.for_replay()
+            run = self.unroll(base, [lower], [n], generator, keep_last=n == last)  # the last one's graph
+            for point, phi in zip(inputs, run.trajectory, strict=True):
+                point.add(attacker.weights({**base, **phi}), n)
+            runs[n], kept[n] = run.for_replay(), [attacker.kept(phi) for phi in run.trajectory]
             logs[f"lower/{name}"] = run.first_loss
+        losses, grads = [0.0] * len(lowers), {}
+        for p, point in enumerate(inputs):
+            point_losses, point_grads = self.merged_upper_gradient(
+                base, batches, generator, point, runs, {n: phis[p] for n, phis in kept.items()}, owned)
+            grads = add_grads(grads, {n: g / points for n, g in point_grads.items()})
+            losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
+        return losses, grads, logs
+
+    def merged_upper_gradient(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator, inputs: MergeInputs,
+        runs: dict[int, Unrolled], kept: dict[int, Params], owned: list[bool],
+    ) -> tuple[list[float], Params]:
+        """At one trajectory point: each concept's counted upper loss at the merge of the copies there (`inputs`),
+        and this process's share of its gradient on S^u, through the Merge and each owned copy's attack."""
+        shard, lowers = self.shard, [lower for lower, _ in batches.values()]
         inputs.combine(shard.sum)  # every process merges every copy
         merged = {**base, **inputs.merge(base)}
         uppers = [upper for _, upper in batches.values()]
-        wrt = list(dict.fromkeys([*self.lower_names, *self.upper_names]))
-        losses, upper_grads = self.mean_loss_gradient(merged, uppers, generator, wrt, owned)
+        wrt = list(dict.fromkeys([*inputs.names(), *self.upper_names]))
+        losses, upper_grads, phi_grads = self.mean_loss_gradient(
+            merged, uppers, generator, wrt, owned, phis=[kept.get(n, {}) for n in range(len(uppers))],
+            concepts=range(len(uppers)), cap=self.config.upper_cap)
         upper_grads = shard.sum(upper_grads)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
-        grads = add_grads(grads, {n: upper_grads[n] for n in self.upper_names if n not in self.lower_names})
-        if not shard.is_main:  # the gradient through W_0 and outside S^l: counted once, on the main process
+        unmerged = {n: upper_grads[n] for n in self.upper_names if n not in inputs.names()}
+        grads = add_grads(grads, unmerged)
+        if not shard.is_main:  # the gradient through W_0 and outside the Merge: counted once, on the main process
             grads = {}
         for n in sorted(runs, reverse=True):  # the kept graph first, so that one graph is alive at a time
-            grads = add_grads(grads, self.unrolled_vjp(runs[n], base, [lowers[n]], generator, copy_grad(n)))
-        return losses, grads, logs
+            grads = add_grads(grads, self.attack_gradient(runs[n], base, kept[n], [lowers[n]], [n], generator,
+                                                          copy_grad(n), phi_grads[n]))
+        return losses, grads

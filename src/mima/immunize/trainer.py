@@ -28,6 +28,7 @@ from mima.models.cross_attention import key_value_parameter_names
 from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
+from mima.utils.checkpoint import has_checkpoint, load_state, save_checkpoint
 from mima.utils.device import Placement, resolve_placement
 from mima.utils.distributed import join_process_group
 from mima.utils.io import atomic_write_text
@@ -56,6 +57,8 @@ class ImmunizationRun:
         shard = join_process_group(placement.device)  # one process: no group, every concept here
         if len(self.specs) < shard.size:
             raise ConfigError(f"{shard.size} processes for {len(self.specs)} concepts; launch at most one per concept")
+        if config.persistent_attacker and shard.size > 1:  # each process would carry only its own concepts' attacks
+            raise ConfigError("persistent_attacker runs in one process; launch without torchrun/accelerate")
         if shard.is_main:  # the main process alone writes files; the others wait, then read them
             claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
                              differences=self.differences)
@@ -141,22 +144,30 @@ class _Loop(TrainingLoop):
         settings = LoopSettings(
             steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=config.grad_clip,
             checkpoint_dir=checkpoint_dir, desc=f"immunize ({config.method})", loss_name="objective",
-            step_name="outer step",
+            step_name="outer step", show_progress=immunizer.shard.is_main,
         )
         super().__init__(params, torch.optim.AdamW(params.values(), lr=config.outer_lr, weight_decay=0.0), settings,
                          placement)
 
+    def run(self, resume: bool) -> list[dict[str, float]]:
+        if resume and has_checkpoint(self.settings.checkpoint_dir):  # what the immunizer carries across steps
+            self.immunizer.load_state(load_state(self.settings.checkpoint_dir))
+        return super().run(resume)
+
     def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
-        """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`)."""
+        """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`),
+        with this step's simulated attacker (`Immunizer.begin_step`, logged)."""
+        chosen = self.immunizer.begin_step(self.step)
         with self.placement.autocast():
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
-        return objective, grads, logs
+        return objective, grads, {**chosen, **logs}
 
     def save_checkpoint(self) -> None:
         """The main process alone writes (S^u and the optimizer state are the same on every process)."""
         if self.immunizer.shard.is_main:
-            super().save_checkpoint()
+            save_checkpoint(self.settings.checkpoint_dir, self.params, self.optimizer, self.step, self.log,
+                            self.scaler, self.immunizer.state())
 
     def _batches(self, generator: torch.Generator) -> ConceptBatches:
         size = self.config.batch_size

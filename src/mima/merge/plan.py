@@ -120,6 +120,10 @@ class MergeInputs:
                 self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor
         self.count += 1
 
+    def names(self) -> list[str]:
+        """The names of the parameters the copies changed (merged in closed form or averaged)."""
+        return [*self.values, *self.sums]
+
     def combine(self, total: Callable[[Params], Params]) -> None:
         """Every process's copies in one, when each process added some of the concepts: `total` sums a dict of
         tensors over the processes (the identity for one process holding them all)."""
@@ -146,6 +150,9 @@ class MergeInputs:
         Returns a function of the concept index giving that copy's gradient (built on demand: one at a time),
         and the gradient of the base parameters.
         """
+        mean_grads = {name: merged_grad[name] / self.count for name in self.sums}
+        if not self.values:  # nothing merged in closed form
+            return (lambda n: mean_grads), {}
         w0 = {name: base[name].detach().requires_grad_() for name in self.values if name in wrt}
         values = {name: [v.detach().requires_grad_() for v in _ordered(vs)] for name, vs in self.values.items()}
         merged = {name: self.plan.merge_key_value(w0.get(name, base[name]), vs) for name, vs in values.items()}
@@ -153,7 +160,6 @@ class MergeInputs:
         grads = iter(torch.autograd.grad([merged[n] for n in merged], inputs, [merged_grad[n] for n in merged]))
         value_grads = {name: [next(grads) for _ in vs] for name, vs in values.items()}  # N x (m_n, d_out)
         base_grads = {name: next(grads) for name in w0}
-        mean_grads = {name: merged_grad[name] / self.count for name in self.sums}
 
         def copy_grad(n: int) -> Params:
             targets = self.plan.concept_targets[n]  # float64, like the value gradients

@@ -46,6 +46,17 @@ def speaks_toy_vocabulary(model: str | Path) -> bool:
     return knows("toy") and not knows("generic")
 
 
+def load_tokenizers(model: str | Path) -> list[CLIPTokenizer]:
+    """Every tokenizer that reads `model`'s prompts (SDXL has two), without loading any weights: for checks of a
+    token before a run starts."""
+    source = _resolve_model(model)
+    folders = [Path(source) / tokenizer for tokenizer, _ in model_family(source).text_parts]
+    try:
+        return [CLIPTokenizer.from_pretrained(folder) for folder in folders]
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of '{model}': {str(e).splitlines()[0]}") from e
+
+
 @dataclass
 class Components:
     """Tokenizer, text encoder, VAE, UNet and noise scheduler of one model.

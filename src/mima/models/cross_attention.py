@@ -30,6 +30,16 @@ def key_value_parameter_names(unet: torch.nn.Module) -> list[str]:
     return [f"{path}.{proj}.weight" for path in cross_attention_modules(unet) for proj in ("to_k", "to_v")]
 
 
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+"""The projections of every attention layer that LoRA adapts (the LoRA attack's peft target modules)."""
+
+
+def attention_projection_names(unet: torch.nn.Module) -> list[str]:
+    """Names of the projection weights of every attention layer, self- and cross-attention (what LoRA adapts)."""
+    return [f"{path}.{proj}.weight" for path, module in unet.named_modules() if isinstance(module, Attention)
+            for proj in ATTENTION_PROJECTIONS]
+
+
 def select_parameters(names: Iterable[str], patterns: Iterable[str], *, what: str) -> list[str]:
     """The names matching any glob pattern (fnmatch, e.g. `*attn2.*`); an empty selection is a ConfigError."""
     patterns = list(patterns)

@@ -25,6 +25,7 @@ from mima.utils.io import (
 PROGRESS_FILE = "progress.json"
 SETTINGS_FILE = "settings.json"
 SCALER_FILE = "grad_scaler.pt"
+STATE_FILE = "state.safetensors"
 
 
 def has_checkpoint(directory: Path) -> bool:
@@ -49,12 +50,15 @@ def read_settings(directory: Path) -> dict[str, Any] | None:
 
 def save_checkpoint(
     directory: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int, log: list,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = None, state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Write the checkpoint; `state`: other named tensors the run needs to resume exactly (`load_state`)."""
     with atomic_directory(directory) as tmp:
         if (directory / SETTINGS_FILE).is_file():
             shutil.copy2(directory / SETTINGS_FILE, tmp / SETTINGS_FILE)
         save_tensors(tmp / "trainable.safetensors", {name: t.detach() for name, t in tensors.items()})
+        if state:
+            save_tensors(tmp / STATE_FILE, {name: t.detach().contiguous() for name, t in state.items()})
         save_torch_state(optimizer.state_dict(), tmp / "optimizer.pt")
         if scaler is not None and scaler.is_enabled():
             save_torch_state(scaler.state_dict(), tmp / SCALER_FILE)
@@ -92,3 +96,9 @@ def load_checkpoint(
         scaler.load_state_dict(load_torch_state(directory / SCALER_FILE))
     progress = json.loads((directory / PROGRESS_FILE).read_text())
     return progress["step"], progress["log"]
+
+
+def load_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The `state` tensors `save_checkpoint` wrote in `directory` (none: empty)."""
+    path = directory / STATE_FILE
+    return load_tensors(path) if path.is_file() else {}

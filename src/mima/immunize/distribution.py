@@ -1,0 +1,94 @@
+"""The distribution of simulated attackers (docs/method.md, "Distribution of attackers"): which attacker an outer
+step samples, and, under the alternating schedule, where each attack starts.
+
+Both are functions of (seed, step) and of what the run carried so far, never of the step's own generator, so a
+single attacker draws nothing (today's numbers stay), every process of a torchrun run samples the same attacker,
+and a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mima.data.concepts import ConceptSpec
+from mima.functional import Params
+from mima.immunize.attackers import SimulatedAttacker, simulated_attackers
+from mima.immunize.config import ImmunizeConfig
+from mima.models.components import Components
+
+_SAMPLING_STREAM = 1  # apart from the step's own generator (`step_generator`, seeded by (seed, step))
+
+
+def sample_attacker(weights: list[float], seed: int, step: int) -> int:
+    """The index of the attacker outer step `step` (0-based) uses, drawn with probabilities proportional to
+    `weights` from a generator seeded by (seed, step) alone; with one attacker, 0 without any draw."""
+    if len(weights) == 1:
+        return 0
+    seed_state = np.random.SeedSequence([seed, step, _SAMPLING_STREAM]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(seed_state))
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator).item())
+
+
+class AttackerDistribution:
+    """The run's simulated attackers (`ImmunizeConfig.attacker_specs()`), the one the current outer step sampled
+    (`attacker`), and, under the alternating schedule (`persistent_attacker`), where each attack ended.
+
+    A carried parameter that is also a UNet parameter (`full`'s S^l) is kept as its change from the weights its
+    attack started from and added to the next step's weights: the attacker's progress and the immunizer's ascent
+    then act on the same weights, as in the authors' alternating code. The attacker's own parameters (LoRA factors,
+    a token embedding) are kept as they are. One entry per attacker and attacked concepts (a MIMA copy, the joint
+    attack); the retain term's attacks on class images start afresh.
+    """
+
+    def __init__(self, config: ImmunizeConfig, components: Components, specs: list[ConceptSpec],
+                 lower_names: list[str]) -> None:
+        self.seed, self.persistent = config.seed, config.persistent_attacker
+        self.attackers: list[SimulatedAttacker] = []
+        for spec in config.attacker_specs():
+            self.attackers.append(simulated_attackers.get(spec.kind)(spec))
+            self.attackers[-1].prepare(components, specs, lower_names)
+        self.index = 0
+        self.carried: dict[str, Params] = {}
+
+    @property
+    def attacker(self) -> SimulatedAttacker:
+        return self.attackers[self.index]
+
+    def sample(self, step: int) -> int:
+        """Choose outer step `step`'s attacker (`sample_attacker`); returns its index."""
+        self.index = sample_attacker([attacker.spec.weight for attacker in self.attackers], self.seed, step)
+        return self.index
+
+    def start(self, base: Params, concepts: Sequence[int | None], generator: torch.Generator) -> Params:
+        """phi_0 of the attack on `concepts`: the attacker's fresh start (its draws always made), or where its attack
+        on the same concepts ended at the last outer step."""
+        phi = self.attacker.start(base, [c for c in concepts if c is not None], generator)
+        carried = self.carried.get(self._key(concepts))
+        if carried is None:
+            return phi
+        # in the fresh start's order (a checkpoint returns names sorted), so sums over parameters round alike
+        return {n: base[n] + carried[n] if n in base else carried[n] for n in phi}
+
+    def carry(self, concepts: Sequence[int | None], phi: Params, base: Params) -> None:
+        """Under the alternating schedule, remember where the attack on `concepts` ended (`phi`)."""
+        if key := self._key(concepts):
+            self.carried[key] = {n: (p - base[n] if n in base else p).detach().clone() for n, p in phi.items()}
+
+    def _key(self, concepts: Sequence[int | None]) -> str | None:
+        if not self.persistent or None in concepts:
+            return None
+        return f"{self.index}:{','.join(map(str, concepts))}"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything carried, as flat named tensors for a checkpoint (`key/parameter`)."""
+        return {f"{key}/{name}": t for key, phi in self.carried.items() for name, t in phi.items()}
+
+    def load(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Restore what `state` returned."""
+        self.carried = {}
+        for flat, tensor in state.items():
+            key, name = flat.split("/", 1)
+            self.carried.setdefault(key, {})[name] = tensor.to(device)
