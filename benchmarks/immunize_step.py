@@ -30,7 +30,6 @@ the prior-preservation and retain terms of the default settings are paid for too
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -105,15 +104,14 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     def images(prompt: str) -> EncodedImages:
         latents = torch.randn(8, 4, size, size, generator=g)
         hidden = components.encode_prompts([prompt] * 8).detach().cpu()
-        return EncodedImages(latents, torch.zeros_like(latents), hidden)
+        return EncodedImages(latents, torch.zeros_like(latents), hidden, [prompt] * 8)  # token attackers
 
     concepts = [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt) if args.with_prior else None)
                 for s in specs]
 
     def to_device(batch):
         prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
-        return dataclasses.replace(batch, latents=batch.latents.to(device), hidden=batch.hidden.to(device),
-                                   prior=prior)
+        return type(batch)(batch.latents.to(device), batch.hidden.to(device), prior, batch.prompts, batch.images)
 
     if args.attackers:
         return _distribution_cost(args, components, specs, concepts, g, to_device)

@@ -2,8 +2,9 @@
 
 On the toy model (or a diffusers folder), in the relearn setting (targets erased first, as `mima immunize` does) or
 personalize, each target's copy is adapted as MIMA adapts it; the loss of the UNet weights it makes is taken at
-16 fixed noise draws on the batch it trained on and on a held-out batch of the same concept. In relearn, the
-unerased model's loss on the trained batch says how much there is to re-learn:
+16 fixed noise draws on the batch it trained on and on a held-out batch of the same concept, under the prompt the
+attacker trains with (a token attacker's token at its start, then adapted). In relearn, the unerased model's loss on
+the trained batch says how much there is to re-learn:
 
     python benchmarks/inner_loss.py [--kind lora] [--lrs 1 3 10] [--steps 1 5] [--setting relearn|personalize]
         [--model toy] [--concepts toy:stripes,toy:checker,toy:dots] [--clip 1.0]
@@ -18,21 +19,21 @@ from pathlib import Path
 import torch
 
 from mima.data.concepts import load_concepts_arg, materialize
-from mima.functional import Params, unet_call_with
+from mima.functional import Params
 from mima.immunize import ImmunizeConfig, immunizers
 from mima.immunize.erase import erase_targets
-from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.encoding import Batch, encode_concept
 
 DRAWS = 16
 
 
-def fixed_noise_loss(unet: torch.nn.Module, scheduler, params: Params, batch: Batch) -> float:
-    """The mean diffusion loss of `batch` over DRAWS fixed noise and timestep draws."""
-    generator, call = torch.Generator().manual_seed(123), unet_call_with(unet, params)
+def fixed_noise_loss(immunizer, weights: Params, phi: Params, batch: Batch, concept: int) -> float:
+    """The mean diffusion loss of `batch` (of concept index `concept`) over DRAWS fixed noise and timestep draws,
+    with the UNet weights `weights`, conditioned as the attacker conditions it at `phi`."""
+    generator = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        return sum(diffusion_loss(call, scheduler, batch.latents, batch.hidden, generator=generator).item()
+        return sum(immunizer.conditioned_loss(weights, {**weights, **phi}, batch, generator, concept).item()
                    for _ in range(DRAWS)) / DRAWS
 
 
@@ -75,17 +76,18 @@ def _adapted_losses(immunizer, encoded, unerased: Params) -> dict[str, float]:
     norm of the attack's first gradient."""
     base = {n: p.detach() for n, p in immunizer.base_parameters().items()}
     generator, rows = torch.Generator().manual_seed(0), []
-    unet, scheduler, attacker = immunizer.unet, immunizer.scheduler, immunizer.attacker
+    attacker = immunizer.attacker
     for n, concept in enumerate(encoded):
         trained, held_out = concept.batch(4, generator), concept.batch(4, generator)
+        start = attacker.start(base, [n], torch.Generator().manual_seed(n))  # a token at its init word
         run = immunizer.unroll(base, [trained], [n], generator, keep_last=False)
-        adapted = {**base, **attacker.weights({**base, **run.params})}
+        adapted, phi = {**base, **attacker.weights({**base, **run.params})}, run.params
         rows.append({
-            "trained before": fixed_noise_loss(unet, scheduler, base, trained),
-            "trained after": fixed_noise_loss(unet, scheduler, adapted, trained),
-            "held-out before": fixed_noise_loss(unet, scheduler, base, held_out),
-            "held-out after": fixed_noise_loss(unet, scheduler, adapted, held_out),
-            "unerased": fixed_noise_loss(unet, scheduler, unerased, trained),
+            "trained before": fixed_noise_loss(immunizer, base, start, trained, n),
+            "trained after": fixed_noise_loss(immunizer, adapted, phi, trained, n),
+            "held-out before": fixed_noise_loss(immunizer, base, start, held_out, n),
+            "held-out after": fixed_noise_loss(immunizer, adapted, phi, held_out, n),
+            "unerased": fixed_noise_loss(immunizer, {**base, **unerased}, start, trained, n),
             "gradient norm": sum((g * g).sum() for g in run.gradients[0].values()).sqrt().item(),
         })
     return {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}

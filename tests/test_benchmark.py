@@ -43,8 +43,14 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     recorded = record["timings_s"]["recorded by the pieces"]
     elapsed = [json.loads((out / f"models/{m}/immunization.json").read_text())["elapsed_s"] for m in ("none", "mima")]
     assert recorded["immunization"] == sum(elapsed) and recorded["attacks"] > 0
+    shared = out / "class-images" / "class-a-painting"  # drawn once, read by both models' immunizations
+    assert len(read_image_folder(shared)[0]) == 2 and not list(out.glob("models/*/data/class-*"))
+    for method in ("none", "mima"):
+        concept = json.loads((out / f"models/{method}/immunization.json").read_text())["concepts"][0]
+        assert concept["class_images"] == str(shared)
     runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
-    assert len(runs) == 6  # 2 models (none, mima) x 2 concepts attacked, and the 2 models
+    runs.append(shared / "metadata.csv")
+    assert len(runs) == 7  # 2 models (none, mima) x 2 concepts attacked, the 2 models and the class images
     written = [r.stat().st_mtime_ns for r in runs]
     assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
     assert [r.stat().st_mtime_ns for r in runs] == written

@@ -70,6 +70,25 @@ def test_efficientnet_features_are_unit_and_separate_styles(efficientnet):
     assert torch.allclose(efficientnet.embed(stripes[:1]), feats[:1], atol=1e-5)  # batching does not matter
 
 
+def test_efficientnet_is_fused_for_inference_with_the_package_networks_features(efficientnet):
+    """Batch norms folded, symmetric paddings moved into their convolutions: the same features as the package's own
+    network (to float rounding), with none of the memory-bound passes left that the fusion removes."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    package = EfficientNet.from_name("efficientnet-lite0")
+    package.load_state_dict(torch.load(efficientnet.weights, map_location="cpu", weights_only=True))
+    package.eval()
+    pixels = preprocess_images(_toy_images("stripes", 2, seed=4) + _random_images(2), efficientnet.input_size)
+    with torch.no_grad():
+        expected = package.extract_features(pixels).mean(dim=(2, 3))
+        fused = efficientnet.network.extract_features(pixels).mean(dim=(2, 3))
+    assert torch.allclose(fused, expected, rtol=1e-4, atol=1e-4)
+    modules = list(efficientnet.network.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
+    pads = [m.padding for m in modules if isinstance(m, torch.nn.ZeroPad2d)]
+    assert pads and all(p[0] != p[1] for p in pads)  # only the asymmetric "same" paddings of strided convs stay
+
+
 def test_efficientnet_bad_weights_file(tmp_path):
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not a checkpoint")

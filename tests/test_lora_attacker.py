@@ -105,7 +105,8 @@ def test_cli_immunize_with_a_lora_attacker_records_it(tiny_model_dir, tmp_path, 
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "immunization.json").read_text())
     default_lr = simulated_attackers.get("lora").default_lr
-    assert record["config"]["attackers"] == [{"kind": "lora", "steps": 2, "rank": 2, "lr": default_lr}]
+    assert record["config"]["attackers"] == [{"kind": "lora", "steps": 2, "rank": 2, "lr": default_lr,
+                                              "prompt": "concept"}]
     assert len(record["log"]) == 2 and {"lower/stripes", "lower/star", "retain"} <= set(record["log"][0])
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 

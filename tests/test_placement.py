@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mima.cli import main
 from mima.errors import ConfigError
@@ -99,6 +100,30 @@ def test_fp16_on_the_cpu_is_refused_in_favour_of_bf16(tiny_model_dir, tmp_path, 
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mima:")]
     assert code == 2 and lines == ["mima: error: --mixed-precision fp16 needs a GPU; on the CPU use bf16 (or no)"]
     assert not (tmp_path / "o" / "data").exists()
+
+
+def test_evaluation_samples_take_their_own_precision(tiny_model_dir, tmp_path, capsys):
+    """`--sampling-precision bf16` changes the evaluation samples and nothing that is trained."""
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--sampling-precision", "bf16"])):
+        out = runs[name] = tmp_path / name
+        code = main(["attack", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--method", "lora",
+                     "--out", str(out), "--steps", "2", "--eval-images", "2", "--sampling-steps", "2", *FAST,
+                     "--device", "cpu", *extra])
+        assert code == 0, capsys.readouterr().err
+    record = json.loads((runs["bf16"] / "attack.json").read_text())
+    assert record["config"]["sampling_precision"] == "bf16" and record["mixed_precision"] == "no"
+    exports = [load_tensors(runs[name] / "export" / "pytorch_lora_weights.safetensors") for name in runs]
+    assert all(torch.equal(exports[0][key], exports[1][key]) for key in exports[0])
+    samples = [np.asarray(Image.open(runs[name] / "samples" / "step_0" / "00000.png")) for name in runs]
+    assert not np.array_equal(*samples)
+
+
+def test_fp16_evaluation_samples_are_refused_on_the_cpu(tiny_model_dir, tmp_path, capsys):
+    code = main(["attack", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--sampling-precision", "fp16"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mima:")]
+    assert code == 2 and lines == ["mima: error: --sampling-precision fp16 needs a GPU; on the CPU use bf16 (or no)"]
 
 
 def test_fp16_immunization_is_refused_on_a_gpu_too(monkeypatch):

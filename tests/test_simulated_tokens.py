@@ -77,7 +77,10 @@ def _objective_gradient(immunizer, concepts):
      {"kind": "custom-diffusion", "lr": 0.5, "steps": 2, "clip": 0.05},
      {"kind": "custom-diffusion", "lr": 0.5, "prompt": "fresh-token", "clip": 0.0},
      {"kind": "full", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05},
-     {"kind": "lora", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05}],
+     {"kind": "lora", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05},
+     {"kind": "textual-inversion", "lr": 0.05, "steps": 3, "optimizer": "adam", "order": "first-order",
+      "trajectory_points": 2},
+     {"kind": "custom-diffusion", "lr": 0.5, "steps": 3, "order": "first-order", "trajectory_points": 3}],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(world, attacker, method, order):
     """`gradients` (one concept at a time, through `unroll` / `unrolled_vjp` and the attacker's pull-back) gives
@@ -92,6 +95,24 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(world, attacker
     assert set(grads) == set(expected)
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_the_alternating_schedule_carries_the_tokens_in_both_paths(world, method):
+    """Under `persistent_attacker` the second outer step's tokens start where the first's ended, in the
+    concept-by-concept gradient as in the reference objective."""
+    _, concepts, make = world
+    attacker = {"kind": "textual-inversion", "lr": 0.5, "steps": 2}
+    by_concept = make(method, "second-order", attacker, persistent_attacker=True)
+    reference = make(method, "second-order", attacker, persistent_attacker=True, concept_by_concept=False)
+    steps = [[immunizer.gradients(_batches(concepts), torch.Generator().manual_seed(SEED + 1)) for _ in range(2)]
+             for immunizer in (by_concept, reference)]
+    for (value, grads, _), (expected_value, expected, _) in zip(*steps, strict=True):
+        assert value == pytest.approx(expected_value, rel=1e-10)
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-12)
+    assert steps[0][1][0] != pytest.approx(steps[0][0][0], rel=1e-6)  # the carried tokens moved the second step
+    assert all(key.startswith("token:") for key in {k.split("/", 1)[1] for k in by_concept.state()})
 
 
 def _directional_finite_difference(immunizer, concepts, direction, eps=1e-5):
@@ -148,8 +169,7 @@ def test_custom_diffusion_copies_change_only_key_values_and_their_merge_is_the_c
     phi = attacker.start(base, [0], torch.Generator())
     assert set(attacker.weights({**base, **phi})) == set(immunizer.plan.key_value_names)
     assert set(attacker.kept(phi)) == {"token:0:text_encoder"}
-    points, _ = immunizer.adapted_parameters(base, _batches(concepts), torch.Generator().manual_seed(1))
-    (adapted, _), = points  # one trajectory point: the attack's end
+    [(adapted, _)], _ = immunizer.adapted_parameters(base, _batches(concepts), torch.Generator().manual_seed(1))
     assert set(adapted) == set(immunizer.plan.key_value_names)  # K/V in closed form, nothing averaged
 
 
@@ -217,7 +237,7 @@ def test_sd_shaped_textual_inversion_replaces_a_multi_token_name_by_one_token(sd
 def test_cli_immunize_with_a_textual_inversion_attacker_saves_the_model_without_its_tokens(tiny_model_dir, tmp_path,
                                                                                           capsys):
     config = tmp_path / "immunize.yaml"
-    config.write_text("attackers:\n  - {kind: textual-inversion, lr: 0.01, steps: 2}\n")
+    config.write_text("attackers:\n  - {kind: textual-inversion, steps: 2}\n")
     out = tmp_path / "run"
     code = main([
         "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
@@ -232,5 +252,6 @@ def test_cli_immunize_with_a_textual_inversion_attacker_saves_the_model_without_
     assert rows.shape == before.text_encoder.get_input_embeddings().weight.shape
     assert torch.equal(rows, before.text_encoder.get_input_embeddings().weight)
     record = json.loads((out / "immunization.json").read_text())
-    assert record["config"]["attackers"][0]["kind"] == "textual-inversion"
+    assert record["config"]["attackers"] == [{"kind": "textual-inversion", "lr": 3.0, "steps": 2,
+                                              "prompt": "fresh-token"}]  # with its kind's defaults: what ran
     assert {"upper/stripes", "lower/stripes"} <= set(record["log"][0])

@@ -1,6 +1,7 @@
 """The main job: immunize with every method, attack every concept, evaluate, report. Resumable.
 
 Layout of the output folder:
+    class-images/<class>/       class images the targets lack, drawn once with the base model for every method
     models/<method>/            `mima immunize` output per method ("none": the base, erased in relearn)
     attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
     report/                     metrics.json, report.md, report.html, plots, grids
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -139,6 +140,33 @@ class AttackPiece(_Piece):
 
 
 @dataclass(frozen=True)
+class ClassImagesPiece:
+    """The class images of the targets that lack them, drawn with the base model once into the folders that every
+    immunization of the benchmark reads (each would otherwise draw the same images for itself)."""
+
+    model: str
+    specs: tuple[ConceptSpec, ...]
+    n_images: int
+    mixed_precision: str
+    device: str = "auto"
+
+    def finished(self) -> bool:
+        """Whether every spec's class-image folder exists (the test `ensure_class_images` makes)."""
+        return all(spec.class_images.exists() for spec in self.specs)
+
+    def run(self) -> None:
+        from mima.models.components import Components
+        from mima.sampling import ensure_class_images
+        from mima.utils.device import resolve_placement
+
+        placement = resolve_placement(self.device, self.mixed_precision, loss_scaling=False)
+        components = Components.from_pretrained(self.model).to(placement.device)
+        with placement.autocast():
+            for spec in self.specs:
+                ensure_class_images(components, spec, spec.class_images.parent, self.n_images)
+
+
+@dataclass(frozen=True)
 class EvaluationPiece:
     """The features of one attack run's samples under every encoder, cached next to them (see `FeatureCache`), so
     that the report encodes nothing but the references."""
@@ -175,6 +203,7 @@ class BenchmarkPlan:
     targets: list[ConceptSpec]
     non_targets: list[ConceptSpec]
     immunizations: list[ImmunizationPiece]
+    class_images: ClassImagesPiece | None = None
 
 
 @dataclass
@@ -205,7 +234,7 @@ class Benchmark:
             encoders.get(spec.partition(":")[0])
         if self.config.references != "toy" and not Path(self.config.references).is_dir():
             raise ConfigError(f"references '{self.config.references}' is neither 'toy' nor a folder")
-        return BenchmarkPlan(targets, non_targets, immunizations)
+        return BenchmarkPlan(targets, non_targets, immunizations, self.class_images_piece(immunizations))
 
     def run(self, plan: BenchmarkPlan | None = None) -> Path:
         """Run what is not finished yet, then evaluate and report; `plan` (default: [`~Benchmark.plan`]) is checked
@@ -213,6 +242,9 @@ class Benchmark:
         plan = plan or self.plan()
         immunizations = [piece for piece in plan.immunizations if not piece.finished()]
         self.config.save_json(self.out_dir / "benchmark_config.json")
+        class_images = plan.class_images
+        if class_images and not class_images.finished() and any(p.config.uses_class_images for p in immunizations):
+            self._timed("immunization", self.executor.run, [class_images], "class images")
         self._timed("immunization", self.executor.run, immunizations, "immunizations")
         models = {piece.config.method: piece.out / "model" for piece in plan.immunizations}
         attacks, runs = self._attack_pieces(models, plan.targets + plan.non_targets)
@@ -234,9 +266,14 @@ class Benchmark:
         return result
 
     def immunization_pieces(self, targets: list[ConceptSpec]) -> list[ImmunizationPiece]:
-        """One piece per model: the `none` reference, then each method."""
+        """One piece per model: the `none` reference, then each method. A target without class images gets a
+        folder under `class-images/` that every piece shares ([`ClassImagesPiece`] draws them)."""
+        from mima.data.concepts import class_folder_name
         from mima.immunize import ImmunizationRun, ImmunizeConfig
 
+        shared = self.out_dir / "class-images"
+        targets = [spec if spec.class_prompt is None or spec.class_images is not None
+                   else replace(spec, class_images=shared / class_folder_name(spec.class_prompt)) for spec in targets]
         pieces = []
         for method in ("none", *self.config.methods):
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
@@ -244,6 +281,15 @@ class Benchmark:
             run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method, self.device)
             pieces.append(ImmunizationPiece(run))
         return pieces
+
+    def class_images_piece(self, immunizations: list[ImmunizationPiece]) -> ClassImagesPiece | None:
+        """The piece that draws the class images the immunizations share, if any of them uses class images."""
+        users = [piece.config for piece in immunizations if piece.config.uses_class_images]
+        specs = tuple(s for s in immunizations[0].runner.specs if s.class_prompt is not None) if users else ()
+        if not specs:
+            return None
+        return ClassImagesPiece(self.config.model, specs, users[0].n_class_images, users[0].mixed_precision,
+                                self.device)
 
     def _attack_pieces(
         self, models: dict[str, Path], concepts: list[ConceptSpec]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mima.data.concepts import ConceptSpec
+from mima.data.concepts import ConceptSpec, class_folder_name
 from mima.data.image_folder import write_image_folder
 from mima.models.components import Components
 from mima.models.encoding import images_per_call
@@ -79,8 +78,7 @@ def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Pa
     `class_images` folder when it names one that does not exist yet (later runs reuse it), else into `cache_dir`."""
     if spec.class_prompt is None or (spec.class_images is not None and spec.class_images.exists()):
         return spec
-    slug = "class-" + re.sub(r"[^a-z0-9]+", "-", spec.class_prompt.lower()).strip("-")
-    folder = spec.class_images or cache_dir / slug
+    folder = spec.class_images or cache_dir / class_folder_name(spec.class_prompt)
     if not (folder / "metadata.csv").is_file():
         images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
         write_image_folder(images, [spec.class_prompt] * n_images, folder)

@@ -59,6 +59,8 @@ class AttackRun:
         method = attacks.get(self.config.method)
         config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
+        sampling = resolve_placement(self.device, config.sampling_precision or config.mixed_precision,
+                                     flag="--sampling-precision" if config.sampling_precision else "--mixed-precision")
         self.check()
         claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
@@ -73,7 +75,7 @@ class AttackRun:
             with placement.autocast():
                 concept = ensure_class_images(components, concept, self.out_dir / "data", config.n_class_images)
         attack.prepare(components, concept)
-        loop = _Loop(attack, components, concept, config, self.out_dir, placement)
+        loop = _Loop(attack, components, concept, config, self.out_dir, placement, sampling)
         log = loop.run(resume)
         export_dir = attack.export(self.out_dir / "export")
         record = {
@@ -107,12 +109,13 @@ def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
 
 
 class _Loop(TrainingLoop):
-    """Fine-tuning with AdamW on the attack's trainable parameters; evaluation samples at every checkpoint."""
+    """Fine-tuning with AdamW on the attack's trainable parameters; evaluation samples at every checkpoint, drawn
+    under the `sampling` placement's precision."""
 
     def __init__(self, attack: Attack, components: Components, concept: ConceptSpec, config: AttackConfig,
-                 out_dir: Path, placement: Placement) -> None:
+                 out_dir: Path, placement: Placement, sampling: Placement) -> None:
         self.attack, self.components, self.concept = attack, components, concept
-        self.config, self.out_dir = config, out_dir
+        self.config, self.out_dir, self.sampling = config, out_dir, sampling
         params = {str(i): p for i, p in enumerate(attack.trainable_parameters())}
         settings = LoopSettings(
             steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=1.0,
@@ -141,7 +144,7 @@ class _Loop(TrainingLoop):
 
     def at_checkpoint(self) -> None:
         prompts = self.sample_prompts()
-        with self.placement.autocast():
+        with self.sampling.autocast():
             images = sample_images(
                 self.components, prompts, seed=self.config.seed, steps=self.config.sampling_steps,
                 guidance_scale=self.config.guidance_scale,

@@ -65,7 +65,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         if f.name in skip:
             continue
         kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # `int | None`: None is the field's own default
+        # `int | None`: None is the field's own default. `Literal[...] | None` is a typing.Union, not a UnionType.
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         options: dict = {"default": None, "help": f"{f.metadata.get('help', '')} (default {f.default!r})"}
         if typing.get_origin(kind) is typing.Literal:

@@ -46,6 +46,11 @@ class ConceptSpec:
         return self.prompts[0]
 
 
+def class_folder_name(class_prompt: str) -> str:
+    """The folder name of a class prompt's generated images, e.g. `class-a-painting`."""
+    return "class-" + re.sub(r"[^a-z0-9]+", "-", class_prompt.lower()).strip("-")
+
+
 def toy_concept_spec(name: str) -> ConceptSpec:
     """The spec of toy concept `name`; an unknown name is a ConfigError listing the nearest names."""
     concepts = {c.name: c for c in toy_world.toy_concepts()}

@@ -33,6 +33,15 @@ class AttackerSpec(Config):
     steps: int = field(default=1, metadata={"help": "inner steps"})
     clip: float = field(default=1.0, metadata={"help": "max gradient norm of each inner step (0: off)"})
     rank: int = field(default=4, metadata={"help": "lora: adapter rank"})
+    prompt: str | None = field(
+        default=None,
+        metadata={"help": "what its images are captioned with, for its steps and the upper loss: 'concept' (the "
+                          "concept's own prompts; a learned token is added beside its words) or 'fresh-token' (the "
+                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks') "
+                          "or 'description' (full, lora: each image under one of the concept's `descriptions`, which "
+                          "describe it without naming it); default: fresh-token for textual-inversion, concept for "
+                          "the others, as the attacks"},
+    )
     optimizer: InnerOptimizer = field(
         default="sgd", metadata={"help": "sgd, or adam (first order only: its steps are not differentiated through)"}
     )
@@ -46,15 +55,6 @@ class AttackerSpec(Config):
         default=1,
         metadata={"help": "first order: the upper loss is taken after this many evenly spaced inner steps (the last "
                           "one included) and its gradients averaged, as tamper-resistant training does"},
-    )
-    prompt: str | None = field(
-        default=None,
-        metadata={"help": "what its images are captioned with, for its steps and the upper loss: 'concept' (the "
-                          "concept's own prompts; a learned token is added beside its words) or 'fresh-token' (the "
-                          "words naming the concept replaced by a token: the learned one, else the untrained 'sks') "
-                          "or 'description' (full, lora: each image under one of the concept's `descriptions`, which "
-                          "describe it without naming it); default: fresh-token for textual-inversion, concept for "
-                          "the others, as the attacks"},
     )
 
     def __post_init__(self) -> None:
@@ -219,17 +219,18 @@ class ImmunizeConfig(Config):
         return self.with_overrides(caption_bank=bank).with_attacker_defaults()
 
     def with_attacker_defaults(self) -> ImmunizeConfig:
-        """These settings with each simulated attacker's unset learning rate set to its kind's default, so that
-        the record says what ran."""
+        """These settings with each simulated attacker's unset learning rate and prompt set to its kind's defaults,
+        so that the record says what ran."""
         from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
 
         specs = self.attacker_specs()
-        if not self.attackers or all(spec.lr is not None for spec in specs):
+        if not self.attackers or all(spec.lr is not None and spec.prompt is not None for spec in specs):
             return self
+        kinds = [simulated_attackers.get(spec.kind) for spec in specs]
         return self.with_overrides(attackers=tuple(
-            {**_attacker_mapping(given),
-             "lr": simulated_attackers.get(spec.kind).default_lr if spec.lr is None else spec.lr}
-            for given, spec in zip(self.attackers, specs, strict=True)))
+            {**_attacker_mapping(given), "lr": kind.default_lr if spec.lr is None else spec.lr,
+             "prompt": spec.prompt or kind.default_prompt}
+            for given, spec, kind in zip(self.attackers, specs, kinds, strict=True)))
 
     @property
     def uses_class_images(self) -> bool:

@@ -70,7 +70,9 @@ class AttackerDistribution:
         if carried is None:
             return phi
         # in the fresh start's order (a checkpoint returns names sorted), so sums over parameters round alike
-        return {n: base[n] + carried[n] if n in base else carried[n] for n in phi}
+        # the attacker's own parameters as fresh leaves, as its fresh start gives them (the reference path steps
+        # by differentiating them)
+        return {n: base[n] + carried[n] if n in base else carried[n].detach().requires_grad_() for n in phi}
 
     def carry(self, concepts: Sequence[int | None], phi: Params, base: Params) -> None:
         """Under the alternating schedule, remember where the attack on `concepts` ended (`phi`)."""

@@ -41,18 +41,18 @@ class MIMA(BilevelImmunizer):
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
-        captions = load_caption_bank(self.config.caption_bank)
-        built: dict[str, MergePlan] = {}  # one plan per distinct captioning of the concepts' prompts
-        self.plans = []
+        captions, built = load_caption_bank(self.config.caption_bank), {}
+        self.plans = []  # one per attacker: the Merge's rows are the prompts as it captions them
         for attacker in self.distribution.attackers:
-            prompts = [attacker.merge_prompts(n) for n in range(len(specs))]  # as the attacker captions them
-            if repr(prompts) not in built:
-                built[repr(prompts)] = MergePlan.build(components, prompts, captions, ridge=self.config.ridge)
-            self.plans.append(built[repr(prompts)])
+            prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(len(specs)))
+            if prompts not in built:
+                built[prompts] = MergePlan.build(components, [list(p) for p in prompts], captions,
+                                                 ridge=self.config.ridge)
+            self.plans.append(built[prompts])
 
     @property
     def plan(self) -> MergePlan:
-        """The Merge of the current outer step's attacker: on the token features of its captions."""
+        """The Merge of the current outer step's attacker."""
         return self.plans[self.distribution.index]
 
     def adapted_parameters(

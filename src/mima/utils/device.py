@@ -121,7 +121,8 @@ class Placement:
 
 
 def resolve_placement(
-    device: str | None, mixed_precision: MixedPrecision = "no", *, loss_scaling: bool = True
+    device: str | None, mixed_precision: MixedPrecision = "no", *, loss_scaling: bool = True,
+    flag: str = "--mixed-precision",
 ) -> Placement:
     """Check a `--device` / `--mixed-precision` pair and return its [`Placement`].
 
@@ -133,6 +134,7 @@ def resolve_placement(
         device (`str`, *optional*): see [`resolve_device`].
         mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
         loss_scaling (`bool`, defaults to `True`): whether the caller applies [`Placement.grad_scaler`].
+        flag (`str`, defaults to `"--mixed-precision"`): the option an error names.
 
     Raises:
         [`~mima.errors.ConfigError`]: for an unavailable device or an unsupported precision there.
@@ -141,11 +143,11 @@ def resolve_placement(
         raise ConfigError(f"invalid mixed precision '{mixed_precision}'; expected one of {', '.join(_COMPUTE_DTYPES)}")
     resolved = resolve_device(device)
     if mixed_precision == "fp16" and resolved.type == "cpu":
-        raise ConfigError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 (or no)")
+        raise ConfigError(f"{flag} fp16 needs a GPU; on the CPU use bf16 (or no)")
     if mixed_precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--mixed-precision bf16: {resolved} has no bfloat16 support; use no (or fp16 for attacks)")
+        raise ConfigError(f"{flag} bf16: {resolved} has no bfloat16 support; use no (or fp16 for attacks)")
     if mixed_precision == "fp16" and not loss_scaling:
-        raise ConfigError("--mixed-precision fp16 is not supported for immunization (its inner gradients are "
+        raise ConfigError(f"{flag} fp16 is not supported for immunization (its inner gradients are "
                           "not loss-scaled); use bf16")
     return Placement(resolved, mixed_precision)
 

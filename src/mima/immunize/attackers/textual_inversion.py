@@ -26,7 +26,7 @@ class TextualInversionAttacker(SimulatedAttacker):
 
     default_prompt = FRESH_TOKEN_PROMPT
     learns_token = True
-    default_lr = 3.0  # measured on the toy (benchmarks/simulated_attackers.py): the held-out loss falls most
+    default_lr = 3.0  # measured on the toy (docs/method.md, "Simulated attackers"): the held-out loss falls
 
     def prepare(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
         self.tokens = FreshTokens(components, specs, [self.token(n) for n in range(len(specs))])

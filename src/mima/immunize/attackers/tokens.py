@@ -64,20 +64,23 @@ class FreshTokens:
 
     def initial(self, concept: int) -> Params:
         """Concept `concept`'s embeddings at the start of an attack: its init word's, as the real attacks start."""
-        return {name: encoder.get_input_embeddings().weight[reader.init_ids[concept]].detach().clone().requires_grad_()
-                for name, reader, (_, encoder) in zip(self.names(concept), self.readers, self.components.text_pairs(),
-                                                       strict=True)}
+        return {name: embedding.weight[reader.init_ids[concept]].detach().clone().requires_grad_()
+                for name, reader, embedding in self._per_encoder(concept)}
 
     def conditioning(self, prompts: list[str], concept: int, params: Params) -> torch.Tensor:
         """The UNet's conditioning of `prompts`, where concept `concept`'s token has its embeddings in `params`."""
         handles = []
-        for name, reader, (_, encoder) in zip(self.names(concept), self.readers, self.components.text_pairs(),
-                                              strict=True):
+        for name, reader, embedding in self._per_encoder(concept):
             reader.concept, reader.vector = concept, params[name]
-            handles.append(encoder.get_input_embeddings().register_forward_hook(reader.inject))
+            handles.append(embedding.register_forward_hook(reader.inject))
         try:
             return self.components.family.conditioning(self.view, prompts)
         finally:
             for handle, reader in zip(handles, self.readers, strict=True):
                 handle.remove()
                 reader.vector = torch.zeros(())  # the reader keeps no graph alive
+
+    def _per_encoder(self, concept: int) -> list[tuple[str, _PrivateReader, torch.nn.Module]]:
+        """Per text encoder: the name of concept `concept`'s embedding, the private reader, the input embedding."""
+        embeddings = [encoder.get_input_embeddings() for _, encoder in self.components.text_pairs()]
+        return list(zip(self.names(concept), self.readers, embeddings, strict=True))
