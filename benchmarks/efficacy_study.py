@@ -34,6 +34,7 @@ import yaml
 
 from mima.benchmark import Benchmark, BenchmarkConfig
 from mima.executors import LocalExecutor
+from mima.utils.io import atomic_write_text
 
 REFERENCE = "none"
 
@@ -110,8 +111,19 @@ def link_finished(config: BenchmarkConfig, folder: Path, pieces: dict[tuple, Pat
             if source is not None and source != target and not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(source, target, copy_function=os.link)
+                if len(piece) > 1:  # an attack run: it attacked this folder's copy of the same model
+                    _repoint(target, folder / "models" / method / "model")
                 linked += 1
     return linked
+
+
+def _repoint(run: Path, model: Path) -> None:
+    """Make a linked attack run's record name `model` (a new file: the source's record stays as it was)."""
+    record_path = run / "attack.json"
+    record = json.loads(record_path.read_text())
+    record["model"] = str(model)
+    record_path.unlink()  # a hard link to the source's record: writing through it would change both
+    atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def run_study(study: dict, out: Path, only: list[str] | None, seeds: list[int] | None, jobs: int = 1) -> None:

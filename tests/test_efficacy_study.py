@@ -37,11 +37,18 @@ def _finished_benchmark(study, folder: Path, overrides: dict, drop: str | None =
         made_with.pop(drop, None)
         piece.out.mkdir(parents=True)
         (piece.out / "immunization.json").write_text(json.dumps({"config": made_with}))
-        method = piece.config.method
-        for concept in ("stripes", "waves"):
-            run = folder / "attacks" / method / "lora" / concept / "seed0"
-            run.mkdir(parents=True)
-            (run / "attack.json").write_text(f"{method} {concept}")
+    for attack in _attack_pieces(config, folder):
+        attack.out.mkdir(parents=True)
+        runner = attack.runner
+        record = {"config": attack.config.to_dict(), "model": runner.model, "concept": runner.concept.name}
+        (attack.out / "attack.json").write_text(json.dumps(record))
+
+
+def _attack_pieces(config, folder: Path) -> list:
+    """The benchmark's attack runs of its `none` and `mima` models."""
+    models = {method: folder / "models" / method / "model" for method in ("none", "mima")}
+    concepts = load_concepts(list(config.targets + config.non_targets))
+    return Benchmark(config, folder)._attack_pieces(models, concepts)[0]
 
 
 def _linked(study, out: Path, overrides: dict, seed: int = 0) -> set[str]:
@@ -71,7 +78,7 @@ def test_an_added_attack_variant_reuses_the_other_attacks_runs_but_not_a_differe
         for concept in ("stripes", "waves"):
             run = tmp_path / "new" / "seed0" / "attacks" / method / "lora-strong" / concept / "seed0"
             run.mkdir(parents=True)
-            (run / "attack.json").write_text("strong")
+            (run / "attack.json").write_text(json.dumps({"model": "elsewhere"}))
     new_config = study.variant_config(BASE, {"attacks": ["lora", strong]}, 0)
     new_config.save_json(tmp_path / "new" / "seed0" / "benchmark_config.json")
     folder = tmp_path / "other" / "seed0"
@@ -86,6 +93,13 @@ def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
     linked = _linked(study, tmp_path, {"immunize": {"retain_weight": 0.0}})
     assert linked == {"models/none", "attacks/none/lora/stripes/seed0", "attacks/none/lora/waves/seed0"}
+    # The linked runs attacked the other folder's copy of the same model: the benchmark takes them as its own
+    # (their records now name its copy; the source's records are untouched).
+    config = study.variant_config(BASE, {"immunize": {"retain_weight": 0.0}}, 0)
+    reference = [p for p in _attack_pieces(config, tmp_path / "new" / "seed0") if "/none/" in str(p.out)]
+    assert len(reference) == 2 and all(piece.finished() for piece in reference)
+    source = json.loads((tmp_path / "defaults" / "seed0" / "attacks/none/lora/stripes/seed0/attack.json").read_text())
+    assert source["model"] == str(tmp_path / "defaults" / "seed0" / "models" / "none" / "model")
 
 
 def test_identical_settings_reuse_everything_and_another_seed_nothing(study, tmp_path):
