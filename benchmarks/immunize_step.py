@@ -128,17 +128,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         immunizer.prepare(components, specs, concepts)
         for method in ("add", "merge", "pull_back"):
             _time_calls(MergeInputs, method, merge_seconds)
-        params = immunizer.trainable_parameters()
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
-
-        def step() -> None:
-            batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
-                       for c in concepts}
-            _, grads, _ = immunizer.gradients(batches, g)
-            for name, param in params.items():
-                param.grad = grads[name]
-            optimizer.step()
-            optimizer.zero_grad()
+        step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
     sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
     sampler.start()
@@ -159,7 +149,6 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
 def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g, to_device) -> dict:
     """Seconds of today's default outer step and of a step with each attacker of `args.attackers`, interleaved."""
-    import torch
     import yaml
 
     from mima.immunize import ImmunizeConfig, immunizers
@@ -167,18 +156,11 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     def immunizer_step(config):
         immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
         immunizer.prepare(components, specs, concepts)
-        params = immunizer.trainable_parameters()
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+        outer_step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
         def step(index: int) -> None:
             immunizer.distribution.index = index  # as `sample_attacker` would choose it
-            batches = {c.name: (to_device(c.batch(args.batch_size, g)), to_device(c.batch(args.batch_size, g)))
-                       for c in concepts}
-            _, grads, _ = immunizer.gradients(batches, g)
-            for name, param in params.items():
-                param.grad = grads[name]
-            optimizer.step()
-            optimizer.zero_grad()
+            outer_step()
 
         return immunizer, step
 
@@ -215,6 +197,24 @@ def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[
             print(f"N={n} {method}: default {r['default_step_s']:.3f} s, distribution {r['distribution_step_s']:.3f} s"
                   f" (each attacker: {each} s) -> ratio {r['ratio']:.2f} (bar <= 2)")
     return rows
+
+
+def _outer_step(immunizer, concepts, batch_size: int, g, to_device):
+    """One outer step of `immunizer` on fresh batches of `concepts`: its gradients, then AdamW on S^u."""
+    import torch
+
+    params = immunizer.trainable_parameters()
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+
+    def step() -> None:
+        batches = {c.name: (to_device(c.batch(batch_size, g)), to_device(c.batch(batch_size, g))) for c in concepts}
+        _, grads, _ = immunizer.gradients(batches, g)
+        for name, param in params.items():
+            param.grad = grads[name]
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
 
 
 def _seconds_per_step(step, steps: int) -> float:
