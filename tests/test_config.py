@@ -156,3 +156,13 @@ def test_differences_against_a_record():
         ImmunizeConfig.from_record({**recorded, "retired": 1})
     assert ImmunizeConfig.from_record(recorded).inner_clip == 0.0
     assert ImmunizeConfig.from_dict(recorded).inner_clip == 1.0
+
+
+def test_simulated_attackers_differ_only_in_what_ran():
+    """An attacker's unset learning rate and prompt are its kind's defaults, in the config and in a record that
+    left them out (or predates the field); a setting that really differs still shows."""
+    config = ImmunizeConfig(attackers=({"kind": "lora"},))
+    assert config.differences({"attackers": [{"kind": "lora", "lr": 3.0}]}, ["attackers"]) == {}
+    assert config.differences({"attackers": ["lora"]}, ["attackers"]) == {}
+    changed = config.differences({"attackers": [{"kind": "lora", "lr": 1.0}]}, ["attackers"])
+    assert list(changed) == ["attackers"] and changed["attackers"][0][0]["lr"] == 1.0

@@ -206,6 +206,15 @@ class ImmunizeConfig(Config):
                                       f"concept '{spec.name}' has no descriptions; give it `descriptions:` in the "
                                       f"concepts YAML")
 
+    def differences(self, recorded: Mapping[str, object], fields: Sequence[str] | None = None) -> dict[str, tuple]:
+        """[`Config.differences`], with each simulated attacker's unset learning rate and prompt read as its kind's
+        defaults on both sides (`with_attacker_defaults`): a record that left them out, or was written before the
+        field existed, reads as what ran."""
+        if recorded.get("attackers"):
+            resolved = ImmunizeConfig(attackers=tuple(recorded["attackers"])).with_attacker_defaults()
+            recorded = {**recorded, "attackers": list(resolved.attackers)}
+        return Config.differences(self.with_attacker_defaults(), recorded, fields)
+
     def for_model(self, model: str) -> ImmunizeConfig:
         """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
         the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
