@@ -3,7 +3,6 @@
 
 import copy
 import json
-import threading
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from mima.immunize.attackers import simulated_attackers
 from mima.immunize.config import AttackerSpec
 from mima.losses import diffusion_loss
 from mima.models.encoding import Batch
-from mima.utils.distributed import Shard
-from test_meta_gradient import _random_concept
 
 PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
@@ -109,59 +106,6 @@ def test_cli_immunize_with_a_lora_attacker_records_it(tiny_model_dir, tmp_path, 
                                               "prompt": "concept"}]
     assert len(record["log"]) == 2 and {"lower/stripes", "lower/star", "retain"} <= set(record["log"][0])
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
-
-
-def _thread_shard(rank: int, size: int, slots: list, barrier: threading.Barrier) -> Shard:
-    """A Shard of a process group emulated by threads: each collective puts this rank's value in `slots`, waits for
-    every rank, and combines them in rank order."""
-
-    def collective(value, combine):
-        slots[rank] = value
-        barrier.wait()
-        combined = combine(slots)
-        barrier.wait()  # every rank has read the slots before they are reused
-        return combined
-
-    shard = Shard(rank, size)
-    for name, combine in (("sum", lambda vs: {n: sum(v[n] for v in vs) for n in vs[0]}),
-                          ("sum_floats", lambda vs: [sum(x) for x in zip(*vs, strict=True)]),
-                          ("gather_logs", lambda vs: {k: x for v in vs for k, x in v.items()})):
-        object.__setattr__(shard, name, lambda value, combine=combine: collective(value, combine))
-    return shard
-
-
-def test_concept_parallel_mima_with_lora_gives_the_one_process_gradient(tiny_components):
-    """Two ranks (threads) each adapt their concepts' fresh factors, skipping the others' draws: the summed gradient
-    is the one-process gradient (float64: exact up to rounding; float32 runs differ by AdamW-amplified noise on
-    near-zero gradient entries)."""
-    components = copy.deepcopy(tiny_components)
-    components.unet.double()
-    specs = [toy_concept_spec(name) for name in ("stripes", "star", "checker", "dots")]
-    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
-    config = ImmunizeConfig(caption_bank="toy", attackers=({"kind": "lora", "lr": 0.5, "steps": 2},))
-
-    def gradients(shard: Shard):
-        immunizer = immunizers.get("mima")(config)
-        immunizer.shard = shard
-        immunizer.prepare(copy.deepcopy(components), specs, concepts)  # functional_call is not thread-safe
-        g = torch.Generator().manual_seed(7)
-        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
-        return immunizer.gradients(batches, torch.Generator().manual_seed(8))
-
-    expected, slots, barrier, results = gradients(Shard()), [None, None], threading.Barrier(2), [None, None]
-
-    def rank(r: int) -> None:
-        results[r] = gradients(_thread_shard(r, 2, slots, barrier))
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for value, grads, logs in results:
-        assert value == pytest.approx(expected[0], rel=1e-12) and logs == pytest.approx(expected[2], rel=1e-12)
-        for name in expected[1]:
-            torch.testing.assert_close(grads[name], expected[1][name], rtol=1e-9, atol=1e-15)
 
 
 def test_ls_lists_lora_with_its_default_learning_rate(capsys):
