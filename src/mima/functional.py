@@ -242,8 +242,9 @@ def unrolled_vjp(
                 grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
             if u is None:  # one batch: its gradient is the step's mean gradient
                 u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
-            inner = sum((u[n] * g).sum() for n, g in grads.items())
-            hs = torch.autograd.grad(inner, [leaves[n] for n in targets], allow_unused=True)
+            live = [n for n, g in grads.items() if g.requires_grad]  # not a zero for a leaf the loss ignores
+            hs = torch.autograd.grad([grads[n] for n in live], [leaves[n] for n in targets], [u[n] for n in live],
+                                     allow_unused=True)
             for name, h in zip(targets, hs, strict=True):
                 if h is not None:  # None: that parameter's gradient does not depend on it
                     hvp[name] += h / len(losses)
