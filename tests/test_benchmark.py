@@ -11,8 +11,9 @@ from mima.cli import main
 from mima.data.image_folder import read_image_folder
 
 
-def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capsys):
-    """Attacks first run as two parallel jobs; a serial re-run of one piece reproduces it exactly."""
+def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capfd):
+    """Attacks first run as two parallel jobs (only the parent draws a progress bar); a serial re-run of one piece
+    reproduces it exactly."""
     config = {
         "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": ["toy:star"], "methods": ["mima"],
         "attacks": ["lora"], "encoders": ["toy-judge"],
@@ -22,7 +23,9 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    assert main(["benchmark", "--config", str(path), "--out", str(out), "--jobs", "2"]) == 0, capsys.readouterr().err
+    assert main(["benchmark", "--config", str(path), "--out", str(out), "--jobs", "2"]) == 0, capfd.readouterr().err
+    bars = capfd.readouterr().err
+    assert "attacks (2 jobs)" in bars and "attack (lora)" not in bars, bars
     report = out / "report"
     for name in ("report.html", "report.md", "metrics.json", "figures/similarity-lora-toy-judge.png",
                  "grids/lora-stripes.png", "grids/lora-star.png"):
@@ -60,11 +63,11 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     config["immunize"]["save_every"] = 7  # a checkpoint period decides nothing: still reused
     config["immunize"]["inner_clip"] = 0.5  # decides mima's model, not the erased `none` one
     path.write_text(yaml.safe_dump(config))
-    capsys.readouterr()
+    capfd.readouterr()
     recorded_config = (out / "benchmark_config.json").read_text()
     assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 2
     assert (out / "benchmark_config.json").read_text() == recorded_config  # a refused run rewrites nothing
-    error = capsys.readouterr().err.strip()
+    error = capfd.readouterr().err.strip()
     assert error.count("\n") == 0 and "models/mima' was made with other settings (inner_clip: 1.0 -> 0.5)" in error
     assert [r.stat().st_mtime_ns for r in runs] == written
     config["immunize"].pop("inner_clip")

@@ -86,8 +86,8 @@ class TrainingLoop:
             raise ConfigError(f"'{folder}' holds an unfinished run; pass --resume or use another --out")
         if self.step == 0:
             self.at_checkpoint()
-        with tqdm(total=settings.steps, initial=self.step, desc=settings.desc,
-                  disable=not settings.show_progress) as bar:
+        quiet = {} if settings.show_progress else {"disable": True}  # unset: a worker's TQDM_DISABLE still holds
+        with tqdm(total=settings.steps, initial=self.step, desc=settings.desc, **quiet) as bar:
             while self.step < settings.steps:
                 logs = self.train_step()
                 self.step += 1
