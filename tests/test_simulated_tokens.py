@@ -255,3 +255,17 @@ def test_cli_immunize_with_a_textual_inversion_attacker_saves_the_model_without_
     assert record["config"]["attackers"] == [{"kind": "textual-inversion", "lr": 3.0, "steps": 2,
                                               "prompt": "fresh-token"}]  # with its kind's defaults: what ran
     assert {"upper/stripes", "lower/stripes"} <= set(record["log"][0])
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "textual-inversion", "custom-diffusion"])
+def test_a_skipped_attack_draws_what_the_attack_draws(world, kind):
+    """A process that leaves a concept's attack to another draws from the shared generator what the attack draws
+    (fresh factors or token, then each step's noise and timesteps), so that both processes stay in step."""
+    _, concepts, make = world
+    immunizer = make("mima", "second-order", {"kind": kind, "lr": 0.5, "steps": 2})
+    base = immunizer.base_parameters()
+    lower, _ = _batches(concepts)["dots"]
+    attacked, skipped = torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED)
+    immunizer.unroll(base, [lower], [1], attacked)
+    immunizer.skip_attack(base, lower, 1, skipped)
+    assert torch.equal(attacked.get_state(), skipped.get_state())
