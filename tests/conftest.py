@@ -6,6 +6,7 @@ or edits weights takes `copy.deepcopy(tiny_components)` (or copies `tiny_model_d
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupted_at(monkeypatch):
+    """`with interrupted_at(LoopClass, k):` the loop's training stops with KeyboardInterrupt (as at Ctrl-C) just
+    before step k + 1 would run; leaving the block restores the step."""
+
+    @contextlib.contextmanager
+    def interrupt(loop_class: type, step: int):
+        original = loop_class.train_step
+
+        def train_step(loop):
+            if loop.step == step:
+                raise KeyboardInterrupt
+            return original(loop)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(loop_class, "train_step", train_step)
+            yield
+
+    return interrupt
 
 
 @pytest.fixture(scope="session")

@@ -182,24 +182,15 @@ def test_the_alternating_schedule_carries_the_same_attacks_in_both_paths(tiny_co
     assert steps[0][1][0] != pytest.approx(steps[0][0][0], rel=1e-6)  # the carried start moved the second step
 
 
-def test_the_alternating_schedule_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_alternating_schedule_resumes_exactly(tiny_model_dir, tmp_path, interrupted_at):
     from mima.immunize import trainer as trainer_module
 
     settings = dict(steps=4, save_every=2, persistent_attacker=True, order="first-order")
     full = _run(tiny_model_dir, tmp_path / "full", **settings)
     fresh = _run(tiny_model_dir, tmp_path / "fresh", **{**settings, "persistent_attacker": False})
-    original_step = trainer_module._Loop.train_step
-
-    def crash_at_step_three(loop):
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return original_step(loop)
-
-    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(trainer_module._Loop, 2), pytest.raises(KeyboardInterrupt):
         _run(tiny_model_dir, tmp_path / "cut", **settings)
     assert (tmp_path / "cut" / "checkpoint" / "state.safetensors").is_file()
-    monkeypatch.setattr(trainer_module._Loop, "train_step", original_step)
     resumed = _run(tiny_model_dir, tmp_path / "cut", resume=True, **settings)
     expected, actual, other = _unet_weights(full), _unet_weights(resumed), _unet_weights(fresh)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -84,20 +84,11 @@ def test_attack_export_reloads_in_plain_diffusers_and_reproduces_samples(tiny_mo
     assert difference.mean() < 1.0, f"{method}: reloaded samples differ by {difference.mean():.2f}"
 
 
-def test_attack_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_attack_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, interrupted_at):
     config = AttackConfig(method="lora", **{**FAST, "steps": 4, "save_every": 2})
     AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "full").run()
-    original = trainer_module._Loop.train_step
-
-    def crash(loop):
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return original(loop)
-
-    monkeypatch.setattr(trainer_module._Loop, "train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(trainer_module._Loop, 2), pytest.raises(KeyboardInterrupt):
         AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "cut").run()
-    monkeypatch.setattr(trainer_module._Loop, "train_step", original)
     AttackRun(str(tiny_model_dir), toy_concept_spec("donut"), config, tmp_path / "cut").run(resume=True)
     full = json.loads((tmp_path / "full" / "attack.json").read_text())["log"]
     cut = json.loads((tmp_path / "cut" / "attack.json").read_text())["log"]

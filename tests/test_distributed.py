@@ -70,17 +70,10 @@ def test_two_processes_give_the_one_process_weights(tiny_model_dir, tmp_path, me
     assert not (tmp_path / "two" / "checkpoint").exists() and (tmp_path / "two" / "immunization.json").is_file()
 
 
-def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_path, monkeypatch, one_process,
+def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_path, interrupted_at, one_process,
                                                            one_thread):
-    original_step = trainer_module._Loop.train_step
-
-    def crash_at_step_two(loop):
-        if loop.step == 1:
-            raise KeyboardInterrupt
-        return original_step(loop)
-
-    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_two)
-    assert main(_args(tiny_model_dir, tmp_path / "cut", "mima")) == 130  # interrupted after its first checkpoint
+    with interrupted_at(trainer_module._Loop, 1):
+        assert main(_args(tiny_model_dir, tmp_path / "cut", "mima")) == 130  # interrupted after its first checkpoint
     assert (tmp_path / "cut" / "checkpoint").is_dir()
     _torchrun([*_args(tiny_model_dir, tmp_path / "cut", "mima"), "--resume"])
     full, resumed = one_process("mima"), _upper_weights(tmp_path / "cut")

@@ -88,20 +88,11 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
     assert upper_loss() > start * 1.02
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, interrupted_at):
     full = _run(tiny_model_dir, tmp_path / "full", steps=4, save_every=2)
-    original_step = trainer_module._Loop.train_step
-
-    def crash_at_step_three(loop):
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return original_step(loop)
-
-    monkeypatch.setattr(trainer_module._Loop, "train_step", crash_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(trainer_module._Loop, 2), pytest.raises(KeyboardInterrupt):
         _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(trainer_module._Loop, "train_step", original_step)
     with pytest.raises(ConfigError, match="--resume"):
         _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
     resumed = _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2, resume=True)

@@ -47,20 +47,11 @@ def test_the_loop_trains_in_the_chosen_precision(tmp_path, mixed_precision, dtyp
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
-def test_resume_is_exact_and_keeps_the_loss_scale(tmp_path, monkeypatch, mixed_precision):
+def test_resume_is_exact_and_keeps_the_loss_scale(tmp_path, interrupted_at, mixed_precision):
     full = LeastSquares(tmp_path / "full", mixed_precision)
     full.run(resume=False)
-    original = LeastSquares.train_step
-
-    def crash_at_step_three(loop):
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return original(loop)
-
-    monkeypatch.setattr(LeastSquares, "train_step", crash_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(LeastSquares, 2), pytest.raises(KeyboardInterrupt):
         LeastSquares(tmp_path / "cut", mixed_precision).run(resume=False)
-    monkeypatch.setattr(LeastSquares, "train_step", original)
     assert (tmp_path / "cut" / "checkpoint" / "grad_scaler.pt").is_file() == (mixed_precision == "fp16")
     resumed = LeastSquares(tmp_path / "cut", mixed_precision)
     resumed.run(resume=True)
