@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from gradient_checks import assert_gradients_equal_the_objectives
 from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, immunizers
 from mima.losses import diffusion_loss
@@ -201,18 +202,10 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
         g = torch.Generator().manual_seed(SEED)
         return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
 
-    objective, logs = immunizer.objective(batches(), torch.Generator().manual_seed(SEED + 1))
-    params = immunizer.trainable_parameters()
-    expected = dict(zip(params, torch.autograd.grad(objective, list(params.values())), strict=True))
-    value, grads, step_logs = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+    objective = assert_gradients_equal_the_objectives(immunizer, batches, SEED + 1)
     all_at_once = immunizers.get(method)(config.with_overrides(concept_by_concept=False))
     all_at_once.prepare(components, specs, concepts)
-    assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective.item()
-    assert value == pytest.approx(objective.item(), rel=1e-10)
-    assert step_logs == pytest.approx(logs, rel=1e-10)
-    assert set(grads) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-12)
+    assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
