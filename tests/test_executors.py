@@ -91,3 +91,16 @@ def test_the_local_executor_needs_no_ray():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+def test_the_demo_runs_one_local_worker_per_cpu_thread_unless_told(tmp_path, monkeypatch):
+    import torch
+
+    from mima.cli import benchmark as cli
+
+    jobs = []
+    monkeypatch.setattr(cli, "_run", lambda benchmarks, out, args: jobs.append(args.jobs))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)
+    for flags in ([], ["--jobs", "1"], ["--executor", "ray"]):
+        assert main(["demo", "--device", "cpu", "--out", str(tmp_path), *flags]) == 0
+    assert jobs == [8, 1, None]  # capped at 8; as given; Ray places pieces itself

@@ -36,7 +36,7 @@ def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
                         help="where pieces run: local worker processes (default) or Ray tasks (pip install mima[ray])")
     parser.add_argument("--jobs", type=positive_int, default=None,
                         help="local: immunizations and attacks run at a time, each in a worker process (default 1; "
-                             "`mima demo` on the CPU: one per CPU thread)")
+                             "`mima demo` on the CPU: one per CPU thread, up to 8)")
     ray = parser.add_argument_group("Ray (--executor ray)")
     ray.add_argument("--ray-address", help="a cluster to join ('auto': the one `ray start` runs here; default: "
                                            "start a local Ray for this run)")
@@ -96,11 +96,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _demo_jobs(device: str | None) -> int:
-    """One worker per CPU thread when the toy runs on the CPU: its small layers keep one thread busy but not two
-    (two 1-thread attacks side by side finished in 41.7 s where one 2-thread attack took 35.8 s, 2 cores); one
-    on an accelerator."""
+    """One worker per CPU thread when the toy runs on the CPU, up to 8 (each holds its own copy of torch and the
+    models): its small layers keep one thread busy but not two (two 1-thread attacks side by side finished in 41.7 s
+    where one 2-thread attack took 35.8 s, 2 cores); one on an accelerator."""
     import torch
 
     from mima.utils.device import resolve_device
 
-    return torch.get_num_threads() if resolve_device(device).type == "cpu" else 1
+    return min(torch.get_num_threads(), 8) if resolve_device(device).type == "cpu" else 1
