@@ -16,9 +16,10 @@ over peak memory at the smallest N. Prints a table and writes JSON:
         [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
 
-With `--attackers FILE` (a YAML file whose `attackers:` list is `ImmunizeConfig.attackers`, e.g. the distribution
-a run would sample from), it measures instead, in each child, today's default outer step (one `full` SGD step) and a
-step with each attacker of the distribution, interleaved so that all see the same machine load, and prints the
+With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
+distribution a run would sample from, and any other `ImmunizeConfig` field it sets, e.g. `upper_params`), it
+measures instead, in each child, today's default outer step (one `full` SGD step) and a step with the file's
+settings for each attacker of its distribution, interleaved so that all see the same machine load, and prints the
 expected step time under the distribution (each attacker's time weighted by its sampling weight) over the default
 step's: the cost bar of issue 18 is a ratio of at most 2.
 
@@ -113,7 +114,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
         return type(batch)(batch.latents.to(device), batch.hidden.to(device), prior, batch.prompts, batch.images)
 
-    if args.attackers:
+    if args.immunize_config:
         return _distribution_cost(args, components, specs, concepts, g, to_device)
     merge_seconds: list[float] = []
     if args.child == "finetune":
@@ -148,7 +149,8 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g, to_device) -> dict:
-    """Seconds of today's default outer step and of a step with each attacker of `args.attackers`, interleaved."""
+    """Seconds of today's default outer step and of a step with each attacker of `args.immunize_config`'s settings,
+    interleaved."""
     import yaml
 
     from mima.immunize import ImmunizeConfig, immunizers
@@ -168,9 +170,9 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     default = ImmunizeConfig(order="first-order" if args.child.endswith("-1st") else "second-order",
                              caption_bank="toy" if args.model == "toy" else "generic", prior_weight=terms,
                              retain_weight=terms, gradient_checkpointing=args.gradient_checkpointing)
-    attackers = yaml.safe_load(Path(args.attackers).read_text(encoding="utf-8"))["attackers"]
+    settings = yaml.safe_load(Path(args.immunize_config).read_text(encoding="utf-8"))
     _, default_step = immunizer_step(default)
-    sampled, distribution_step = immunizer_step(default.with_overrides(attackers=attackers))
+    sampled, distribution_step = immunizer_step(default.with_overrides(**settings))
     weights = [a.spec.weight for a in sampled.distribution.attackers]
     runs = [lambda: default_step(0)] + [lambda i=i: distribution_step(i) for i in range(len(weights))]
     seconds = [0.0] * len(runs)
@@ -182,11 +184,11 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
     return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
             "distribution_step_s": expected, "ratio": expected / seconds[0],
-            "attackers": [a.spec.to_dict() for a in sampled.distribution.attackers]}
+            "attackers": [a.spec.to_dict() for a in sampled.distribution.attackers], "settings": settings}
 
 
 def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:
-    print(f"cost of the distribution in {args.attackers} against today's default step ({args.model}, batch "
+    print(f"cost of the settings in {args.immunize_config} against today's default step ({args.model}, batch "
           f"{args.batch_size}, {args.device}, {args.steps} interleaved steps each; a shared machine is noisy)")
     rows = []
     for method in args.methods:
@@ -258,7 +260,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
     command = [sys.executable, __file__, "--model", args.model, "--model-dir", model_dir, "--child", method,
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--device", args.device,
-               *(["--attackers", str(args.attackers)] if args.attackers else []),
+               *(["--immunize-config", str(args.immunize_config)] if args.immunize_config else []),
                *(["--with-prior"] if args.with_prior else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -278,8 +280,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
-    parser.add_argument("--attackers", type=Path,
-                        help="YAML file with an `attackers:` list: print its step-time ratio to today's default step")
+    parser.add_argument("--immunize-config", type=Path,
+                        help="immunize YAML (attackers, upper_params, ...): print its step time over today's default")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -292,7 +294,7 @@ def main() -> None:
         print(json.dumps(_measure(args)))
         return
     model_dir = _model_dir(args.model)
-    if args.attackers:
+    if args.immunize_config:
         rows = _print_distribution_costs(args, model_dir)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
