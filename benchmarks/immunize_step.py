@@ -8,7 +8,8 @@ Each (method, N) runs in its own subprocess, so its peak memory is its own:
 - CUDA: `torch.cuda.max_memory_allocated` of the child process (via mima.utils.device), model included.
 
 Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
-timed in the same child right after, so that both see the same load on a shared machine),
+timed in the same child right after, so that both see the same load on a shared machine; each the fastest of its
+timed steps),
 the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), and peak memory at N
 over peak memory at the smallest N. Prints a table and writes JSON:
 
@@ -86,7 +87,7 @@ def _specs(model: str, n: int) -> list:
 
 
 def _measure(args: argparse.Namespace) -> dict[str, float]:
-    """Run in the child process: mean seconds per step (after one warm-up), Merge seconds, peak memory."""
+    """Run in the child process: seconds per step (after one warm-up), Merge seconds, peak memory."""
     import torch
 
     from mima.immunize import ImmunizeConfig, immunizers
@@ -124,6 +125,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             order="first-order" if args.child == "mima-1st" else "second-order",
             caption_bank="toy" if args.model == "toy" else "generic", prior_weight=1.0 if args.with_prior else 0.0,
             retain_weight=1.0 if args.with_prior else 0.0, gradient_checkpointing=args.gradient_checkpointing,
+            **({"hvp": args.hvp} if args.hvp else {}),
         )
         immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
         immunizer.prepare(components, specs, concepts)
@@ -220,10 +222,13 @@ def _outer_step(immunizer, concepts, batch_size: int, g, to_device):
 
 
 def _seconds_per_step(step, steps: int) -> float:
-    start = time.perf_counter()
+    """The fastest of `steps` timed calls: the one least disturbed by other load on a shared machine."""
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _finetune_step(components, concept, batch_size: int, g, to_device):
@@ -261,7 +266,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--device", args.device,
                *(["--immunize-config", str(args.immunize_config)] if args.immunize_config else []),
-               *(["--with-prior"] if args.with_prior else []),
+               *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -280,6 +285,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
+    parser.add_argument("--hvp", choices=["exact", "finite-difference"], help="second order's Hessian-vector "
+                        "product (default: ImmunizeConfig's)")
     parser.add_argument("--immunize-config", type=Path,
                         help="immunize YAML (attackers, upper_params, ...): print its step time over today's default")
     parser.add_argument("--json", type=Path, help="write the results here")

@@ -2,13 +2,15 @@
 against the gradient with the inner step detached."""
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gradient_checks import assert_gradients_equal_the_objectives
+from gradient_checks import FINITE_DIFFERENCE_RTOL, assert_gradients_equal_the_objectives
 from mima.data.concepts import toy_concept_spec
-from mima.immunize import ImmunizeConfig, immunizers
+from mima.immunize import ImmunizeConfig, bilevel, immunizers
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages
@@ -39,7 +41,7 @@ def setup(tiny_components):
     def make(order: str, method: str = "mima", inner_clip: float = 0.0, **overrides):
         config = ImmunizeConfig(
             method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
-            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"), **overrides,
+            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"), **{"hvp": "exact", **overrides},
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
@@ -193,7 +195,7 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     components.unet.double()
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
-    config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy",
+    config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy", hvp="exact",
                             **{"prior_weight": 0.0, "retain_weight": 0.0, **overrides})
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
@@ -224,3 +226,22 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
     assert again[0] == pytest.approx(plain[0], rel=1e-12)
     for name in plain[1]:
         torch.testing.assert_close(again[1][name], plain[1][name], rtol=1e-10, atol=1e-14)
+
+
+def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypatch):
+    """`hvp: finite-difference` runs where only CPU flash attention is allowed, which has no double backward (the
+    exact product fails there without the math kernel), and comes within tolerance of the exact gradient."""
+    _, make, _ = setup
+    g = torch.Generator().manual_seed(SEED)
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
+    exact = make("second-order", inner_clip=0.05).gradients(batches, torch.Generator().manual_seed(SEED + 1))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        approx = make("second-order", inner_clip=0.05, hvp="finite-difference").gradients(
+            batches, torch.Generator().manual_seed(SEED + 1))
+    assert approx[0] == pytest.approx(exact[0], rel=1e-10)
+    names = sorted(exact[1])
+    difference = torch.cat([approx[1][n].flatten() - exact[1][n].flatten() for n in names])
+    assert difference.norm() <= FINITE_DIFFERENCE_RTOL * torch.cat([exact[1][n].flatten() for n in names]).norm()
+    monkeypatch.setattr(bilevel, "differentiable_attention", nullcontext)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), pytest.raises(RuntimeError, match="not implemented"):
+        make("second-order", inner_clip=0.05).gradients(batches, torch.Generator().manual_seed(SEED + 1))

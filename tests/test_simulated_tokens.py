@@ -50,7 +50,7 @@ def world(tiny_components):
         config = ImmunizeConfig(
             method=method, order=order, caption_bank="toy", attackers=(attacker,),
             upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
-            **{"prior_weight": 0.0, "retain_weight": 0.0, **overrides},
+            **{"prior_weight": 0.0, "retain_weight": 0.0, "hvp": "exact", **overrides},
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)

@@ -19,6 +19,7 @@ from mima.losses import UNetCall
 Params = dict[str, torch.Tensor]
 Order = Literal["first-order", "second-order"]
 InnerOptimizer = Literal["sgd", "adam"]
+Hvp = Literal["exact", "finite-difference"]
 BatchLoss = Callable[[Params, torch.Generator], torch.Tensor]
 """The loss of one batch at the given parameters, drawing its noise and timesteps from the generator."""
 
@@ -212,43 +213,97 @@ def _clipped_cotangent(cotangent: Params, mean_grad: Params, max_norm: float) ->
 
 def unrolled_vjp(
     run: Unrolled, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, cotangent: Params,
-    wrt: list[str], *, lr: float, max_norm: float = 0.0, order: Order = "second-order",
+    wrt: list[str], *, lr: float, max_norm: float = 0.0, order: Order = "second-order", hvp: Hvp = "exact",
 ) -> Params:
     """The gradient of <cotangent, run.params> with respect to the starting or fixed parameters named `wrt`.
 
-    Second order replays each step backwards, batch by batch (the kept last batch first, freeing its graph):
-    recompute the batch's gradient with its graph and backpropagate through it (a Hessian-vector product), so
-    at most one batch's double-backward graph is alive. First order treats each step's gradient as a constant:
-    d run.params / d params = I.
+    Second order replays each step backwards: each step's Hessian-vector product, `exact` (`_exact_hvp`: double
+    backward, one batch's graph alive at a time) or by a `finite-difference` of gradients (`_difference_hvp`: no
+    double backward). First order treats each step's gradient as a constant: d run.params / d params = I.
     """
     lam = dict(cotangent)
     if order == "first-order" or not lam:  # not lam: the attack trained nothing
         return {n: lam[n] for n in wrt if n in lam}
+    if not run.gradients and len(losses) != 1:
+        raise ValueError("a run over several batches needs its gradients to be replayed")
     extra = [n for n in wrt if n in fixed and n not in lam]
     fixed_grads = {n: torch.zeros_like(fixed[n]) for n in extra}
-    kept, last = run.kept, len(run.iterates) - 1
+    kept = run.kept
     for step in reversed(range(len(run.iterates))):
-        if not run.gradients and len(losses) != 1:
-            raise ValueError("a run over several batches needs its gradients to be replayed")
         targets = [*(lam if step else [n for n in wrt if n in lam]), *extra]
-        hvp = {n: torch.zeros_like(lam[n] if n in lam else fixed[n]) for n in targets}
-        u = _clipped_cotangent(lam, run.gradients[step], max_norm) if run.gradients else None
-        for index in reversed(range(len(losses))):
-            if kept is not None and step == last and index == len(losses) - 1:
-                (leaves, grads), kept = kept, None
-            else:
-                leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
-                loss = losses[index]({**fixed, **leaves}, _replay(generator, run.states[step][index]))
-                grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
-            if u is None:  # one batch: its gradient is the step's mean gradient
-                u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
-            live = [n for n, g in grads.items() if g.requires_grad]  # not a zero for a leaf the loss ignores
-            hs = torch.autograd.grad([grads[n] for n in live], [leaves[n] for n in targets], [u[n] for n in live],
-                                     allow_unused=True)
-            for name, h in zip(targets, hs, strict=True):
-                if h is not None:  # None: that parameter's gradient does not depend on it
-                    hvp[name] += h / len(losses)
-        lam = {n: lam[n] - lr * hvp[n] for n in targets if n in lam}
+        if hvp == "finite-difference":
+            products = _difference_hvp(run, step, fixed, losses, generator, lam, targets, max_norm)
+        else:
+            products, kept = _exact_hvp(run, step, fixed, losses, generator, lam, targets, max_norm, kept)
+        lam = {n: lam[n] - lr * products[n] for n in targets if n in lam}
         for name in fixed_grads:
-            fixed_grads[name] -= lr * hvp[name]
+            fixed_grads[name] -= lr * products[name]
     return {**{n: lam[n] for n in wrt if n in lam}, **fixed_grads}
+
+
+def _exact_hvp(
+    run: Unrolled, step: int, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, lam: Params,
+    targets: list[str], max_norm: float, kept: tuple[Params, Params] | None,
+) -> tuple[Params, tuple[Params, Params] | None]:
+    """H u on `targets` at step `step`'s iterate, u the clipped `lam`: batch by batch (the kept last batch of the
+    last step first, freeing its graph), recompute the batch's gradient with its graph and backpropagate through
+    it; returns the product and what is left of `kept`."""
+    extra = [n for n in targets if n not in lam]
+    hvp = {n: torch.zeros_like(lam[n] if n in lam else fixed[n]) for n in targets}
+    u = _clipped_cotangent(lam, run.gradients[step], max_norm) if run.gradients else None
+    for index in reversed(range(len(losses))):
+        if kept is not None and step == len(run.iterates) - 1 and index == len(losses) - 1:
+            (leaves, grads), kept = kept, None
+        else:
+            leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
+            loss = losses[index]({**fixed, **leaves}, _replay(generator, run.states[step][index]))
+            grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
+        if u is None:  # one batch: its gradient is the step's mean gradient
+            u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
+        live = [n for n, g in grads.items() if g.requires_grad]  # not a zero for a leaf the loss ignores
+        hs = torch.autograd.grad([grads[n] for n in live], [leaves[n] for n in targets], [u[n] for n in live],
+                                 allow_unused=True)
+        for name, h in zip(targets, hs, strict=True):
+            if h is not None:  # None: that parameter's gradient does not depend on it
+                hvp[name] += h / len(losses)
+    return hvp, kept
+
+
+FD_STEP = 1e-5
+"""The norm of the parameter change `_difference_hvp` differentiates over, relative to the parameters' norm (at
+least 1): measured on the toy and SD-shaped models, relative errors of 5e-4 to 4e-3 in the meta-gradient, where 10x
+larger or smaller steps give up to 4e-2."""
+
+
+def _difference_hvp(
+    run: Unrolled, step: int, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, lam: Params,
+    targets: list[str], max_norm: float,
+) -> Params:
+    """H u on `targets` at step `step`'s iterate x, u the clipped `lam`, as (g(x + eps u) - g(x)) / eps with
+    eps = FD_STEP max(|x|, 1) / |u| (DARTS, Liu et al. 2019, there with a fixed step): two gradients under the same
+    draws and no double backward, so any attention kernel serves; an approximation, first order in eps."""
+
+    def mean_gradient(point: Params, names: list[str]) -> Params:
+        params = {**fixed, **point}
+        mean = {n: torch.zeros_like(params[n]) for n in names}
+        for index, loss_fn in enumerate(losses):
+            leaves = _leaves({n: params[n] for n in names})  # only these: no weight gradient for the others
+            loss = loss_fn({**params, **leaves}, _replay(generator, run.states[step][index]))
+            for name, grad in _batch_gradient(loss, leaves, names, create_graph=False).items():
+                mean[name] += grad / len(losses)
+        return mean
+
+    iterate, extra = run.iterates[step], [n for n in targets if n not in lam]
+    device = next(iter(iterate.values())).device.type
+    # in float32 under autocast too: a difference of two bf16 gradients is rounding noise (measured on the toy:
+    # cosine 0.07 to the exact product); so the step's gradient `unroll` kept serves only where autocast is off
+    stored = run.gradients and not extra and not torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False):
+        at = run.gradients[step] if stored else mean_gradient(iterate, list(dict.fromkeys([*lam, *targets])))
+        u = _clipped_cotangent(lam, {n: at[n] for n in lam}, max_norm)
+        norm = torch.sqrt(sum((v * v).sum() for v in u.values()))
+        if norm == 0:
+            return {n: torch.zeros_like(at[n]) for n in targets}
+        eps = FD_STEP * torch.clamp(torch.sqrt(sum((iterate[n] * iterate[n]).sum() for n in lam)), min=1.0) / norm
+        moved = mean_gradient({n: p + eps * u[n] if n in u else p for n, p in iterate.items()}, targets)
+    return {n: (moved[n] - at[n]) / eps for n in targets}

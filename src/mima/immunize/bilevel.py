@@ -147,7 +147,7 @@ class BilevelImmunizer(Immunizer):
         (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
         spec = self.attacker.spec
         second_order = spec.order == "second-order"
-        keep = keep_last and second_order
+        keep = keep_last and second_order and self.config.hvp == "exact"
         phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention() if keep else nullcontext():
             run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
@@ -161,10 +161,11 @@ class BilevelImmunizer(Immunizer):
         generator: torch.Generator, cotangent: Params,
     ) -> Params:
         """The gradient on S^u of <cotangent, adapted phi>, replaying `run` batch by batch (`unrolled_vjp`)."""
-        spec = self.attacker.spec
-        with self.double_backward_attention():
+        spec, exact = self.attacker.spec, self.config.hvp == "exact"
+        with self.double_backward_attention() if exact else nullcontext():
             return unrolled_vjp(run, base, self.batch_losses(batches, concepts), generator, cotangent,
-                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=spec.order)
+                                self.upper_names, lr=self.attacker.lr, max_norm=spec.clip, order=spec.order,
+                                hvp=self.config.hvp)
 
     def attack_gradient(
         self, run: Unrolled, base: Params, kept: Params, batches: list[Batch], concepts: Sequence[int | None],

@@ -108,6 +108,14 @@ class ImmunizeConfig(Config):
                           "clip, rank, optimizer, weight, order, trajectory_points); what an entry leaves out comes "
                           "from inner_lr, inner_steps, inner_clip and order; empty: one 'full' attacker"},
     )
+    hvp: Literal["exact", "finite-difference"] = field(
+        default="finite-difference",
+        metadata={"help": "second order, concept by concept: the Hessian-vector product through the inner steps, by "
+                          "a finite difference of two gradients (no double backward: any attention kernel, about a "
+                          "third of the step memory; measured relative error up to 5e-3) or exact (double backward "
+                          "with the plain-math attention kernel)",
+                  "absent": "exact"},  # records from before the field: exact
+    )
     persistent_attacker: bool = field(
         default=False,
         metadata={"help": "alternating schedule (the authors' code): each attack starts where the same attacker's "

@@ -87,7 +87,8 @@ class MIMA(BilevelImmunizer):
             run = self.unroll(base, [lower], [n], generator, keep_last=n == last)  # the last one's graph
             for point, phi in zip(inputs, run.trajectory, strict=True):
                 point.add(attacker.weights({**base, **phi}), n)
-            runs[n], kept[n] = run.for_replay(), [attacker.kept(phi) for phi in run.trajectory]
+            runs[n] = run if n == last else run.for_replay()  # the last one's gradients too
+            kept[n] = [attacker.kept(phi) for phi in run.trajectory]
             logs[f"lower/{name}"] = run.first_loss
         losses, grads = [0.0] * len(lowers), {}
         for p, point in enumerate(inputs):
