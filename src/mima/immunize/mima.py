@@ -72,9 +72,9 @@ class MIMA(BilevelImmunizer):
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
         """Concept by concept: adapt each copy, keeping only what the Merge needs at each trajectory point (and the
-        last copy's graph); at each point, merge, take the upper gradient at the merged parameters, pull it back
-        through the Merge, replay each copy's inner steps with their graph and backpropagate its share (one
-        double-backward graph alive at a time); average over the points."""
+        last copy's gradients, and with `hvp: exact` its graph); at each point, merge, take the upper gradient at the
+        merged parameters, pull it back through the Merge, and carry each copy's share back through its inner steps
+        (`unrolled_vjp`: one copy's graph alive at a time); average over the points."""
         lowers, shard, attacker = [lower for lower, _ in batches.values()], self.shard, self.attacker
         owned = [shard.owns(n) for n in range(len(lowers))]
         last = max(n for n in range(len(lowers)) if owned[n]) if any(owned) else -1
@@ -84,10 +84,10 @@ class MIMA(BilevelImmunizer):
             if not owned[n]:  # another process adapts this copy
                 self.skip_attack(base, lower, n, generator)
                 continue
-            run = self.unroll(base, [lower], [n], generator, keep_last=n == last)  # the last one's graph
+            run = self.unroll(base, [lower], [n], generator, keep_last=n == last)
             for point, phi in zip(inputs, run.trajectory, strict=True):
                 point.add(attacker.weights({**base, **phi}), n)
-            runs[n] = run if n == last else run.for_replay()  # the last one's gradients too
+            runs[n] = run if n == last else run.for_replay()  # one copy's gradients kept, not recomputed
             kept[n] = [attacker.kept(phi) for phi in run.trajectory]
             logs[f"lower/{name}"] = run.first_loss
         losses, grads = [0.0] * len(lowers), {}
