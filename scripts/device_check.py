@@ -3,10 +3,11 @@
     python scripts/device_check.py --device cuda --out device-check            # the toy model
     python scripts/device_check.py --device cuda --model DIR --out device-check  # e.g. an SD-shaped pipeline
 
-For each run (immunize with MIMA; each attack; LoRA again in fp16 with loss scaling) it records the losses of the
-first steps on `--device` in bf16 and on the CPU in float32, which draw the same batches, noise and timesteps
-(the per-step generators live on the CPU), their relative difference, the seconds per step, and whether a LoRA
-run cut at a checkpoint and resumed on the device ends bit for bit where an uninterrupted one does. Writes
+For each run (immunize with MIMA, with the finite-difference and with the exact Hessian-vector product; each
+attack; LoRA again in fp16 with loss scaling) it records the losses of the first steps on `--device` in bf16 and on
+the CPU in float32, which draw the same batches, noise and timesteps (the per-step generators live on the CPU),
+their relative difference, the seconds per step, and whether a LoRA run cut at a checkpoint and resumed on the
+device ends bit for bit where an uninterrupted one does. Writes
 OUT/device_check.json and prints a table. Nothing here is asserted: it measures.
 """
 
@@ -35,8 +36,10 @@ def _first_losses(record_path: Path, key: str) -> tuple[list[float], float]:
     return [row[key] for row in record["log"]], record["elapsed_s"]
 
 
-def _immunize(model: str, out: Path, device: str, precision: str, steps: int) -> tuple[list[float], float]:
-    config = ImmunizeConfig(steps=steps, caption_bank="auto", mixed_precision=precision, **SMALL)
+def _immunize(
+    model: str, out: Path, device: str, precision: str, steps: int, hvp: str = "finite-difference"
+) -> tuple[list[float], float]:
+    config = ImmunizeConfig(steps=steps, caption_bank="auto", mixed_precision=precision, hvp=hvp, **SMALL)
     ImmunizationRun(model, load_concepts(["toy:stripes", "toy:star"]), config, out, device).run()
     return _first_losses(out / "immunization.json", "objective")
 
@@ -81,7 +84,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started, rows = time.time(), []
-    runs = [("immunize mima", "bf16", lambda out, d, p: _immunize(args.model, out, d, p, args.steps))]
+    runs = [("immunize mima", "bf16", lambda out, d, p: _immunize(args.model, out, d, p, args.steps)),
+            ("immunize mima exact-hvp", "bf16",
+             lambda out, d, p: _immunize(args.model, out, d, p, args.steps, "exact"))]
     runs += [(f"attack {m}", "bf16", lambda out, d, p, m=m: _attack(args.model, m, out, d, p, args.steps))
              for m in ATTACKS]
     if resolve_device(args.device).type != "cpu":  # fp16 is refused on the CPU
