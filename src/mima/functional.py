@@ -1,8 +1,9 @@
 """Parameter-dict helpers: the UNet as a pure function of its parameters, and the differentiable inner step.
 
 The inner step exists twice on purpose: `sgd_step` keeps its graph (the readable definition, differentiated as a
-whole), while `unroll` + `unrolled_vjp` give the same gradient without keeping any graph between batches, so that
-the memory of a meta-gradient does not grow with the number of batches (concepts) it spans.
+whole), while `unroll` + `unrolled_vjp` give the same gradient (exactly, or with a finite-difference
+Hessian-vector product) without keeping any graph between batches, so that the memory of a meta-gradient does not
+grow with the number of batches (concepts) it spans.
 """
 
 from __future__ import annotations
