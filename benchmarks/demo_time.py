@@ -7,8 +7,8 @@ also measured at the protocol the demo used before (25 fp32 DDIM steps every 30 
 by every model, EfficientNet unfused, 32 images a batch), in the same process, so that on a busy machine the ratio
 new / before still holds. The projection scales the last quiet-machine measurement of the whole demo (`--quiet`,
 seconds per phase of `time mima demo` on 2 cores) by those ratios. The projection is for the demo in one process;
-`mima demo` now runs one local worker per CPU thread on the CPU, which measured 10 min 15 s from a fresh clone,
-install included (docs/efficacy.md, "The demo's protocol"):
+`mima demo` now runs one local worker per CPU thread on the CPU, which measured 10 min 15 s and 11 min 3 s from a
+fresh clone, install included (docs/efficacy.md, "The demo's protocol"):
 
     python benchmarks/demo_time.py [--threads 1] [--repeats 2] [--json benchmarks/results/demo_time.json]
 """
