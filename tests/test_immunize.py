@@ -255,6 +255,39 @@ def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_compo
         ImmunizeConfig(anchor_weight=-1.0)
 
 
+@pytest.mark.parametrize(("class_batches", "expected"), [("per-class", [0, 2]), ("per-concept", [0, 1, 2])])
+def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_components, class_batches, expected):
+    """Concepts of one class prompt and class-image folder share its class batch (the first concept's): two styles
+    and an object give two class batches, or with `per-concept` three; the prior term is their mean loss."""
+    from mima.data.concepts import toy_concept_spec
+    from mima.immunize import immunizers
+    from mima.models.encoding import Batch, EncodedConcept, EncodedImages
+
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots", "circle")]
+    assert [s.class_prompt for s in specs] == ["a painting", "a painting", "a photo of an object"]
+    size = tiny_components.unet.config.sample_size
+
+    def images(seed: int, prompt: str) -> EncodedImages:
+        latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(seed))
+        return EncodedImages(latents, torch.zeros_like(latents), tiny_components.encode_prompts([prompt] * 4).detach())
+
+    concepts = [EncodedConcept(s.name, images(i, s.prompt), images(10 + i, s.class_prompt))
+                for i, s in enumerate(specs)]
+    immunizer = immunizers.get("mima")(ImmunizeConfig(caption_bank="toy", class_batches=class_batches))
+    immunizer.prepare(tiny_components, specs, concepts)
+    g = torch.Generator().manual_seed(0)
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+    chosen = immunizer.class_batches(batches)
+    assert len(chosen) == len(expected)
+    for (lower, upper), n in zip(chosen, expected, strict=True):
+        own_lower, own_upper = batches[specs[n].name]
+        assert torch.equal(lower.latents, own_lower.prior[0]) and torch.equal(upper.latents, own_upper.prior[0])
+        assert torch.equal(upper.hidden, own_upper.prior[1])
+    base, g = immunizer.base_parameters(), torch.Generator().manual_seed(1)
+    by_hand = torch.stack([immunizer.loss(base, Batch(*batches[specs[n].name][1].prior), g) for n in expected]).mean()
+    torch.testing.assert_close(immunizer.prior_loss(base, batches, torch.Generator().manual_seed(1)), by_hand)
+
+
 def test_erase_erases_the_targets_once_in_either_setting(tiny_model_dir, tmp_path):
     """`--method erase` is the erased model: in relearn (which erases first) the same as `none`, and the same as
     erasing without the setting's step (personalize); erasing twice would move K/V further."""

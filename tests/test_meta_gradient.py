@@ -228,6 +228,28 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
         torch.testing.assert_close(again[1][name], plain[1][name], rtol=1e-10, atol=1e-14)
 
 
+def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(setup):
+    """With `kept_gradients_mib`, each copy's finite-difference product reuses the gradient its attack took: one
+    UNet forward fewer per copy but the last (which keeps its whole run anyway), and the same meta-gradient."""
+    components, make, _ = setup
+    forwards = []
+    components.unet.register_forward_hook(lambda *_: forwards.append(1))
+
+    def run(mib: float):
+        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_mib=mib)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
+        forwards.clear()
+        value, grads, _ = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
+        return value, grads, len(forwards)
+
+    recomputed, kept = run(0.0), run(1024.0)
+    assert recomputed[2] == kept[2] + len(make.concepts) - 1
+    assert kept[0] == recomputed[0]
+    for name, grad in recomputed[1].items():
+        torch.testing.assert_close(kept[1][name], grad, rtol=1e-12, atol=1e-15)
+
+
 def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypatch):
     """`hvp: finite-difference` runs where only CPU flash attention is allowed, which has no double backward (the
     exact product fails there without the math kernel), and comes within tolerance of the exact gradient."""

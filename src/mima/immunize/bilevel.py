@@ -45,6 +45,8 @@ class BilevelImmunizer(Immunizer):
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
         self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names)
+        self.class_of = {spec.name: (spec.class_prompt, spec.class_images) if self.config.class_batches == "per-class"
+                         else spec.name for spec in specs}
 
     @property
     def attacker(self) -> SimulatedAttacker:
@@ -155,6 +157,14 @@ class BilevelImmunizer(Immunizer):
                          optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order)
         self.distribution.carry(concepts, run.params, base)
         return run
+
+    def spare_gradient_bytes(self) -> int:
+        """The memory the copies' inner-step gradients may keep until their finite-difference products reuse them
+        (`kept_gradients_mib`); none for an exact product or under autocast, where the product recomputes them in
+        float32."""
+        if self.config.hvp != "finite-difference" or torch.is_autocast_enabled(self.unet.device.type):
+            return 0
+        return int(self.config.kept_gradients_mib * 2**20)
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -278,21 +288,30 @@ class BilevelImmunizer(Immunizer):
             logs[name] = value
         return objective, grads, logs
 
+    def class_batches(self, batches: ConceptBatches) -> list[tuple[Batch, Batch]]:
+        """The (lower, upper) class-image batches of the prior and retain terms: with `class_batches: per-class`,
+        those of the first concept of each class in `batches` (concepts of one class prompt and class-image folder
+        draw from one pool, so one batch estimates the same term), else each concept's."""
+        firsts = {}
+        for name, (lower, upper) in batches.items():
+            if lower.prior is not None:
+                firsts.setdefault(self.class_of[name], (Batch(*lower.prior), Batch(*upper.prior)))
+        return list(firsts.values())
+
     def preservation_gradients(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
         """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
-        pairs = [(lower.prior, upper) for lower, upper in batches.values() if upper.prior is not None]
-        uppers, wrt = [up for _, up in pairs], self.upper_names
+        classes, wrt = self.class_batches(batches), self.upper_names
         if self.config.prior_weight > 0:
-            yield "prior", self._mean_or_zero(base, [Batch(*up.prior) for up in uppers], generator, wrt)
+            yield "prior", self._mean_or_zero(base, [upper for _, upper in classes], generator, wrt)
         if self.config.anchor_weight > 0:
+            uppers = [up for _, up in batches.values() if up.prior is not None]
             yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
         if self.config.retain_weight > 0:
-            lowers = [Batch(*lo) for lo, _ in pairs if lo is not None]
-            classes = [Batch(*up.prior) for lo, up in pairs if lo is not None]
+            lowers, uppers = [lower for lower, _ in classes], [upper for _, upper in classes]
             no_concepts = [None] * len(lowers)  # class images: conditioned by their own prompts
-            yield "retain", (self.adapted_loss_gradient(base, lowers, classes, no_concepts, generator)[:2]
+            yield "retain", (self.adapted_loss_gradient(base, lowers, uppers, no_concepts, generator)[:2]
                              if lowers else ([], {}))
 
     def _mean_or_zero(
@@ -349,26 +368,21 @@ class BilevelImmunizer(Immunizer):
         return torch.clamp(loss, max=self.config.upper_cap) if self.config.upper_cap > 0 else loss
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Utility preservation: the released (un-adapted) model keeps denoising class images."""
-        return self._class_images_loss(base, batches, generator, under_target_prompts=False)
+        """Utility preservation: the released (un-adapted) model keeps denoising class images (`class_batches`)."""
+        return self._mean_loss(base, [upper for _, upper in self.class_batches(batches)], generator)
 
     def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Erased targets stay erased: the released model denoises class images under the targets' prompts.
+        """Erased targets stay erased: the released model denoises each target's class images under its prompts.
 
         Erasure maps a target's prompt to its class; without this term the ascent may undo that mapping (at N = 5
         the erased stripes prompt drew stripes again before any attack).
         """
-        return self._class_images_loss(base, batches, generator, under_target_prompts=True)
-
-    def _class_images_loss(
-        self, base: Params, batches: ConceptBatches, generator: torch.Generator, *, under_target_prompts: bool
-    ) -> torch.Tensor:
-        """The released model's mean loss on each concept's class images, under its class or its target prompts."""
         uppers = [up for _, up in batches.values() if up.prior is not None]
-        losses = [
-            self.loss(base, Batch(up.prior[0], up.hidden if under_target_prompts else up.prior[1]), generator)
-            for up in uppers
-        ]
+        return self._mean_loss(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator)
+
+    def _mean_loss(self, base: Params, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
+        """The released model's mean loss on `batches`."""
+        losses = [self.loss(base, batch, generator) for batch in batches]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
@@ -376,13 +390,13 @@ class BilevelImmunizer(Immunizer):
 
         Without it the ascent may make the model fragile to ANY fine-tuning, which is not concept-specific.
         """
-        pairs = [(lower.prior, upper.prior) for lower, upper in batches.values() if lower.prior is not None]
+        pairs = self.class_batches(batches)
         if not pairs:
             return torch.zeros(())
-        lowers, no_concepts = [Batch(*lower) for lower, _ in pairs], [None] * len(pairs)
+        lowers, no_concepts = [lower for lower, _ in pairs], [None] * len(pairs)
         trajectory, _ = self.adapt_trajectory(base, lowers, no_concepts, generator)
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
-            torch.stack([self.loss(self.adapted_weights(base, phi), Batch(*upper), generator) for _, upper in pairs])
+            torch.stack([self.loss(self.adapted_weights(base, phi), upper, generator) for _, upper in pairs])
             .mean() for phi in trajectory]).mean()
 
 

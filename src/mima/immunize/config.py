@@ -116,6 +116,13 @@ class ImmunizeConfig(Config):
                           "with the plain-math attention kernel)",
                   "absent": "exact"},  # records from before the field: exact
     )
+    kept_gradients_mib: float = field(
+        default=1024.0,
+        metadata={"help": "finite-difference products: memory (MiB) that keeps each copy's inner-step gradient until "
+                          "its product, which then needs one forward and backward fewer (with the full attacker a "
+                          "copy of S^l per concept: all of them on the toy, none on Stable Diffusion in 1 GiB); 0: "
+                          "recompute every one"},
+    )
     persistent_attacker: bool = field(
         default=False,
         metadata={"help": "alternating schedule (the authors' code): each attack starts where the same attacker's "
@@ -136,6 +143,13 @@ class ImmunizeConfig(Config):
         default=0.0,
         metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
                           "class images, so erased targets stay erased (0: off)"},
+    )
+    class_batches: Literal["per-class", "per-concept"] = field(
+        default="per-class",
+        metadata={"help": "class-image batches of the prior and retain terms at each outer step: one per class "
+                          "(concepts of one class prompt and class-image folder draw from one pool) or one per "
+                          "concept (N times the cost for concepts of one class)",
+                  "absent": "per-concept"},  # records from before the field: one per concept
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(
@@ -173,7 +187,7 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        for name in ("inner_clip", "grad_clip", "upper_cap"):
+        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients_mib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec

@@ -72,7 +72,8 @@ class MIMA(BilevelImmunizer):
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[float], Params, dict[str, float]]:
         """Concept by concept: adapt each copy, keeping only what the Merge needs at each trajectory point (and the
-        last copy's gradients, and with `hvp: exact` its graph); at each point, merge, take the upper gradient at the
+        last copy's gradients, the others' while `spare_gradient_bytes` lasts, and with `hvp: exact` the last
+        copy's graph); at each point, merge, take the upper gradient at the
         merged parameters, pull it back through the Merge, and carry each copy's share back through its inner steps
         (`unrolled_vjp`: one copy's graph alive at a time); average over the points."""
         lowers, shard, attacker = [lower for lower, _ in batches.values()], self.shard, self.attacker
@@ -80,6 +81,7 @@ class MIMA(BilevelImmunizer):
         last = max(n for n in range(len(lowers)) if owned[n]) if any(owned) else -1
         points = len(attacker.spec.trajectory_steps)
         inputs, runs, kept, logs = [self.plan.inputs() for _ in range(points)], {}, {}, {}
+        spare = self.spare_gradient_bytes()
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
             if not owned[n]:  # another process adapts this copy
                 self.skip_attack(base, lower, n, generator)
@@ -87,7 +89,9 @@ class MIMA(BilevelImmunizer):
             run = self.unroll(base, [lower], [n], generator, keep_last=n == last)
             for point, phi in zip(inputs, run.trajectory, strict=True):
                 point.add(attacker.weights({**base, **phi}), n)
-            runs[n] = run if n == last else run.for_replay()  # one copy's gradients kept, not recomputed
+            keeps_gradients = n != last and run.gradient_bytes() <= spare  # the last keeps its whole run
+            spare -= run.gradient_bytes() if keeps_gradients else 0
+            runs[n] = run if n == last else run.for_replay(keep_gradients=keeps_gradients)
             kept[n] = [attacker.kept(phi) for phi in run.trajectory]
             logs[f"lower/{name}"] = run.first_loss
         losses, grads = [0.0] * len(lowers), {}
