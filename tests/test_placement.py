@@ -119,6 +119,20 @@ def test_evaluation_samples_take_their_own_precision(tiny_model_dir, tmp_path, c
     assert not np.array_equal(*samples)
 
 
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16"), (False, "no")])
+def test_auto_evaluation_samples_take_bf16_only_where_the_cpu_computes_it(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, native_bf16, expected
+):
+    """`--sampling-precision auto`: bf16 on a CPU with native bf16 kernels, float32 on one that emulates them."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    code = main(["attack", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--method", "lora",
+                 "--out", str(tmp_path / "o"), "--steps", "1", "--eval-images", "1", "--sampling-steps", "1", *FAST,
+                 "--device", "cpu", "--sampling-precision", "auto"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "attack.json").read_text())
+    assert record["config"]["sampling_precision"] == "auto" and record["sampling_precision"] == expected
+
+
 def test_fp16_evaluation_samples_are_refused_on_the_cpu(tiny_model_dir, tmp_path, capsys):
     code = main(["attack", "--model", str(tiny_model_dir), "--concept", "toy:donut", "--out", str(tmp_path / "o"),
                  "--device", "cpu", "--sampling-precision", "fp16"])

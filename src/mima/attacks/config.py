@@ -43,8 +43,9 @@ class AttackConfig(Config):
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "autocast precision, float32 weights (fp16: GPU only, loss-scaled)"}
     )
-    sampling_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None, metadata={"help": "autocast precision of the evaluation samples (default: mixed_precision)"}
+    sampling_precision: Literal["no", "fp16", "bf16", "auto"] | None = field(
+        default=None, metadata={"help": "autocast precision of the evaluation samples (default: mixed_precision; "
+                                        "auto: bf16 where the device computes it natively, else no)"}
     )
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from mima.models.components import Components, load_tokenizers, speaks_toy_vocab
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.training import LoopSettings, TrainingLoop
-from mima.utils.device import Placement, resolve_placement, seed_everything
+from mima.utils.device import Placement, native_precision, resolve_placement, seed_everything
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 from mima.utils.run_folder import ATTACK, claim_run_folder
@@ -59,7 +59,10 @@ class AttackRun:
         method = attacks.get(self.config.method)
         config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
-        sampling = resolve_placement(self.device, config.sampling_precision or config.mixed_precision,
+        sampling_precision = config.sampling_precision or config.mixed_precision
+        if sampling_precision == "auto":
+            sampling_precision = native_precision(placement.device)
+        sampling = resolve_placement(self.device, sampling_precision,
                                      flag="--sampling-precision" if config.sampling_precision else "--mixed-precision")
         self.check()
         claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
@@ -83,7 +86,7 @@ class AttackRun:
             "eval_prompts": _eval_prompts(concept, config), "prompt_mode": method.prompt_mode(config),
             "token": method.token_for(config, concept), "train_prompts": sorted(set(map(attack.prompt, loop.prompts))),
             "sample_prompts": list(dict.fromkeys(loop.sample_prompts())), "log": log,
-            "elapsed_s": time.time() - started,
+            "elapsed_s": time.time() - started, "sampling_precision": sampling.mixed_precision,
             **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "attack.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
