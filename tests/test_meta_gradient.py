@@ -210,6 +210,45 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 
+def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does(tiny_components):
+    """`retain_prompt: attacker`: under a fresh-token LoRA attacker, the retain term's class images keep their
+    latents and take the captions that attacker gives the concept's images ("sks" for the concept's words); under
+    a concept-prompt attacker, their class prompt; and the concept-by-concept gradient still equals the objective's."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = []
+    for i, spec in enumerate(specs):
+        g = torch.Generator().manual_seed(i)
+        instance, prior = _random_images(spec.prompt, components, g), _random_images("a painting", components, g)
+        instance.prompts = [spec.prompt] * 3
+        concepts.append(EncodedConcept(spec.name, instance, prior))
+
+    def batches():
+        g = torch.Generator().manual_seed(SEED)
+        return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+
+    def immunizer(prompt: str, retain_prompt: str):
+        attacker = {**LORA, "prompt": prompt}
+        config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.0, retain_weight=0.5,
+                                attackers=(attacker,), retain_prompt=retain_prompt)
+        made = immunizers.get("mima")(config)
+        made.prepare(components, specs, concepts)
+        return made
+
+    drawn = batches()
+    (lower, upper), = immunizer("fresh-token", "attacker").retain_batches(drawn)  # one class: the first concept's
+    class_lower, class_upper = drawn["stripes"][0].prior, drawn["stripes"][1].prior
+    sks = components.encode_prompts(["a painting in sks style"] * 2).double()
+    assert torch.equal(lower.latents, class_lower[0]) and torch.equal(upper.latents, class_upper[0])
+    torch.testing.assert_close(lower.hidden, sks)
+    torch.testing.assert_close(upper.hidden, sks)
+    for prompt, retain_prompt in (("fresh-token", "class"), ("concept", "attacker")):
+        (lower, upper), = immunizer(prompt, retain_prompt).retain_batches(drawn)
+        assert torch.equal(lower.hidden, class_lower[1]) and torch.equal(upper.hidden, class_upper[1])
+    assert_gradients_equal_the_objectives(immunizer("fresh-token", "attacker"), batches, SEED + 1)
+
+
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
     """Checkpointed UNet blocks are recomputed with the substituted weights and the math attention kernel, so the

@@ -139,6 +139,12 @@ class ImmunizeConfig(Config):
     retain_weight: float = field(
         default=1.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
+    retain_prompt: Literal["class", "attacker"] = field(
+        default="class",
+        metadata={"help": "what the retain term captions class images with: their class prompt, or 'attacker': "
+                          "under a fresh-token attacker that learns no token, the prompts it gives its concept's "
+                          "images (so the rare token stays learnable for other images)"},
+    )
     anchor_weight: float = field(
         default=0.0,
         metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
