@@ -150,12 +150,12 @@ class ImmunizeConfig(Config):
         metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
                           "class images, so erased targets stay erased (0: off)"},
     )
-    class_batches: Literal["per-class", "per-concept"] = field(
-        default="per-class",
-        metadata={"help": "class-image batches of the prior and retain terms at each outer step: one per class "
-                          "(concepts of one class prompt and class-image folder draw from one pool) or one per "
-                          "concept (N times the cost for concepts of one class)",
-                  "absent": "per-concept"},  # records from before the field: one per concept
+    class_batches: Literal["per-concept", "per-class"] = field(
+        default="per-concept",
+        metadata={"help": "class-image batches of the prior and retain terms at each outer step: one per concept, or "
+                          "one per class (concepts of one class prompt and class-image folder draw from one pool): "
+                          "N times cheaper for N concepts of one class, but measured to protect less (demo MSGR "
+                          "22.3 / 13.7 against 25.8 / 18.2 over two seeds)"},
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(
