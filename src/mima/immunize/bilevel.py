@@ -330,7 +330,7 @@ class BilevelImmunizer(Immunizer):
         if self.config.retain_weight > 0:
             retained = self.retain_batches(batches)
             lowers, uppers = [lower for lower, _ in retained], [upper for _, upper in retained]
-            no_concepts = [None] * len(lowers)  # class images: conditioned by their own prompts
+            no_concepts = [None] * len(lowers)  # class images: conditioned as their batches say (`retain_batches`)
             yield "retain", (self.adapted_loss_gradient(base, lowers, uppers, no_concepts, generator)[:2]
                              if lowers else ([], {}))
 
