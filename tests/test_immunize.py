@@ -255,12 +255,13 @@ def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_compo
         ImmunizeConfig(anchor_weight=-1.0)
 
 
-@pytest.mark.parametrize(("class_batches", "expected"), [("per-class", [0, 2]), ("per-concept", [0, 1, 2])])
-def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_components, class_batches, expected):
+@pytest.mark.parametrize(("mode", "expected"), [("per-class", [0, 2]), ("per-concept", [0, 1, 2])])
+def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_components, mode, expected):
     """Concepts of one class prompt and class-image folder share its class batch (the first concept's): two styles
     and an object give two class batches, or with `per-concept` three; the prior term is their mean loss."""
     from mima.data.concepts import toy_concept_spec
     from mima.immunize import immunizers
+    from mima.immunize.class_batches import class_batches
     from mima.models.encoding import Batch, EncodedConcept, EncodedImages
 
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "circle")]
@@ -273,11 +274,11 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
 
     concepts = [EncodedConcept(s.name, images(i, s.prompt), images(10 + i, s.class_prompt))
                 for i, s in enumerate(specs)]
-    immunizer = immunizers.get("mima")(ImmunizeConfig(caption_bank="toy", class_batches=class_batches))
+    immunizer = immunizers.get("mima")(ImmunizeConfig(caption_bank="toy", class_batches=mode))
     immunizer.prepare(tiny_components, specs, concepts)
     g = torch.Generator().manual_seed(0)
     batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
-    chosen = immunizer.class_batches(batches)
+    chosen = class_batches(batches, immunizer.class_of)
     assert list(chosen) == expected
     for n, (lower, upper) in chosen.items():
         own_lower, own_upper = batches[specs[n].name]

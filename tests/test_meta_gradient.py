@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradient_checks import assert_finite_differences_close, assert_gradients_equal_the_objectives
 from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, bilevel, immunizers
+from mima.immunize.class_batches import retain_batches
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages
@@ -236,16 +237,19 @@ def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does
         made.prepare(components, specs, concepts)
         return made
 
+    def retained(prompt: str, retain_prompt: str):
+        made = immunizer(prompt, retain_prompt)
+        return zip(retain_batches(drawn, made.class_of, made.attacker, retain_prompt), drawn.values(), strict=True)
+
     drawn = batches()
-    (lower, upper), = immunizer("fresh-token", "attacker").retain_batches(drawn)  # one class: the first concept's
-    class_lower, class_upper = drawn["stripes"][0].prior, drawn["stripes"][1].prior
-    sks = components.encode_prompts(["a painting in sks style"] * 2).double()
-    assert torch.equal(lower.latents, class_lower[0]) and torch.equal(upper.latents, class_upper[0])
-    torch.testing.assert_close(lower.hidden, sks)
-    torch.testing.assert_close(upper.hidden, sks)
+    sks = components.encode_prompts(["a painting in sks style"] * 2).double()  # both concepts' prompt, token for name
+    for (lower, upper), (own_lower, own_upper) in retained("fresh-token", "attacker"):
+        assert torch.equal(lower.latents, own_lower.prior[0]) and torch.equal(upper.latents, own_upper.prior[0])
+        torch.testing.assert_close(lower.hidden, sks)
+        torch.testing.assert_close(upper.hidden, sks)
     for prompt, retain_prompt in (("fresh-token", "class"), ("concept", "attacker")):
-        (lower, upper), = immunizer(prompt, retain_prompt).retain_batches(drawn)
-        assert torch.equal(lower.hidden, class_lower[1]) and torch.equal(upper.hidden, class_upper[1])
+        for (lower, upper), (own_lower, own_upper) in retained(prompt, retain_prompt):
+            assert torch.equal(lower.hidden, own_lower.prior[1]) and torch.equal(upper.hidden, own_upper.prior[1])
     assert_gradients_equal_the_objectives(immunizer("fresh-token", "attacker"), batches, SEED + 1)
 
 
@@ -268,21 +272,21 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
 
 
 def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(setup):
-    """With `kept_gradients_mib`, each copy's finite-difference product reuses the gradient its attack took: one
+    """With `kept_gradients_gib`, each copy's finite-difference product reuses the gradient its attack took: one
     UNet forward fewer per copy but the last (which keeps its whole run anyway), and the same meta-gradient."""
     components, make, _ = setup
     forwards = []
     components.unet.register_forward_hook(lambda *_: forwards.append(1))
 
-    def run(mib: float):
-        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_mib=mib)
+    def run(gib: float):
+        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_gib=gib)
         g = torch.Generator().manual_seed(SEED)
         batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
         forwards.clear()
         value, grads, _ = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
         return value, grads, len(forwards)
 
-    recomputed, kept = run(0.0), run(1024.0)
+    recomputed, kept = run(0.0), run(1.0)
     assert recomputed[2] == kept[2] + len(make.concepts) - 1
     assert kept[0] == recomputed[0]
     for name, grad in recomputed[1].items():

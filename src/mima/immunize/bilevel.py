@@ -9,11 +9,11 @@ from typing import ClassVar
 
 import torch
 
-from mima.attacks.config import FRESH_TOKEN_PROMPT
 from mima.data.concepts import ConceptSpec
 from mima.functional import BatchLoss, Params, Unrolled, inner_step, unet_call_with, unroll, unrolled_vjp
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, Immunizer
+from mima.immunize.class_batches import class_batches, retain_batches
 from mima.immunize.distribution import AttackerDistribution
 from mima.losses import diffusion_loss
 from mima.models.components import Components
@@ -161,11 +161,11 @@ class BilevelImmunizer(Immunizer):
 
     def spare_gradient_bytes(self) -> int:
         """The memory the copies' inner-step gradients may keep until their finite-difference products reuse them
-        (`kept_gradients_mib`); none for an exact product or under autocast, where the product recomputes them in
+        (`kept_gradients_gib`); none for an exact product or under autocast, where the product recomputes them in
         float32."""
         if self.config.hvp != "finite-difference" or torch.is_autocast_enabled(self.unet.device.type):
             return 0
-        return int(self.config.kept_gradients_mib * 2**20)
+        return int(self.config.kept_gradients_gib * 2**30)
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -289,48 +289,20 @@ class BilevelImmunizer(Immunizer):
             logs[name] = value
         return objective, grads, logs
 
-    def class_batches(self, batches: ConceptBatches) -> dict[int, tuple[Batch, Batch]]:
-        """The (lower, upper) class-image batches of the prior and retain terms, by the index in `batches` of the
-        concept they come from: with `class_batches: per-class`, the first concept of each class (concepts of one
-        class prompt and class-image folder draw from one pool, so one batch estimates the same term), else each."""
-        firsts, classes = {}, set()
-        for n, (name, (lower, upper)) in enumerate(batches.items()):
-            if lower.prior is not None and self.class_of[name] not in classes:
-                classes.add(self.class_of[name])
-                firsts[n] = (Batch(*lower.prior), Batch(*upper.prior))
-        return firsts
-
-    def retain_batches(self, batches: ConceptBatches) -> list[tuple[Batch, Batch]]:
-        """The retain term's (lower, upper) class batches: `class_batches` under their class prompt, or with
-        `retain_prompt: attacker` and a fresh-token attacker that learns no token, under the prompts that attacker
-        gives its concept's images (the rare token must stay learnable for images other than the targets)."""
-        classes = self.class_batches(batches)
-        attacker = self.attacker
-        if not (self.config.retain_prompt == "attacker" and attacker.prompt_mode == FRESH_TOKEN_PROMPT
-                and not attacker.learns_token):
-            return list(classes.values())
-        concept_batches = list(batches.values())
-
-        def captioned(n: int, images: Batch, concept_batch: Batch) -> Batch:
-            return Batch(images.latents, attacker.hidden({}, concept_batch, n).to(images.hidden))
-
-        return [(captioned(n, lower, concept_batches[n][0]), captioned(n, upper, concept_batches[n][1]))
-                for n, (lower, upper) in classes.items()]
-
     def preservation_gradients(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
         """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
-        classes, wrt = self.class_batches(batches).values(), self.upper_names
+        classes, wrt = class_batches(batches, self.class_of).values(), self.upper_names
         if self.config.prior_weight > 0:
             yield "prior", self._mean_or_zero(base, [upper for _, upper in classes], generator, wrt)
         if self.config.anchor_weight > 0:
             uppers = [up for _, up in batches.values() if up.prior is not None]
             yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
         if self.config.retain_weight > 0:
-            retained = self.retain_batches(batches)
+            retained = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt)
             lowers, uppers = [lower for lower, _ in retained], [upper for _, upper in retained]
-            no_concepts = [None] * len(lowers)  # class images: conditioned as their batches say (`retain_batches`)
+            no_concepts = [None] * len(lowers)  # class images: conditioned as `retain_batches` says
             yield "retain", (self.adapted_loss_gradient(base, lowers, uppers, no_concepts, generator)[:2]
                              if lowers else ([], {}))
 
@@ -389,7 +361,7 @@ class BilevelImmunizer(Immunizer):
 
     def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Utility preservation: the released (un-adapted) model keeps denoising class images (`class_batches`)."""
-        return self._mean_loss(base, [upper for _, upper in self.class_batches(batches).values()], generator)
+        return self._mean_loss(base, [upper for _, upper in class_batches(batches, self.class_of).values()], generator)
 
     def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Erased targets stay erased: the released model denoises each target's class images under its prompts.
@@ -410,7 +382,7 @@ class BilevelImmunizer(Immunizer):
 
         Without it the ascent may make the model fragile to ANY fine-tuning, which is not concept-specific.
         """
-        pairs = self.retain_batches(batches)
+        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt)
         if not pairs:
             return torch.zeros(())
         lowers, no_concepts = [lower for lower, _ in pairs], [None] * len(pairs)

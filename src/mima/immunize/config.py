@@ -116,9 +116,9 @@ class ImmunizeConfig(Config):
                           "with the plain-math attention kernel)",
                   "absent": "exact"},  # records from before the field: exact
     )
-    kept_gradients_mib: float = field(
-        default=1024.0,
-        metadata={"help": "finite-difference products: memory (MiB) that keeps each copy's inner-step gradient until "
+    kept_gradients_gib: float = field(
+        default=1.0,
+        metadata={"help": "finite-difference products: memory (GiB) that keeps each copy's inner-step gradient until "
                           "its product, which then needs one forward and backward fewer (with the full attacker a "
                           "copy of S^l per concept: all of them on the toy, none on Stable Diffusion in 1 GiB); 0: "
                           "recompute every one"},
@@ -193,7 +193,7 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients_mib"):
+        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients_gib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
