@@ -261,7 +261,7 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
     and an object give two class batches, or with `per-concept` three; the prior term is their mean loss."""
     from mima.data.concepts import toy_concept_spec
     from mima.immunize import immunizers
-    from mima.immunize.class_batches import class_batches
+    from mima.immunize.class_batches import class_batches, retain_batches
     from mima.models.encoding import Batch, EncodedConcept, EncodedImages
 
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "circle")]
@@ -284,6 +284,10 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
         own_lower, own_upper = batches[specs[n].name]
         assert torch.equal(lower.latents, own_lower.prior[0]) and torch.equal(upper.latents, own_upper.prior[0])
         assert torch.equal(upper.hidden, own_upper.prior[1])
+    retained = retain_batches(batches, immunizer.class_of, immunizer.attacker, "class")
+    assert len(retained) == len(chosen)
+    for (lower, upper), (class_lower, class_upper) in zip(retained, chosen.values(), strict=True):
+        assert torch.equal(lower.latents, class_lower.latents) and torch.equal(upper.hidden, class_upper.hidden)
     base, g = immunizer.base_parameters(), torch.Generator().manual_seed(1)
     by_hand = torch.stack([immunizer.loss(base, Batch(*batches[specs[n].name][1].prior), g) for n in expected]).mean()
     torch.testing.assert_close(immunizer.prior_loss(base, batches, torch.Generator().manual_seed(1)), by_hand)

@@ -89,8 +89,9 @@ class MIMA(BilevelImmunizer):
             run = self.unroll(base, [lower], [n], generator, keep_last=n == last)
             for point, phi in zip(inputs, run.trajectory, strict=True):
                 point.add(attacker.weights({**base, **phi}), n)
-            keeps_gradients = n != last and run.gradient_bytes() <= spare  # the last keeps its whole run
-            spare -= run.gradient_bytes() if keeps_gradients else 0
+            size = run.gradient_bytes()
+            keeps_gradients = n != last and size <= spare  # the last keeps its whole run
+            spare -= size if keeps_gradients else 0
             runs[n] = run if n == last else run.for_replay(keep_gradients=keeps_gradients)
             kept[n] = [attacker.kept(phi) for phi in run.trajectory]
             logs[f"lower/{name}"] = run.first_loss
