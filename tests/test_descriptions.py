@@ -159,8 +159,10 @@ def test_mima_merges_each_attacker_on_the_prompts_it_trains_under(described):
     immunizer.prepare(components, specs, concepts)
     expected = [MergePlan.build(components, [list(getattr(s, texts)) for s in specs], load_caption_bank("toy"),
                                 ridge=config.ridge) for texts in ("prompts", "descriptions")]
+    plans = []
     for index, plan in enumerate(expected):
         immunizer.distribution.index = index
-        for got, want in zip(immunizer.plan.concept_targets, plan.concept_targets, strict=True):
+        plans.append(immunizer.plan)
+        for got, want in zip(plans[-1].concept_targets, plan.concept_targets, strict=True):
             torch.testing.assert_close(got, want)
-    assert immunizer.plans[0] is not immunizer.plans[1]
+    assert plans[0] is not plans[1] and len(immunizer.plans) == 2

@@ -196,6 +196,37 @@ def test_the_token_and_fresh_token_captions(world):
 def test_attacker_prompt_is_checked():
     with pytest.raises(ConfigError, match="prompt must be 'concept', 'fresh-token' or 'description'"):
         ImmunizeConfig(attackers=({"kind": "full", "prompt": "sks"},))
+    with pytest.raises(ConfigError, match="tokens are the words of prompt 'fresh-token'"):
+        ImmunizeConfig(attackers=({"kind": "lora", "tokens": ["zq"]},)).check_names()
+    with pytest.raises(ConfigError, match="each of tokens must be one word"):
+        ImmunizeConfig(attackers=({"kind": "lora", "prompt": "fresh-token", "tokens": ["zq vkx"]},))
+    with pytest.raises(ConfigError, match="learns its own token"):
+        ImmunizeConfig(attackers=({"kind": "textual-inversion", "tokens": ["zq"]},)).check_names()
+
+
+def test_a_fresh_token_drawn_per_outer_step_captions_conditions_and_merges_that_step(world):
+    """With `tokens`, each outer step draws one word, a function of (seed, step) alone, logged by its index; the
+    step's captions, conditioning and Merge rows hold that word, and its concept-by-concept gradient is still the
+    objective's."""
+    components, concepts, make = world
+    words = ("zq", "vkx", "qjx")
+    pool = {"kind": "lora", "lr": 0.5, "prompt": "fresh-token", "clip": 0.05, "tokens": words}
+    immunizer = make("mima", "second-order", pool, prior_weight=0.7, retain_weight=0.5, retain_prompt="attacker")
+    drawn = [immunizer.begin_step(step)["token"] for step in range(12)]
+    assert drawn == [make("mima", "second-order", pool).begin_step(step)["token"] for step in range(12)]
+    assert set(drawn) == {0, 1, 2}
+    attacker, batch = immunizer.attacker, concepts[0].batch(2, torch.Generator().manual_seed(0))
+    immunizer.begin_step(drawn.index(0))
+    zq = attacker.hidden({}, batch, 0)
+    immunizer.begin_step(drawn.index(2))
+    assert attacker.caption("a painting in stripes style", 0) == "a painting in qjx style"
+    captions = [attacker.caption(p, 0) for p in batch.prompts]
+    torch.testing.assert_close(attacker.hidden({}, batch, 0), components.encode_prompts(captions).double())
+    assert not torch.allclose(attacker.hidden({}, batch, 0), zq)
+    assert all("qjx" in row for row in attacker.merge_prompts(0))
+    assert len(immunizer.plans) == 1  # zq's (the first word's), built before any step
+    assert immunizer.plan is immunizer.plan_for(attacker) and len(immunizer.plans) == 2  # qjx's, when drawn
+    assert_gradients_equal_the_objectives(immunizer, lambda: _batches(concepts), SEED + 1)
 
 
 def test_sd_shaped_textual_inversion_replaces_a_multi_token_name_by_one_token(sd15_model_dir, sdxl_model_dir):

@@ -56,8 +56,8 @@ class BilevelImmunizer(Immunizer):
 
     def begin_step(self, step: int) -> dict[str, float]:
         """Sample outer step `step`'s attacker from the distribution; logged as `attacker`, its index in
-        `attacker_specs()`."""
-        return {"attacker": self.distribution.sample(step)}
+        `attacker_specs()`, and `token`, its fresh token's index in its `tokens`."""
+        return self.distribution.sample(step)
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.distribution.state()

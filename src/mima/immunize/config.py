@@ -42,6 +42,12 @@ class AttackerSpec(Config):
                           "describe it without naming it); default: fresh-token for textual-inversion, concept for "
                           "the others, as the attacks"},
     )
+    tokens: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "fresh-token, kinds that learn no token (full, lora): the rare words its token is drawn "
+                          "from, one per outer step (seeded by the run's seed and the step), so that protection "
+                          "cannot attach to one token; empty: 'sks'"},
+    )
     optimizer: InnerOptimizer = field(
         default="sgd", metadata={"help": "sgd, or adam (first order only: its steps are not differentiated through)"}
     )
@@ -69,6 +75,9 @@ class AttackerSpec(Config):
         if not 1 <= self.trajectory_points <= self.steps:
             raise ConfigError(f"simulated attacker '{self.kind}': trajectory_points must be between 1 and its steps "
                               f"({self.steps}), got {self.trajectory_points}")
+        if any(len(token.split()) != 1 for token in self.tokens):
+            raise ConfigError(f"simulated attacker '{self.kind}': each of tokens must be one word, got "
+                              f"{list(self.tokens)}")
         if self.order == "second-order" and self.optimizer == "adam":
             raise ConfigError(f"simulated attacker '{self.kind}': Adam inner steps are first order only; give it "
                               f"order: first-order (or run with --order first-order)")
@@ -105,8 +114,9 @@ class ImmunizeConfig(Config):
         default=(),
         metadata={"help": "the distribution of simulated attackers each outer step samples one from (by weight): "
                           "kinds (`--attackers full lora`) or mappings of AttackerSpec fields (kind, lr, steps, "
-                          "clip, rank, optimizer, weight, order, trajectory_points); what an entry leaves out comes "
-                          "from inner_lr, inner_steps, inner_clip and order; empty: one 'full' attacker"},
+                          "clip, rank, prompt, tokens, optimizer, weight, order, trajectory_points); what an entry "
+                          "leaves out comes from inner_lr, inner_steps, inner_clip and order; empty: one 'full' "
+                          "attacker"},
     )
     hvp: Literal["exact", "finite-difference"] = field(
         default="finite-difference",

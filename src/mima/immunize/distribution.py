@@ -19,15 +19,16 @@ from mima.immunize.attackers import SimulatedAttacker, simulated_attackers
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 
-_SAMPLING_STREAM = 1  # apart from the step's own generator (`step_generator`, seeded by (seed, step))
+# apart from the step's own generator (`step_generator`, seeded by (seed, step)) and from each other
+_SAMPLING_STREAM, _TOKEN_STREAM = 1, 2
 
 
-def sample_attacker(weights: list[float], seed: int, step: int) -> int:
+def sample_attacker(weights: list[float], seed: int, step: int, stream: int = _SAMPLING_STREAM) -> int:
     """The index of the attacker outer step `step` (0-based) uses, drawn with probabilities proportional to
-    `weights` from a generator seeded by (seed, step) alone; with one attacker, 0 without any draw."""
+    `weights` from a generator seeded by (seed, step, stream) alone; with one attacker, 0 without any draw."""
     if len(weights) == 1:
         return 0
-    seed_state = np.random.SeedSequence([seed, step, _SAMPLING_STREAM]).generate_state(1)[0]
+    seed_state = np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(seed_state))
     return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator).item())
 
@@ -57,10 +58,15 @@ class AttackerDistribution:
     def attacker(self) -> SimulatedAttacker:
         return self.attackers[self.index]
 
-    def sample(self, step: int) -> int:
-        """Choose outer step `step`'s attacker (`sample_attacker`); returns its index."""
+    def sample(self, step: int) -> dict[str, float]:
+        """Choose outer step `step`'s attacker (`sample_attacker`) and, where it has `tokens`, its fresh token (each
+        equally likely); returns their indices to log (`attacker`, `token`)."""
         self.index = sample_attacker([attacker.spec.weight for attacker in self.attackers], self.seed, step)
-        return self.index
+        drawn = {"attacker": self.index}
+        if tokens := self.attacker.spec.tokens:
+            drawn["token"] = sample_attacker([1.0] * len(tokens), self.seed, step, _TOKEN_STREAM)
+            self.attacker.draw_token(drawn["token"])
+        return drawn
 
     def start(self, base: Params, concepts: Sequence[int | None], generator: torch.Generator) -> Params:
         """phi_0 of the attack on `concepts`: the attacker's fresh start (its draws always made), or where its attack

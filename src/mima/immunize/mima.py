@@ -26,6 +26,7 @@ import torch
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
 from mima.functional import Params, Unrolled
+from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer, add_grads
 from mima.merge.plan import MergeInputs, MergePlan
@@ -41,19 +42,24 @@ class MIMA(BilevelImmunizer):
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
-        captions, built = load_caption_bank(self.config.caption_bank), {}
-        self.plans = []  # one per attacker: the Merge's rows are the prompts as it captions them
-        for attacker in self.distribution.attackers:
-            prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(len(specs)))
-            if prompts not in built:
-                built[prompts] = MergePlan.build(components, [list(p) for p in prompts], captions,
-                                                 ridge=self.config.ridge)
-            self.plans.append(built[prompts])
+        self.components, self.captions = components, load_caption_bank(self.config.caption_bank)
+        self.plans: dict[tuple[tuple[str, ...], ...], MergePlan] = {}  # by the prompts the Merge keeps
+        for attacker in self.distribution.attackers:  # before any step; another drawn token's when first drawn
+            self.plan_for(attacker)
 
     @property
     def plan(self) -> MergePlan:
         """The Merge of the current outer step's attacker."""
-        return self.plans[self.distribution.index]
+        return self.plan_for(self.attacker)
+
+    def plan_for(self, attacker: SimulatedAttacker) -> MergePlan:
+        """The Merge whose rows are the prompts as `attacker` captions them now (with its current fresh token), one
+        per distinct set of prompts."""
+        prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(len(attacker.specs)))
+        if prompts not in self.plans:
+            self.plans[prompts] = MergePlan.build(self.components, [list(p) for p in prompts], self.captions,
+                                                  ridge=self.config.ridge)
+        return self.plans[prompts]
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator

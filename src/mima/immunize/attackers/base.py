@@ -7,7 +7,8 @@ and the text conditioning `hidden` returns. The bi-level immunizers run every ki
 
 Its prompt (`AttackerSpec.prompt`) is that of the real attacks: `concept`, the concept's own prompts, or
 `fresh-token`, the words naming the concept replaced by a token. A kind that trains no token uses the rare untrained
-identifier "sks" there (DreamBooth's; its hidden states are computed once); a kind that learns one
+identifier "sks" there (DreamBooth's; its hidden states are computed once), or one of `AttackerSpec.tokens` drawn
+per outer step (`draw_token`); a kind that learns one
 (`learns_token`) always writes its token in, beside the concept's words under `concept`. A kind that trains no token
 may also take `description`: each image under one of its concept's descriptions (`ConceptSpec.descriptions`), which
 describe it without naming it, their hidden states encoded once when it binds.
@@ -20,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from mima.attacks.config import CONCEPT_PROMPT
+from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
 from mima.attacks.prompts import RARE_TOKEN, caption
 from mima.data.concepts import ConceptSpec
 from mima.errors import ConfigError
@@ -50,7 +51,8 @@ class SimulatedAttacker(ABC):
         self.spec = spec
         self.lr = self.default_lr if spec.lr is None else spec.lr
         self.prompt_mode = spec.prompt or self.default_prompt
-        self._constant_hidden: dict[tuple[int, str], torch.Tensor] = {}
+        self._constant_hidden: dict[tuple[int, str], torch.Tensor] = {}  # (concept, caption)
+        self.fresh_token = spec.tokens[0] if spec.tokens else RARE_TOKEN
 
     def bind(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
         """`prepare`, after keeping what the prompts need (the model and the concepts): what the immunizers call."""
@@ -58,7 +60,7 @@ class SimulatedAttacker(ABC):
         self.prepare(components, specs, lower_names)
         if self.prompt_mode == DESCRIPTION_PROMPT:
             for concept, spec in enumerate(specs):
-                self._encode_constant(concept, list(spec.descriptions))
+                self._encode_constant(concept, [self.caption(text, concept) for text in spec.descriptions])
 
     @classmethod
     def check_spec(cls, spec: AttackerSpec) -> None:
@@ -67,10 +69,22 @@ class SimulatedAttacker(ABC):
         if cls.learns_token and spec.prompt == DESCRIPTION_PROMPT:
             raise ConfigError(f"simulated attacker '{spec.kind}': prompt '{DESCRIPTION_PROMPT}' is for kinds that "
                               f"learn no token (full, lora); give it '{CONCEPT_PROMPT}' or 'fresh-token'")
+        if cls.learns_token and spec.tokens:
+            raise ConfigError(f"simulated attacker '{spec.kind}' learns its own token; tokens are for kinds that "
+                              f"learn none (full, lora)")
+        if spec.tokens and (spec.prompt or cls.default_prompt) != FRESH_TOKEN_PROMPT:
+            raise ConfigError(f"simulated attacker '{spec.kind}': tokens are the words of prompt "
+                              f"'{FRESH_TOKEN_PROMPT}'; give it prompt: {FRESH_TOKEN_PROMPT}")
 
     def token(self, concept: int) -> str:
-        """The token written into concept `concept`'s prompts: the rare untrained identifier unless overridden."""
-        return RARE_TOKEN
+        """The token written into concept `concept`'s prompts: the rare untrained word of this outer step unless
+        overridden."""
+        return self.fresh_token
+
+    def draw_token(self, choice: int) -> None:
+        """Take `spec.tokens[choice]` as this outer step's untrained token (`AttackerDistribution.sample` draws
+        `choice`)."""
+        self.fresh_token = self.spec.tokens[choice]
 
     def caption(self, prompt: str, concept: int) -> str:
         """The prompt an image of concept index `concept` with its own prompt `prompt` is trained under, as the
@@ -112,9 +126,9 @@ class SimulatedAttacker(ABC):
         text side is trained)."""
         if concept is None or self.prompt_mode == CONCEPT_PROMPT:
             return batch.hidden
-        texts = self.image_texts(batch, concept)
-        self._encode_constant(concept, texts)
-        return torch.stack([self._constant_hidden[concept, text] for text in texts]).to(batch.hidden)
+        captions = [self.caption(text, concept) for text in self.image_texts(batch, concept)]
+        self._encode_constant(concept, captions)
+        return torch.stack([self._constant_hidden[concept, text] for text in captions]).to(batch.hidden)
 
     def image_texts(self, batch: Batch, concept: int) -> list[str]:
         """The text each image of `batch` (of concept index `concept`) is captioned from: its own prompt, or under
@@ -128,12 +142,12 @@ class SimulatedAttacker(ABC):
         descriptions = self.specs[concept].descriptions
         return [descriptions[image % len(descriptions)] for image in batch.images]
 
-    def _encode_constant(self, concept: int, texts: list[str]) -> None:
-        """Encode the captions of `texts` (of concept index `concept`) not encoded yet, without a graph."""
-        missing = [text for text in dict.fromkeys(texts) if (concept, text) not in self._constant_hidden]
+    def _encode_constant(self, concept: int, captions: list[str]) -> None:
+        """Encode the `captions` (of concept index `concept`) not encoded yet, without a graph."""
+        missing = [text for text in dict.fromkeys(captions) if (concept, text) not in self._constant_hidden]
         if missing:
             with torch.no_grad():
-                encoded = self.components.encode_prompts([self.caption(text, concept) for text in missing])
+                encoded = self.components.encode_prompts(missing)
             self._constant_hidden.update({(concept, text): h for text, h in zip(missing, encoded, strict=True)})
 
     def kept(self, phi: Params) -> Params:
