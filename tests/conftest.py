@@ -15,6 +15,8 @@ import pytest
 # Set before any test module imports huggingface_hub, which reads them once at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one torch thread each (read at torch's import)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
