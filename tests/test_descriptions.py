@@ -165,4 +165,5 @@ def test_mima_merges_each_attacker_on_the_prompts_it_trains_under(described):
         plans.append(immunizer.plan)
         for got, want in zip(plans[-1].concept_targets, plan.concept_targets, strict=True):
             torch.testing.assert_close(got, want)
+        torch.testing.assert_close(plans[-1].solution, plan.solution)  # the regulariser computed once, the same
     assert plans[0] is not plans[1] and len(immunizer.plans) == 2

@@ -226,6 +226,7 @@ def test_a_fresh_token_drawn_per_outer_step_captions_conditions_and_merges_that_
     assert all("qjx" in row for row in attacker.merge_prompts(0))
     assert len(immunizer.plans) == 1  # zq's (the first word's), built before any step
     assert immunizer.plan is immunizer.plan_for(attacker) and len(immunizer.plans) == 2  # qjx's, when drawn
+    assert all(plan.gram is immunizer.regularizer for plan in immunizer.plans.values())  # the bank's, once
     assert_gradients_equal_the_objectives(immunizer, lambda: _batches(concepts), SEED + 1)
 
 

@@ -29,7 +29,7 @@ from mima.functional import Params, Unrolled
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer, add_grads
-from mima.merge.plan import MergeInputs, MergePlan
+from mima.merge.plan import MergeInputs, MergePlan, regularizer
 from mima.models.components import Components
 from mima.models.encoding import EncodedConcept
 
@@ -42,7 +42,8 @@ class MIMA(BilevelImmunizer):
 
     def prepare(self, components: Components, specs: list[ConceptSpec], concepts: list[EncodedConcept]) -> None:
         super().prepare(components, specs, concepts)
-        self.components, self.captions = components, load_caption_bank(self.config.caption_bank)
+        self.components = components  # the regulariser, the same for every plan, computed once
+        self.regularizer = regularizer(components, load_caption_bank(self.config.caption_bank), self.config.ridge)
         self.plans: dict[tuple[tuple[str, ...], ...], MergePlan] = {}  # by the prompts the Merge keeps
         for attacker in self.distribution.attackers:  # before any step; another drawn token's when first drawn
             self.plan_for(attacker)
@@ -57,8 +58,7 @@ class MIMA(BilevelImmunizer):
         per distinct set of prompts."""
         prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(len(attacker.specs)))
         if prompts not in self.plans:
-            self.plans[prompts] = MergePlan.build(self.components, [list(p) for p in prompts], self.captions,
-                                                  ridge=self.config.ridge)
+            self.plans[prompts] = MergePlan.build(self.components, [list(p) for p in prompts], self.regularizer)
         return self.plans[prompts]
 
     def adapted_parameters(

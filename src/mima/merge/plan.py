@@ -35,6 +35,13 @@ def unique_rows(rows: torch.Tensor, decimals: int = 5) -> tuple[torch.Tensor, to
     return rows[first], inverse
 
 
+def regularizer(components: Components, caption_bank: list[str], ridge: float = 1e-3) -> FactorizedGram:
+    """M + ridge I factorised, M = C_reg^T C_reg of the caption bank's token features (deduplicated), where the
+    Merge solves."""
+    reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
+    return factorize_gram(reg_bank.to(solve_device(components.unet.device)), ridge)
+
+
 @dataclass
 class MergePlan:
     """Targets C_n per concept, the deduplicated stack C, and the factorised regulariser M + ridge I.
@@ -54,13 +61,17 @@ class MergePlan:
 
     @classmethod
     def build(
-        cls, components: Components, concept_prompts: list[list[str]], caption_bank: list[str], ridge: float = 1e-3
+        cls, components: Components, concept_prompts: list[list[str]], caption_bank: list[str] | FactorizedGram,
+        ridge: float = 1e-3,
     ) -> MergePlan:
+        """The plan keeping each concept's copy on its `concept_prompts`' tokens, regularised by `caption_bank`'s
+        (or by its `regularizer`, computed once for several plans)."""
         concept_targets = [unique_rows(prompt_token_embeddings(components, p))[0] for p in concept_prompts]
         targets, row_index = unique_rows(torch.cat(concept_targets))
-        reg_bank = unique_rows(prompt_token_embeddings(components, caption_bank))[0]  # (s, d)
         device = solve_device(components.unet.device)
-        targets, gram = targets.to(device, torch.float64), factorize_gram(reg_bank.to(device), ridge)
+        gram = caption_bank if isinstance(caption_bank, FactorizedGram) else regularizer(components, caption_bank,
+                                                                                          ridge)
+        targets = targets.to(device, torch.float64)
         return cls(
             key_value_names=frozenset(key_value_parameter_names(components.unet)),
             concept_targets=[c.to(device, torch.float64) for c in concept_targets],
