@@ -202,6 +202,12 @@ def test_attacker_prompt_is_checked():
         ImmunizeConfig(attackers=({"kind": "lora", "prompt": "fresh-token", "tokens": ["zq vkx"]},))
     with pytest.raises(ConfigError, match="learns its own token"):
         ImmunizeConfig(attackers=({"kind": "textual-inversion", "tokens": ["zq"]},)).check_names()
+    pool = {"kind": "lora", "prompt": "fresh-token", "tokens": ["zq", "stripes"]}
+    with pytest.raises(ConfigError, match="'stripes' is a word of concept 'stripes'"):
+        ImmunizeConfig(attackers=(pool,)).check_concepts([toy_concept_spec("stripes")])
+    pool = {"kind": "lora", "prompt": "fresh-token", "tokens": ["zq", "photo"]}
+    with pytest.raises(ConfigError, match="'photo' is a common word.*in simulated attacker 'lora''s tokens"):
+        ImmunizeConfig(attackers=(pool,), caption_bank="toy").check_concepts([toy_concept_spec("dots")])
 
 
 def test_a_fresh_token_drawn_per_outer_step_captions_conditions_and_merges_that_step(world):

@@ -35,13 +35,15 @@ def check_new_token(token: str, tokenizers: Sequence) -> None:
         raise ConfigError(f"token '{token}' already exists in the tokenizer; choose a new one with --token")
 
 
-def check_rare_token(token: str, concept: ConceptSpec, tokenizers: Sequence, caption_bank: str) -> None:
+def check_rare_token(
+    token: str, concept: ConceptSpec, tokenizers: Sequence, caption_bank: str | None, where: str = "--token"
+) -> None:
     """An untrained fresh token must not be a word of the concept's prompts or of the model's common captions
-    (`caption_bank`: "toy" for a model of the toy world, else "generic"), and every tokenizer must read it without
-    its unknown token (`ConfigError` otherwise)."""
+    (`caption_bank`: "toy" for a model of the toy world, else "generic"; None: not checked), and every tokenizer
+    must read it without its unknown token (`ConfigError` otherwise, pointing at `where` the token was given)."""
     own = {w for text in (concept.name, *concept.prompts, concept.class_prompt or "") for w in words(text)}
-    common = {w for text in load_caption_bank(caption_bank) for w in words(text)}
-    hint = f"give another rare word with --token (default '{RARE_TOKEN}')"
+    common = {w for text in load_caption_bank(caption_bank) for w in words(text)} if caption_bank else set()
+    hint = f"give another rare word in {where} (default '{RARE_TOKEN}')"
     if set(words(token)) & own:
         raise ConfigError(f"fresh token '{token}' is a word of concept '{concept.name}''s prompts; {hint}")
     if set(words(token)) & common:

@@ -235,10 +235,16 @@ class ImmunizeConfig(Config):
             load_caption_bank(self.caption_bank)
 
     def check_concepts(self, specs: Sequence[ConceptSpec]) -> None:
-        """Every concept has what the simulated attackers' prompts need (descriptions for `description`): fail before
+        """Every concept has what the simulated attackers' prompts need (descriptions for `description`), and their
+        `tokens` are rare words (none of a concept's words, nor of the caption bank's when it is named): fail before
         any model loads."""
+        from mima.attacks.prompts import check_rare_token
+
+        bank = self.caption_bank if self.caption_bank != "auto" else None
         for attacker in self.attacker_specs():
             for spec in specs:
+                for token in attacker.tokens:
+                    check_rare_token(token, spec, [], bank, where=f"simulated attacker '{attacker.kind}''s tokens")
                 if attacker.prompt == DESCRIPTION_PROMPT and not spec.descriptions:
                     raise ConfigError(f"simulated attacker '{attacker.kind}' has prompt '{DESCRIPTION_PROMPT}' but "
                                       f"concept '{spec.name}' has no descriptions; give it `descriptions:` in the "
