@@ -166,3 +166,16 @@ def test_simulated_attackers_differ_only_in_what_ran():
     assert config.differences({"attackers": ["lora"]}, ["attackers"]) == {}
     changed = config.differences({"attackers": [{"kind": "lora", "lr": 1.0}]}, ["attackers"])
     assert list(changed) == ["attackers"] and changed["attackers"][0][0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["immunize-toy", "attackers-lora", "attackers-lora-wide", "attackers-mixed",
+                                  "attackers-lora-fresh-pool"])
+def test_shipped_immunize_configs_load_and_name_what_exists(name):
+    """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
+    from pathlib import Path
+
+    from mima.data.concepts import toy_concept_spec
+
+    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    config.check_names()
+    config.check_concepts([toy_concept_spec(c) for c in ("stripes", "checker", "dots")])
