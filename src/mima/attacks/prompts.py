@@ -11,6 +11,7 @@ DreamBooth's "sks": it is never trained, only the weights learn to draw the conc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
 from mima.attacks.tokens import token_exists, with_token
@@ -35,6 +36,12 @@ def check_new_token(token: str, tokenizers: Sequence) -> None:
         raise ConfigError(f"token '{token}' already exists in the tokenizer; choose a new one with --token")
 
 
+@cache
+def _common_words(caption_bank: str) -> frozenset[str]:
+    """Every word of a caption bank's captions (read once per bank: a run checks each token against each concept)."""
+    return frozenset(w for text in load_caption_bank(caption_bank) for w in words(text))
+
+
 def check_rare_token(
     token: str, concept: ConceptSpec, tokenizers: Sequence, caption_bank: str | None, where: str = "--token"
 ) -> None:
@@ -42,7 +49,7 @@ def check_rare_token(
     (`caption_bank`: "toy" for a model of the toy world, else "generic"; None: not checked), and every tokenizer
     must read it without its unknown token (`ConfigError` otherwise, pointing at `where` the token was given)."""
     own = {w for text in (concept.name, *concept.prompts, concept.class_prompt or "") for w in words(text)}
-    common = {w for text in load_caption_bank(caption_bank) for w in words(text)} if caption_bank else set()
+    common = _common_words(caption_bank) if caption_bank else frozenset()
     hint = f"give another rare word in {where} (default '{RARE_TOKEN}')"
     if set(words(token)) & own:
         raise ConfigError(f"fresh token '{token}' is a word of concept '{concept.name}''s prompts; {hint}")
