@@ -199,6 +199,13 @@ FAILS = {
         lambda t, m, i, p: _immunize(m, t / "out", "--config",
                                      str(_file(t, "s.yaml", "attackers: [{kind: full, optimizer: adam}]\n"))),
         "Adam inner steps are first order only"),
+    "retained-target": (lambda t, m, i, p: _immunize(m, t / "out", "--retain-concepts", "toy:stripes"),
+                        "retain_concepts must not name a target: stripes"),
+    "retained-without-retain-term": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--retain-concepts", "toy:rings", "--retain-weight", "0"),
+        "give retain_weight > 0"),
+    "retained-unknown-concept": (lambda t, m, i, p: _immunize(m, t / "out", "--retain-concepts", "toy:ringz"),
+                                 "ringz"),
     "benchmark-misspelt-attack": (lambda t, m, i, p: _benchmark(t, attacks=["lora", "dreambooht"]),
                                   "did you mean 'dreambooth'"),
     "benchmark-misspelt-encoder": (lambda t, m, i, p: _benchmark(t, attacks=["lora"], encoders=["toy-judeg"]),

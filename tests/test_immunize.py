@@ -51,6 +51,23 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_cli_immunize_with_retain_concepts_draws_and_records_them(tiny_model_dir, tmp_path, capsys):
+    """`--retain-concepts`: the concepts' images are drawn into data/ (apart from the targets'), the retain term is
+    logged, the record names them, and a run with other retained concepts differs from it."""
+    out = tmp_path / "run"
+    args = ["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out), "--steps",
+            "1", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",
+            "--retain-prompt", "attacker", "--attackers", "lora"]
+    assert main([*args, "--retain-concepts", "toy:rings", "toy:zigzag"]) == 0, capsys.readouterr().err
+    record = json.loads((out / "immunization.json").read_text())
+    assert [c["name"] for c in record["retained"]] == ["rings", "zigzag"]
+    assert record["config"]["retain_concepts"] == ["toy:rings", "toy:zigzag"]
+    assert len(list((out / "data" / "rings").glob("*.png"))) == 4 and record["log"][0]["retain"] > 0
+    other = ImmunizationRun(str(tiny_model_dir), load_concepts(["toy:stripes"]),
+                            ImmunizeConfig(retain_concepts=("toy:rings",)), out)
+    assert "retain_concepts" in other.differences(record)  # neither resumed nor reused by a benchmark
+
+
 def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path):
     import copy
 

@@ -253,6 +253,57 @@ def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does
     assert_gradients_equal_the_objectives(immunizer("fresh-token", "attacker"), batches, SEED + 1)
 
 
+def test_the_retain_term_can_take_other_concepts_images(tiny_components):
+    """`retain_concepts`: the retain term takes as many batches as it takes class batches, each pair from one of the
+    retained concepts (drawn from the step's generator), under their own prompts, or under a fresh-token attacker
+    with `retain_prompt: attacker` with that attacker's token for their name; the concept-by-concept gradient still
+    equals the objective's."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    for spec, concept in zip(specs, concepts, strict=True):  # a fresh-token attacker rewrites their prompts
+        concept.instance.prompts = [spec.prompt] * 3
+    others = [toy_concept_spec(name) for name in ("rings", "zigzag")]
+    retained = []
+    for r, spec in enumerate(others):  # std 0: every latent is its concept's constant 10 + r
+        hidden = components.encode_prompts([spec.prompt] * 3).detach().double()
+        mean = torch.full((3, 4, 8, 8), 10.0 + r, dtype=torch.float64)
+        images = EncodedImages(mean, torch.zeros_like(mean), hidden, [spec.prompt] * 3)
+        retained.append((spec, EncodedConcept(spec.name, images, None)))
+
+    def batches():
+        g = torch.Generator().manual_seed(SEED)
+        return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+
+    def immunizer(prompt: str, retain_prompt: str):
+        config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.0, retain_weight=0.5,
+                                attackers=({**LORA, "prompt": prompt},), retain_prompt=retain_prompt,
+                                retain_concepts=("toy:rings", "toy:zigzag"))
+        made = immunizers.get("mima")(config)
+        made.retained = retained
+        made.prepare(components, specs, concepts)
+        return made
+
+    def pairs(prompt: str, retain_prompt: str, seed: int):
+        made = immunizer(prompt, retain_prompt)
+        return retain_batches(batches(), made.class_of, made.attacker, retain_prompt, made.retained,
+                              torch.Generator().manual_seed(seed))
+
+    drawn = [pair for seed in range(4) for pair in pairs("concept", "class", seed)]
+    assert len(drawn) == 8 and {pair[0].latents.flatten()[0].item() for pair in drawn} == {10.0, 11.0}
+    for lower, upper in drawn:  # a pair from one concept, under its own prompt
+        r = int(lower.latents.flatten()[0].item()) - 10
+        assert (lower.latents == 10 + r).all() and (upper.latents == 10 + r).all()
+        torch.testing.assert_close(lower.hidden, retained[r][1].instance.hidden[:2])
+    for lower, upper in pairs("fresh-token", "attacker", 0):
+        r = int(lower.latents.flatten()[0].item()) - 10
+        token = components.encode_prompts([others[r].prompt.replace(others[r].name, "sks")] * 2).double()
+        torch.testing.assert_close(lower.hidden, token)
+        torch.testing.assert_close(upper.hidden, token)
+    assert_gradients_equal_the_objectives(immunizer("fresh-token", "attacker"), batches, SEED + 1)
+
+
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
     """Checkpointed UNet blocks are recomputed with the substituted weights and the math attention kernel, so the

@@ -15,6 +15,7 @@ from mima.registry import Registry
 from mima.utils.distributed import Shard
 
 ConceptBatches = dict[str, tuple[Batch, Batch]]  # concept name -> (lower batch x^l, upper batch x^u)
+RetainedConcept = tuple[ConceptSpec, EncodedConcept]  # a concept the retain term keeps learnable, encoded
 
 
 class Immunizer(ABC):
@@ -29,6 +30,7 @@ class Immunizer(ABC):
     def __init__(self, config: ImmunizeConfig) -> None:
         self.config = config
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
+        self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
 
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:

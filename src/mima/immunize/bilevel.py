@@ -300,7 +300,8 @@ class BilevelImmunizer(Immunizer):
             uppers = [up for _, up in batches.values() if up.prior is not None]
             yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
         if self.config.retain_weight > 0:
-            retained = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt)
+            retained = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
+                                      self.retained, generator)
             lowers, uppers = [lower for lower, _ in retained], [upper for _, upper in retained]
             no_concepts = [None] * len(lowers)  # class images: conditioned as `retain_batches` says
             yield "retain", (self.adapted_loss_gradient(base, lowers, uppers, no_concepts, generator)[:2]
@@ -378,11 +379,13 @@ class BilevelImmunizer(Immunizer):
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Learnability of other concepts: after the simulated attacker adapts on class images, they still denoise.
+        """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
+        still denoise.
 
         Without it the ascent may make the model fragile to ANY fine-tuning, which is not concept-specific.
         """
-        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt)
+        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
+                               generator)
         if not pairs:
             return torch.zeros(())
         lowers, no_concepts = [lower for lower, _ in pairs], [None] * len(pairs)

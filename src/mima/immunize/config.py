@@ -155,6 +155,12 @@ class ImmunizeConfig(Config):
                           "under a fresh-token attacker that learns no token, the prompts it gives its concept's "
                           "images (so the rare token stays learnable for other images)"},
     )
+    retain_concepts: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "concepts (as --concepts takes them: toy:NAME, a concept file) whose images the retain term "
+                          "takes instead of class images, under their own prompts or (retain_prompt 'attacker') "
+                          "the attacker's token for their name: concepts to keep learnable, none of the targets"},
+    )
     anchor_weight: float = field(
         default=0.0,
         metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
@@ -210,6 +216,8 @@ class ImmunizeConfig(Config):
         for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.retain_concepts and self.retain_weight == 0:
+            raise ConfigError("retain_concepts are images for the retain term; give retain_weight > 0")
 
     def attacker_specs(self) -> list[AttackerSpec]:
         """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; the steps,
@@ -249,6 +257,16 @@ class ImmunizeConfig(Config):
                     raise ConfigError(f"simulated attacker '{attacker.kind}' has prompt '{DESCRIPTION_PROMPT}' but "
                                       f"concept '{spec.name}' has no descriptions; give it `descriptions:` in the "
                                       f"concepts YAML")
+
+    def retained_specs(self, targets: Sequence[ConceptSpec]) -> list[ConceptSpec]:
+        """The concepts `retain_concepts` names (ConfigError for one that is also a target)."""
+        from mima.data.concepts import load_concepts_arg
+
+        specs = [spec for entry in self.retain_concepts for spec in load_concepts_arg(entry)]
+        both = sorted({spec.name for spec in specs} & {spec.name for spec in targets})
+        if both:
+            raise ConfigError(f"retain_concepts must not name a target: {', '.join(both)}")
+        return specs
 
     def differences(self, recorded: Mapping[str, object], fields: Sequence[str] | None = None) -> dict[str, tuple]:
         """[`Config.differences`], with each simulated attacker's unset learning rate and prompt read as its kind's

@@ -53,19 +53,18 @@ class ImmunizationRun:
         started = time.time()
         config = self.config
         config.check_names()  # a misspelt method or caption bank: fail before any heavy work
-        config.check_concepts(self.specs)  # e.g. descriptions for a describing attacker
+        retained = config.retained_specs(self.specs)
+        config.check_concepts([*self.specs, *retained])  # e.g. descriptions for a describing attacker
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
         shard = join_process_group(placement.device)  # one process: no group, every concept here
-        if len(self.specs) < shard.size:
-            raise ConfigError(f"{shard.size} processes for {len(self.specs)} concepts; launch at most one per concept")
-        if config.persistent_attacker and shard.size > 1:  # each process would carry only its own concepts' attacks
-            raise ConfigError("persistent_attacker runs in one process; launch without torchrun/accelerate")
+        _check_processes(shard.size, len(self.specs), config)
         if shard.is_main:  # the main process alone writes files; the others wait, then read them
             claim_run_folder(self.out_dir, IMMUNIZATION, self.run_settings(), resume=resume, overwrite=overwrite,
                              differences=self.differences)
-            specs = self._materialized_specs(config)  # unreadable images: fail before the model loads
-        shard.barrier()
-        specs = specs if shard.is_main else self._materialized_specs(config)
+            specs, retained = self._materialized(self.specs), self._materialized(retained, len(self.specs))
+        shard.barrier()  # unreadable images failed above, before the model loads
+        if not shard.is_main:
+            specs, retained = self._materialized(self.specs), self._materialized(retained, len(self.specs))
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         key_value_parameter_names(components.unet)  # no cross-attention: fail early
@@ -79,6 +78,7 @@ class ImmunizationRun:
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
         immunizer.shard = shard
+        immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         log: list[dict[str, float]] = []
@@ -91,6 +91,7 @@ class ImmunizationRun:
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
         record = {
             "config": config.to_dict(), "model": self.model, "concepts": [_spec_record(s) for s in specs],
+            "retained": [_spec_record(s) for s in retained],
             "log": log, "elapsed_s": time.time() - started, **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -113,10 +114,11 @@ class ImmunizationRun:
                 changed[name] = (old, new)
         return changed
 
-    def _materialized_specs(self, config: ImmunizeConfig) -> list[ConceptSpec]:
-        """The concepts with their images on disk (toy concepts drawn into `data/`), every image checked."""
-        data_dir = self.out_dir / "data"
-        specs = [materialize(s, data_dir, config.n_images, seed=config.seed + i) for i, s in enumerate(self.specs)]
+    def _materialized(self, specs: list[ConceptSpec], first: int = 0) -> list[ConceptSpec]:
+        """`specs` with their images on disk (toy concepts drawn into `data/`, the n-th of the run with seed
+        `seed + first + n`), every image checked."""
+        data_dir, config = self.out_dir / "data", self.config
+        specs = [materialize(s, data_dir, config.n_images, seed=config.seed + first + i) for i, s in enumerate(specs)]
         for spec in specs:
             validate_images(spec)
         return specs
@@ -128,6 +130,13 @@ class ImmunizationRun:
         size = self.config.n_class_images
         with placement.autocast():
             return [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
+
+
+def _check_processes(processes: int, concepts: int, config: ImmunizeConfig) -> None:
+    if concepts < processes:
+        raise ConfigError(f"{processes} processes for {concepts} concepts; launch at most one per concept")
+    if config.persistent_attacker and processes > 1:  # each process would carry only its own concepts' attacks
+        raise ConfigError("persistent_attacker runs in one process; launch without torchrun/accelerate")
 
 
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:

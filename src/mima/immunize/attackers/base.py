@@ -51,7 +51,7 @@ class SimulatedAttacker(ABC):
         self.spec = spec
         self.lr = self.default_lr if spec.lr is None else spec.lr
         self.prompt_mode = spec.prompt or self.default_prompt
-        self._constant_hidden: dict[tuple[int, str], torch.Tensor] = {}  # (concept, caption)
+        self._constant_hidden: dict[str, torch.Tensor] = {}  # caption -> its hidden states (no text side trains)
         self.fresh_token = spec.tokens[0] if spec.tokens else RARE_TOKEN
 
     def bind(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
@@ -60,7 +60,7 @@ class SimulatedAttacker(ABC):
         self.prepare(components, specs, lower_names)
         if self.prompt_mode == DESCRIPTION_PROMPT:
             for concept, spec in enumerate(specs):
-                self._encode_constant(concept, [self.caption(text, concept) for text in spec.descriptions])
+                self._encode_constant([self.caption(text, concept) for text in spec.descriptions])
 
     @classmethod
     def check_spec(cls, spec: AttackerSpec) -> None:
@@ -126,9 +126,21 @@ class SimulatedAttacker(ABC):
         text side is trained)."""
         if concept is None or self.prompt_mode == CONCEPT_PROMPT:
             return batch.hidden
-        captions = [self.caption(text, concept) for text in self.image_texts(batch, concept)]
-        self._encode_constant(concept, captions)
-        return torch.stack([self._constant_hidden[concept, text] for text in captions]).to(batch.hidden)
+        return self._constant_hiddens([self.caption(text, concept) for text in self.image_texts(batch, concept)],
+                                      batch.hidden)
+
+    def retained_hidden(self, batch: Batch, spec: ConceptSpec) -> torch.Tensor:
+        """The conditioning of `batch`, images of `spec` (a concept the retain term keeps learnable, not a target),
+        under this outer step's fresh token in place of the words naming `spec`, as this attacker would caption
+        them were it teaching `spec`."""
+        captions = [caption(text, FRESH_TOKEN_PROMPT, spec, self.fresh_token, learns_token=False)
+                    for text in batch_prompts(batch, self.spec.kind)]
+        return self._constant_hiddens(captions, batch.hidden)
+
+    def _constant_hiddens(self, captions: list[str], like: torch.Tensor) -> torch.Tensor:
+        """The hidden states of `captions`, encoded once each, as `like`'s dtype and device."""
+        self._encode_constant(captions)
+        return torch.stack([self._constant_hidden[text] for text in captions]).to(like)
 
     def image_texts(self, batch: Batch, concept: int) -> list[str]:
         """The text each image of `batch` (of concept index `concept`) is captioned from: its own prompt, or under
@@ -142,13 +154,13 @@ class SimulatedAttacker(ABC):
         descriptions = self.specs[concept].descriptions
         return [descriptions[image % len(descriptions)] for image in batch.images]
 
-    def _encode_constant(self, concept: int, captions: list[str]) -> None:
-        """Encode the `captions` (of concept index `concept`) not encoded yet, without a graph."""
-        missing = [text for text in dict.fromkeys(captions) if (concept, text) not in self._constant_hidden]
+    def _encode_constant(self, captions: list[str]) -> None:
+        """Encode the `captions` not encoded yet, without a graph."""
+        missing = [text for text in dict.fromkeys(captions) if text not in self._constant_hidden]
         if missing:
             with torch.no_grad():
                 encoded = self.components.encode_prompts(missing)
-            self._constant_hidden.update({(concept, text): h for text, h in zip(missing, encoded, strict=True)})
+            self._constant_hidden.update(dict(zip(missing, encoded, strict=True)))
 
     def kept(self, phi: Params) -> Params:
         """What of an adapted phi the pull-back (`pull_back`) and the upper loss (`hidden`) need; all of it unless
