@@ -37,8 +37,8 @@ def retain_batches(
     from `generator`, under their own prompts or (as above) their naming words replaced by the attacker's token.
     """
     classes = class_batches(batches, class_of)
-    under_token = retain_prompt == "attacker" and attacker.prompt_mode == FRESH_TOKEN_PROMPT
-    under_token = under_token and not attacker.learns_token
+    under_token = (retain_prompt == "attacker" and attacker.prompt_mode == FRESH_TOKEN_PROMPT
+                   and not attacker.learns_token)
     if retained:
         if generator is None:
             raise ValueError("retained concepts are drawn from a generator; pass the outer step's")
