@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradient_checks import assert_finite_differences_close, assert_gradients_equal_the_objectives
 from mima.data.concepts import toy_concept_spec
+from mima import functional
 from mima.immunize import ImmunizeConfig, bilevel, immunizers
 from mima.immunize.class_batches import retain_batches
 from mima.losses import diffusion_loss
@@ -330,26 +331,38 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
         torch.testing.assert_close(again[1][name], plain[1][name], rtol=1e-10, atol=1e-14)
 
 
-def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(setup):
+@pytest.mark.parametrize("attackers", [(), (LORA,)], ids=["full", "lora"])
+def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(setup, monkeypatch, attackers):
     """With `kept_gradients_gib`, each copy's finite-difference product reuses the gradient its attack took: one
-    UNet forward fewer per copy but the last (which keeps its whole run anyway), and the same meta-gradient."""
+    UNet forward fewer per copy but the last (which keeps its whole run anyway), and the same meta-gradient. A LoRA
+    attacker's steps leave S^u where it is, so they take S^u's gradient too (`unroll`'s `also`), in the same
+    backward: without that, its products would recompute it at every inner step of every copy."""
     components, make, _ = setup
     forwards = []
     components.unet.register_forward_hook(lambda *_: forwards.append(1))
 
     def run(gib: float):
-        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_gib=gib)
+        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_gib=gib,
+                         attackers=attackers)
         g = torch.Generator().manual_seed(SEED)
         batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
         forwards.clear()
         value, grads, _ = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
         return value, grads, len(forwards)
 
+    def assert_same(run, reference):
+        assert run[0] == reference[0]
+        for name, grad in reference[1].items():
+            torch.testing.assert_close(run[1][name], grad, rtol=1e-12, atol=1e-15)
+
+    steps = attackers[0]["steps"] if attackers else 1  # a product per inner step
     recomputed, kept = run(0.0), run(1.0)
-    assert recomputed[2] == kept[2] + len(make.concepts) - 1
-    assert kept[0] == recomputed[0]
-    for name, grad in recomputed[1].items():
-        torch.testing.assert_close(kept[1][name], grad, rtol=1e-12, atol=1e-15)
+    assert recomputed[2] == kept[2] + (len(make.concepts) - 1) * steps
+    assert_same(kept, recomputed)
+    monkeypatch.setattr(bilevel, "unroll", lambda *args, also=(), **kwargs: functional.unroll(*args, **kwargs))
+    unrecorded = run(1.0)  # the full attacker's steps cover S^u anyway
+    assert unrecorded[2] == kept[2] + (len(make.concepts) * steps if attackers else 0)
+    assert_same(unrecorded, kept)
 
 
 def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypatch):

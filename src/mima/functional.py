@@ -153,7 +153,7 @@ def _leaves(params: Params) -> Params:
 def unroll(
     params: Params, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, *,
     steps: int, lr: float, max_norm: float = 0.0, keep: list[str] | None = None, optimizer: InnerOptimizer = "sgd",
-    record: Collection[int] = (), replay: bool = True,
+    record: Collection[int] = (), replay: bool = True, also: Collection[str] = (),
 ) -> Unrolled:
     """`steps` SGD (or Adam) steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
 
@@ -161,30 +161,33 @@ def unroll(
     (the names a VJP will differentiate), the last batch's gradient keeps its graph (`Unrolled.kept`): one graph
     alive, and one forward and backward fewer for the VJP. The parameters after each step in `record` (1-based)
     are kept in `Unrolled.trajectory`. Without `replay` (first order), no iterate or gradient is kept: a long
-    trajectory then holds one copy of the parameters per recorded step only.
+    trajectory then holds one copy of the parameters per recorded step only. Each step's gradient also covers the
+    `fixed` names `also` (not stepped), in the same backward: what a finite-difference product on them needs.
     """
     phi, iterates, gradients, states, first, kept = {n: p.detach() for n, p in params.items()}, [], [], [], None, None
-    trajectory, adam = [], None
+    trajectory, adam, extra = [], None, [n for n in also if n not in params]
     for step in range(steps):
-        step_states, mean, total = [], {n: torch.zeros_like(p) for n, p in phi.items()}, 0.0
+        step_states, total = [], 0.0
+        mean = {n: torch.zeros_like(p) for n, p in {**{n: fixed[n] for n in extra}, **phi}.items()}
         for index, loss_fn in enumerate(losses):
             step_states.append(generator.get_state())
             keep_graph = keep is not None and step == steps - 1 and index == len(losses) - 1
-            leaves = {**_leaves({n: fixed[n] for n in keep or () if n in fixed and n not in phi}), **_leaves(phi)}
+            leaves = {**_leaves({n: fixed[n] for n in [*(keep or ()), *extra] if n in fixed and n not in phi}),
+                      **_leaves(phi)}
             loss = loss_fn({**fixed, **leaves}, generator)
-            grads = _batch_gradient(loss, leaves, list(phi), create_graph=keep_graph)
-            kept = (leaves, grads) if keep_graph else kept
+            grads = _batch_gradient(loss, leaves, [*phi, *extra], create_graph=keep_graph)
+            kept = (leaves, {n: grads[n] for n in phi}) if keep_graph else kept
             for name, grad in grads.items():
                 mean[name] += grad.detach() / len(losses)
             total += loss.item() / len(losses)
         first = total if first is None else first
-        scale = clip_scale(list(mean.values()), max_norm) if max_norm > 0 and mean else 1.0
+        scale = clip_scale([mean[n] for n in phi], max_norm) if max_norm > 0 and phi else 1.0
         if replay:
             iterates.append(phi)
             gradients.append(mean)
         states.append(step_states)
         if optimizer == "adam":
-            phi, adam = adam_update(phi, {n: scale * g for n, g in mean.items()}, lr, adam)
+            phi, adam = adam_update(phi, {n: scale * mean[n] for n in phi}, lr, adam)
         else:
             phi = {n: p - lr * scale * mean[n] for n, p in phi.items()}
         if step + 1 in record:
@@ -264,7 +267,7 @@ def _exact_hvp(
     it; returns the product and what is left of `kept`."""
     extra = [n for n in targets if n not in lam]
     hvp = {n: torch.zeros_like(lam[n] if n in lam else fixed[n]) for n in targets}
-    u = _clipped_cotangent(lam, run.gradients[step], max_norm) if run.gradients else None
+    u = _clipped_cotangent(lam, {n: run.gradients[step][n] for n in lam}, max_norm) if run.gradients else None
     for index in reversed(range(len(losses))):
         if kept is not None and step == len(run.iterates) - 1 and index == len(losses) - 1:
             (leaves, grads), kept = kept, None
@@ -307,13 +310,13 @@ def _difference_hvp(
                 mean[name] += grad / len(losses)
         return mean
 
-    iterate, extra = run.iterates[step], [n for n in targets if n not in lam]
+    iterate, names = run.iterates[step], list(dict.fromkeys([*lam, *targets]))
     device = next(iter(iterate.values())).device.type
     # in float32 under autocast too: a difference of two bf16 gradients is rounding noise (measured on the toy:
     # cosine 0.07 to the exact product); so the step's gradient `unroll` kept serves only where autocast is off
-    stored = run.gradients and not extra and not torch.is_autocast_enabled(device)
+    stored = run.gradients and set(names) <= set(run.gradients[step]) and not torch.is_autocast_enabled(device)
     with torch.autocast(device, enabled=False):
-        at = run.gradients[step] if stored else mean_gradient(iterate, list(dict.fromkeys([*lam, *targets])))
+        at = run.gradients[step] if stored else mean_gradient(iterate, names)
         u = _clipped_cotangent(lam, {n: at[n] for n in lam}, max_norm)
         norm = torch.sqrt(sum((v * v).sum() for v in u.values()))
         if norm == 0:

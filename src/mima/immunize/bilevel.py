@@ -147,7 +147,8 @@ class BilevelImmunizer(Immunizer):
         keep_last: bool = True,
     ) -> Unrolled:
         """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
-        (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch."""
+        (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch; for a
+        finite-difference product, each step's gradient covers S^u too, which the product then need not recompute."""
         spec = self.attacker.spec
         second_order = spec.order == "second-order"
         keep = keep_last and second_order and self.config.hvp == "exact"
@@ -155,17 +156,20 @@ class BilevelImmunizer(Immunizer):
         with self.double_backward_attention() if keep else nullcontext():
             run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
                          lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None,
-                         optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order)
+                         optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order,
+                         also=self.upper_names if second_order and self.reuses_inner_gradients() else ())
         self.distribution.carry(concepts, run.params, base)
         return run
 
+    def reuses_inner_gradients(self) -> bool:
+        """Whether finite-difference products reuse the gradients the inner steps took: not for an exact product,
+        nor under autocast, where the product recomputes them in float32."""
+        return self.config.hvp == "finite-difference" and not torch.is_autocast_enabled(self.unet.device.type)
+
     def spare_gradient_bytes(self) -> int:
         """The memory the copies' inner-step gradients may keep until their finite-difference products reuse them
-        (`kept_gradients_gib`); none for an exact product or under autocast, where the product recomputes them in
-        float32."""
-        if self.config.hvp != "finite-difference" or torch.is_autocast_enabled(self.unet.device.type):
-            return 0
-        return int(self.config.kept_gradients_gib * 2**30)
+        (`kept_gradients_gib`)."""
+        return int(self.config.kept_gradients_gib * 2**30) if self.reuses_inner_gradients() else 0
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],
@@ -341,18 +345,11 @@ class BilevelImmunizer(Immunizer):
                 upper[name] = upper.get(name, 0.0) + loss / len(points)
         objective = -torch.stack(list(upper.values())).mean()
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
-        if self.config.prior_weight > 0:
-            prior = self.prior_loss(base, batches, generator)
-            objective = objective + self.config.prior_weight * prior
-            logs["prior"] = prior.item()
-        if self.config.anchor_weight > 0:
-            anchor = self.anchor_loss(base, batches, generator)
-            objective = objective + self.config.anchor_weight * anchor
-            logs["anchor"] = anchor.item()
-        if self.config.retain_weight > 0:
-            retain = self.retain_loss(base, batches, generator)
-            objective = objective + self.config.retain_weight * retain
-            logs["retain"] = retain.item()
+        for name, term in (("prior", self.prior_loss), ("anchor", self.anchor_loss), ("retain", self.retain_loss)):
+            if (weight := getattr(self.config, f"{name}_weight")) > 0:
+                value = term(base, batches, generator)
+                objective = objective + weight * value
+                logs[name] = value.item()
         return objective, logs
 
     def counted(self, loss: torch.Tensor) -> torch.Tensor:
