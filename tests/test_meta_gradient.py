@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradient_checks import assert_finite_differences_close, assert_gradients_equal_the_objectives
-from mima.data.concepts import toy_concept_spec
 from mima import functional
+from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, bilevel, immunizers
 from mima.immunize.class_batches import retain_batches
 from mima.losses import diffusion_loss
