@@ -356,7 +356,16 @@ def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(set
             torch.testing.assert_close(run[1][name], grad, rtol=1e-12, atol=1e-15)
 
     steps = attackers[0]["steps"] if attackers else 1  # a product per inner step
-    recomputed, kept = run(0.0), run(1.0)
+    recorded = []  # per copy: whether its steps took S^u's gradient too
+
+    def spy(*args, also=(), **kwargs):
+        recorded.append(bool(also))
+        return functional.unroll(*args, also=also, **kwargs)
+
+    monkeypatch.setattr(bilevel, "unroll", spy)
+    recomputed = run(0.0)
+    assert recorded == [False] * (len(make.concepts) - 1) + [True]  # no budget: only the last keeps its gradients
+    kept = run(1.0)
     assert recomputed[2] == kept[2] + (len(make.concepts) - 1) * steps
     assert_same(kept, recomputed)
     monkeypatch.setattr(bilevel, "unroll", lambda *args, also=(), **kwargs: functional.unroll(*args, **kwargs))

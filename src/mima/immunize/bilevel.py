@@ -144,11 +144,11 @@ class BilevelImmunizer(Immunizer):
 
     def unroll(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
-        keep_last: bool = True,
+        keep_last: bool = True, keeps_gradients: bool = True,
     ) -> Unrolled:
         """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
         (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch; for a
-        finite-difference product, each step's gradient covers S^u too, which the product then need not recompute."""
+        finite-difference product that will reuse them (`keeps_gradients`), each step's gradient covers S^u too."""
         spec = self.attacker.spec
         second_order = spec.order == "second-order"
         keep = keep_last and second_order and self.config.hvp == "exact"
@@ -157,7 +157,8 @@ class BilevelImmunizer(Immunizer):
             run = unroll(phi, base, self.batch_losses(batches, concepts), generator, steps=spec.steps,
                          lr=self.attacker.lr, max_norm=spec.clip, keep=self.upper_names if keep else None,
                          optimizer=spec.optimizer, record=spec.trajectory_steps, replay=second_order,
-                         also=self.upper_names if second_order and self.reuses_inner_gradients() else ())
+                         also=self.upper_names if second_order and keeps_gradients and self.reuses_inner_gradients()
+                         else ())
         self.distribution.carry(concepts, run.params, base)
         return run
 

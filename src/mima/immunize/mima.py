@@ -88,11 +88,13 @@ class MIMA(BilevelImmunizer):
         points = len(attacker.spec.trajectory_steps)
         inputs, runs, kept, logs = [self.plan.inputs() for _ in range(points)], {}, {}, {}
         spare = self.spare_gradient_bytes()
+        upper_bytes = sum(base[name].numel() * base[name].element_size() for name in self.upper_names)
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
             if not owned[n]:  # another process adapts this copy
                 self.skip_attack(base, lower, n, generator)
                 continue
-            run = self.unroll(base, [lower], [n], generator, keep_last=n == last)
+            run = self.unroll(base, [lower], [n], generator, keep_last=n == last,
+                              keeps_gradients=n == last or upper_bytes <= spare)  # else S^u's would be dropped
             for point, phi in zip(inputs, run.trajectory, strict=True):
                 point.add(attacker.weights({**base, **phi}), n)
             size = run.gradient_bytes()
