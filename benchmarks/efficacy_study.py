@@ -2,7 +2,8 @@
 
 A study YAML names a base benchmark (any `BenchmarkConfig` fields), the seeds, and variants that override the
 base's `immunize` settings (or any other field). Each (variant, seed) is one benchmark folder,
-`OUT/<variant>/seed<k>`; the seed sets both the immunization's and the attacks' seed. A finished piece is
+`OUT/<variant>/seed<k>`; the seed sets both the immunization's and the attacks' seed (with `attack_seeds: n`,
+each model is attacked n times, and the report averages them). A finished piece is
 never computed twice: before a benchmark runs, every immunized model and attack that another folder under OUT
 finished with the same settings is hard-linked into it (the un-immunized reference `none` depends only on the
 model, setting, targets and seed, so every variant shares it; a variant that changes only the attacks reuses
@@ -37,12 +38,17 @@ from mima.executors import LocalExecutor
 from mima.utils.io import atomic_write_text
 
 REFERENCE = "none"
+ATTACK_SEED_STRIDE = 100  # attack seeds of immunization seed k: k, k + 100, ...
 
 
 def variant_config(base: dict, overrides: dict, seed: int) -> BenchmarkConfig:
+    """The benchmark of one (variant, seed): the seed immunizes, and seeds the attacks; with `attack_seeds: n` (in
+    the base or the variant) each model is attacked n times, with seeds seed, seed + 100, ..., and the report
+    averages them (an attack's own randomness moves a single run's SGR by several points)."""
     immunize = {**base.get("immunize", {}), **overrides.get("immunize", {}), "seed": seed}
     fields = {**base, **{k: v for k, v in overrides.items() if k != "immunize"}, "immunize": immunize}
-    return BenchmarkConfig.from_dict({**fields, "seeds": [seed]})
+    attack_seeds = fields.pop("attack_seeds", 1)
+    return BenchmarkConfig.from_dict({**fields, "seeds": [seed + ATTACK_SEED_STRIDE * i for i in range(attack_seeds)]})
 
 
 def _model_key(config: BenchmarkConfig, method: str, recorded: dict | None = None) -> str:

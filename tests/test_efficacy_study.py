@@ -129,6 +129,16 @@ def test_variant_config_merges_immunize_overrides_and_sets_the_seed(study):
     assert config.seeds == (3,)
 
 
+def test_attack_seeds_attack_each_model_several_times_and_keep_the_first_seed(study, tmp_path):
+    config = study.variant_config({**BASE, "attack_seeds": 3}, {}, seed=1)
+    assert config.seeds == (1, 101, 201)
+    assert config.immunize["seed"] == 1
+    assert study.variant_config(BASE, {"attack_seeds": 2}, seed=0).seeds == (0, 100)
+    _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})  # attacked once, with seed 0
+    linked = _linked(study, tmp_path, {"attack_seeds": 2})
+    assert "attacks/mima/lora/stripes/seed0" in linked and not any(path.endswith("seed100") for path in linked)
+
+
 def _metrics(msgr: float, stripes_sgr: float, rate_before: float, waves_before: float = 0.9) -> dict:
     """A benchmark's metrics.json, cut down to what the study summary reads."""
     def judge(stripes: float, waves: float) -> dict:
