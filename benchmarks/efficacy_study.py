@@ -194,22 +194,29 @@ def summarize(results: dict) -> dict:
                 for attack, by_encoder in by_attack.items():
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
-                            encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "non_target_judge": {},
-                                      "target_judge": {}, "losses": []})
+                            encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "sgr_sd": {},
+                                      "non_target_sgr_sd": {}, "non_target_judge": {}, "target_judge": {},
+                                      "losses": []})
                         row["msgr"].append(metrics["msgr"])
                         if method in record.get("immunization_losses", {}):
                             row["losses"].append(record["immunization_losses"][method])
                         for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
                             for concept, value in metrics[sgr_key].items():
                                 row[sgr_key].setdefault(concept, []).append(value)
+                                spread = metrics.get(f"{sgr_key}_sd", {}).get(concept)  # over attack seeds
+                                row[f"{sgr_key}_sd"].setdefault(concept, []).append(spread)
                                 rates = _judge_rate_before_attack(record, method, concept)
                                 if encoder == "toy-judge" and rates is not None:
                                     row[judge_key].setdefault(concept, []).append(rates)
     return table
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{mean(values):.1f}" + (f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else "")
+def _fmt(values: list[float], spreads: list[float | None] | None = None) -> str:
+    """The mean over seeds, then each seed's value when there are several; each with its standard deviation over
+    attack seeds (± sd) when it has one."""
+    each = [f"{v:.1f}" + ("" if sd is None else f" ±{sd:.1f}")
+            for v, sd in zip(values, spreads or [None] * len(values), strict=True)]
+    return each[0] if len(values) == 1 else f"{mean(values):.1f} ({', '.join(each)})"
 
 
 def _rates(by_concept: dict) -> str:
@@ -292,7 +299,8 @@ def worst_case_lines(table: dict) -> list[str]:
 
 def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> None:
     lines = [*worst_case_lines(table), ""]
-    lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR | non-target SGR |"
+    lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR (± sd over attack seeds) |"
+             " non-target SGR |"
              " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
              "|" + "---|" * 11]
@@ -300,9 +308,10 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
         for method, by_attack in by_method.items():
             for attack, by_encoder in by_attack.items():
                 for encoder, row in by_encoder.items():
-                    targets = ", ".join(f"{c} {_fmt(v)}" for c, v in row["sgr"].items())
+                    targets = ", ".join(f"{c} {_fmt(v, row['sgr_sd'].get(c))}" for c, v in row["sgr"].items())
                     worst = min(mean(v) for v in row["sgr"].values())
-                    others = ", ".join(f"{c} {_fmt(v)}" for c, v in row["non_target_sgr"].items())
+                    others = ", ".join(f"{c} {_fmt(v, row['non_target_sgr_sd'].get(c))}"
+                                       for c, v in row["non_target_sgr"].items())
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
                                  f"{worst:.1f} | {targets} | {others} | {_rates(row['non_target_judge'])} | "
                                  f"{_rates(row['target_judge'])} | {_losses(row['losses'])} |")

@@ -221,3 +221,31 @@ def test_before_attack_skips_attacks_that_rewrite_the_prompt():
     waves = before.models["mima"]["toy-judge"]["waves"]
     assert abs(waves.similarity - 0.65) < 1e-12 and abs(waves.success_rate - 0.625) < 1e-12
     assert before.models["none"]["toy-judge"]["waves"] == Drawing(similarity=0.8, success_rate=1.0)
+
+
+def test_summary_gives_the_spread_over_seeds_of_msgr_and_each_sgr():
+    import statistics
+
+    from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate
+    from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation
+    from mima.evaluate.summary import summarize
+
+    def evaluation(msgr: float, stripes: list[float], waves: list[float]) -> Evaluation:
+        def concept(target: bool, sgr: list[float]) -> ConceptResult:
+            return ConceptResult("lora", target, [0, 5, 10], [0.1, 0.5, 0.9], [0.1, 0.3, 0.5], sgr, 0.0)
+
+        metrics = {MSGR.name: msgr, MRSGR.name: 0.0, AttackSuccessRate.name: 0.5}
+        concepts = {"stripes": concept(True, stripes), "waves": concept(False, waves)}
+        return Evaluation({}, {}, ["waves"], {"toy-judge": EncoderResult(concepts, metrics)})
+
+    by_seed = {0: evaluation(20.0, [0.0, 0.1, 0.3], [0.0, 0.0, 0.02]),  # SGR over t >= 1: 20 %, waves 1 %
+               100: evaluation(30.0, [9.0, 0.4, 0.6], [0.0, -0.04, -0.02]),  # 50 %, -3 %
+               200: evaluation(40.0, [0.0, 0.2, 0.4], [0.0, 0.06, 0.04])}  # 30 %, 5 %
+    one = summarize({"mima": {"lora": {0: by_seed[0]}}}, ["stripes"], ["waves"])["mima"]["lora"]["toy-judge"]
+    assert one.msgr_sd is None and one.sgr_sd == {"stripes": None} and one.to_json()["msgr_sd"] is None
+    row = summarize({"mima": {"lora": by_seed}}, ["stripes"], ["waves"])["mima"]["lora"]["toy-judge"]
+    assert row.msgr == pytest.approx(30.0) and row.msgr_sd == pytest.approx(10.0)
+    assert row.sgr["stripes"] == pytest.approx(100 / 3)
+    assert row.sgr_sd["stripes"] == pytest.approx(statistics.stdev([20.0, 50.0, 30.0]))
+    assert row.non_target_sgr["waves"] == pytest.approx(1.0)
+    assert row.non_target_sgr_sd["waves"] == pytest.approx(4.0)

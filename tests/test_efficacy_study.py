@@ -163,6 +163,18 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
+def test_summary_shows_each_seeds_spread_over_attack_seeds(study, tmp_path):
+    seeds = {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}
+    seeds[0]["summary"]["mima"]["lora"]["toy-judge"].update(sgr_sd={"stripes": 4.3}, non_target_sgr_sd={"waves": 2.0})
+    table = study.summarize({"defaults": seeds})
+    assert table["defaults"]["mima"]["lora"]["toy-judge"]["sgr_sd"] == {"stripes": [4.3, None]}  # seed 1: one attack
+    study.write_summary(table, tmp_path)
+    line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| mima | lora |" in line)
+    assert "| stripes 20.0 (10.0 ±4.3, 30.0) | waves 1.0 (1.0 ±2.0, 1.0) |" in line
+    study.write_summary(study.summarize({"defaults": {0: seeds[0]}}), tmp_path)
+    assert "| stripes 10.0 ±4.3 | waves 1.0 ±2.0 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_the_summary_starts_with_the_worst_case_over_attacks(study, tmp_path):
     seeds = {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}
     for seed, record in seeds.items():  # a stronger attack: MSGR 10 and 14, mean 12

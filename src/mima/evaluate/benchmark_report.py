@@ -80,8 +80,8 @@ def _table(summary: Summary) -> list[list[str]]:
         for attack, by_encoder in by_attack.items():
             for encoder, row in by_encoder.items():
                 non_target = mean(abs(v) for v in row.non_target_sgr.values() if v is not None)
-                rows.append([method, attack, encoder, *(f"{v:.1f}" if v is not None else "n/a"
-                                                        for v in (row.msgr, row.mrsgr, non_target))])
+                msgr = _percent(row.msgr) + ("" if row.msgr_sd is None else f" ± {row.msgr_sd:.1f}")
+                rows.append([method, attack, encoder, msgr, _percent(row.mrsgr), _percent(non_target)])
     return rows
 
 
@@ -163,8 +163,8 @@ def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_tab
     worst_table, table = tables
     worst_legend = ("Worst case over attacks: per model and encoder, the attack the immunization slows least (the "
                     "lowest MSGR, seed means), then every attack's MSGR.")
-    legend = ("MSGR / MRSGR: higher = stronger immunization; non-target |SGR|: near 0 = other concepts stay "
-              "learnable (definitions: docs/metrics.md).")
+    legend = ("MSGR / MRSGR: higher = stronger immunization (± the standard deviation over seeds, when there are "
+              "several); non-target |SGR|: near 0 = other concepts stay learnable (definitions: docs/metrics.md).")
     before_legend = ("Each model's own samples of each concept's prompt, before any attack step: similarity to the "
                      "references (judge's rate). Non-targets should match `none`; targets should be low.")
     if before_table is None:

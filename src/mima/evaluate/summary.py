@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, Condition
@@ -27,6 +28,12 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+def stdev(values: Iterable[float | None]) -> float | None:
+    """The sample standard deviation of the finite values; None when there are fewer than two."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else None
+
+
 def evaluations_to_json(evaluations: Evaluations) -> dict[str, Any]:
     return {method: {attack: {str(seed): e.to_json() for seed, e in by_seed.items()}
                      for attack, by_seed in by_attack.items()} for method, by_attack in evaluations.items()}
@@ -35,17 +42,23 @@ def evaluations_to_json(evaluations: Evaluations) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SummaryRow:
     """One (method, attack, encoder), averaged over seeds: MSGR and MRSGR (percent), each concept's mean SGR over
-    t >= 1 (percent), and the attack-success rate on the immunized model at the last step (fraction)."""
+    t >= 1 (percent), and the attack-success rate on the immunized model at the last step (fraction); with several
+    seeds, the standard deviations over them of MSGR and of each SGR (one attack run moves an SGR by several points:
+    docs/efficacy.md)."""
 
     msgr: float | None
     mrsgr: float | None
     sgr: dict[str, float | None]
     non_target_sgr: dict[str, float | None]
     attack_success_rate_with: float | None
+    msgr_sd: float | None = None
+    sgr_sd: dict[str, float | None] = field(default_factory=dict)
+    non_target_sgr_sd: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"msgr": self.msgr, "mrsgr": self.mrsgr, "sgr": self.sgr, "non_target_sgr": self.non_target_sgr,
-                "attack_success_rate_with": self.attack_success_rate_with}
+                "attack_success_rate_with": self.attack_success_rate_with, "msgr_sd": self.msgr_sd,
+                "sgr_sd": self.sgr_sd, "non_target_sgr_sd": self.non_target_sgr_sd}
 
 
 Summary = dict[str, dict[str, dict[str, SummaryRow]]]
@@ -60,18 +73,25 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
             for encoder in next(iter(by_seed.values())).encoders:
                 results = [e.encoders[encoder] for e in by_seed.values()]
 
-                def concept_sgr(name: str, results: list = results) -> float | None:
-                    value = mean(mean(r.concepts[name].sgr[1:]) for r in results)  # t >= 1
-                    return None if value is None else 100 * value
+                def per_seed(name: str, results: list = results) -> list[float | None]:
+                    return [_percent(mean(r.concepts[name].sgr[1:])) for r in results]  # t >= 1
 
+                msgrs = [r.value(MSGR) for r in results]
                 summary.setdefault(method, {}).setdefault(attack, {})[encoder] = SummaryRow(
-                    msgr=mean(r.value(MSGR) for r in results),
+                    msgr=mean(msgrs),
                     mrsgr=mean(r.value(MRSGR) for r in results),
-                    sgr={name: concept_sgr(name) for name in targets},
-                    non_target_sgr={name: concept_sgr(name) for name in non_targets},
+                    sgr={name: mean(per_seed(name)) for name in targets},
+                    non_target_sgr={name: mean(per_seed(name)) for name in non_targets},
                     attack_success_rate_with=mean(r.value(AttackSuccessRate) for r in results),
+                    msgr_sd=stdev(msgrs),
+                    sgr_sd={name: stdev(per_seed(name)) for name in targets},
+                    non_target_sgr_sd={name: stdev(per_seed(name)) for name in non_targets},
                 )
     return summary
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 @dataclass(frozen=True)
