@@ -74,7 +74,7 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
                 results = [e.encoders[encoder] for e in by_seed.values()]
 
                 def per_seed(name: str, results: list = results) -> list[float | None]:
-                    return [_percent(mean(r.concepts[name].sgr[1:])) for r in results]  # t >= 1
+                    return [_as_percent(mean(r.concepts[name].sgr[1:])) for r in results]  # t >= 1
 
                 msgrs = [r.value(MSGR) for r in results]
                 summary.setdefault(method, {}).setdefault(attack, {})[encoder] = SummaryRow(
@@ -90,7 +90,7 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
     return summary
 
 
-def _percent(fraction: float | None) -> float | None:
+def _as_percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
