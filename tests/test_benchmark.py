@@ -249,3 +249,7 @@ def test_summary_gives_the_spread_over_seeds_of_msgr_and_each_sgr():
     assert row.sgr_sd["stripes"] == pytest.approx(statistics.stdev([20.0, 50.0, 30.0]))
     assert row.non_target_sgr["waves"] == pytest.approx(1.0)
     assert row.non_target_sgr_sd["waves"] == pytest.approx(4.0)
+    from mima.evaluate.benchmark_report import _table
+
+    summary = {"mima": {"lora": {"toy-judge": row, "efficientnet-lite0": one}}}
+    assert [cells[3] for cells in _table(summary)[1:]] == ["30.0 ± 10.0", "20.0"]  # the report's MSGR column

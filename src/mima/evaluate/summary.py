@@ -73,19 +73,18 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
             for encoder in next(iter(by_seed.values())).encoders:
                 results = [e.encoders[encoder] for e in by_seed.values()]
 
-                def per_seed(name: str, results: list = results) -> list[float | None]:
-                    return [_as_percent(mean(r.concepts[name].sgr[1:])) for r in results]  # t >= 1
-
+                sgrs = {name: [_as_percent(mean(r.concepts[name].sgr[1:])) for r in results]  # t >= 1
+                        for name in [*targets, *non_targets]}
                 msgrs = [r.value(MSGR) for r in results]
                 summary.setdefault(method, {}).setdefault(attack, {})[encoder] = SummaryRow(
                     msgr=mean(msgrs),
                     mrsgr=mean(r.value(MRSGR) for r in results),
-                    sgr={name: mean(per_seed(name)) for name in targets},
-                    non_target_sgr={name: mean(per_seed(name)) for name in non_targets},
+                    sgr={name: mean(sgrs[name]) for name in targets},
+                    non_target_sgr={name: mean(sgrs[name]) for name in non_targets},
                     attack_success_rate_with=mean(r.value(AttackSuccessRate) for r in results),
                     msgr_sd=stdev(msgrs),
-                    sgr_sd={name: stdev(per_seed(name)) for name in targets},
-                    non_target_sgr_sd={name: stdev(per_seed(name)) for name in non_targets},
+                    sgr_sd={name: stdev(sgrs[name]) for name in targets},
+                    non_target_sgr_sd={name: stdev(sgrs[name]) for name in non_targets},
                 )
     return summary
 
