@@ -171,7 +171,7 @@ class ImmunizeConfig(Config):
         metadata={"help": "class-image batches of the prior and retain terms at each outer step: one per concept, or "
                           "one per class (concepts of one class prompt and class-image folder draw from one pool): "
                           "N times cheaper for N concepts of one class, but measured to protect less (demo MSGR "
-                          "22.3 / 13.7 against 25.8 / 18.2 over two seeds)"},
+                          "20.5 / 13.2 against 23.6 / 16.4, two seeds, three attacks each)"},
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(
