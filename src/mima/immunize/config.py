@@ -170,8 +170,9 @@ class ImmunizeConfig(Config):
         default="per-concept",
         metadata={"help": "class-image batches of the prior and retain terms at each outer step: one per concept, or "
                           "one per class (concepts of one class prompt and class-image folder draw from one pool): "
-                          "N times cheaper for N concepts of one class, but measured to protect less (demo MSGR "
-                          "20.5 / 13.2 against 23.6 / 16.4, two seeds, three attacks each)"},
+                          "N times cheaper per step for N concepts of one class, but measured to protect less (demo "
+                          "MSGR 20.5 / 13.2 against 23.6 / 16.4, two seeds, three attacks each), and as much only "
+                          "with 70 steps, which take as long as 40 per concept"},
     )
     ridge: float = field(default=1e-3, metadata={"help": "Merge ridge toward W_0 (regularises M)"})
     caption_bank: str = field(
