@@ -13,20 +13,24 @@ timed steps),
 the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), and peak memory at N
 over peak memory at the smallest N. Prints a table and writes JSON:
 
-    python benchmarks/immunize_step.py [--model toy|sd15-shaped|FOLDER] [--concepts 1 3 8 16] [--steps 2]
-        [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
+    python benchmarks/immunize_step.py [--model toy|sd15-shaped|sd15-half-width|FOLDER] [--concepts 1 3 8 16]
+        [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
 
 With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
-distribution a run would sample from, and any other `ImmunizeConfig` field it sets, e.g. `upper_params`), it
-measures instead, in each child, today's default outer step (one `full` SGD step) and a step with the file's
-settings for each attacker of its distribution, interleaved so that all see the same machine load, and prints the
-expected step time under the distribution (each attacker's time weighted by its sampling weight) over the default
-step's: the cost bar of issue 18 is a ratio of at most 2.
+distribution a run would sample from, and any other `ImmunizeConfig` field it sets, e.g. `upper_params`; or
+`defaults`: the shipped defaults), it measures instead, in each child, an outer step with the `--baseline` settings
+(default configs/attackers-full.yaml: one `full` SGD step, the defaults before the robust study, which the cost bar
+of issue 18 is relative to) and a step with the file's settings for each attacker of its distribution, interleaved
+so that all see the same machine load, and prints the expected step time under the distribution (each attacker's
+time weighted by its sampling weight) over the baseline step's (bar: at most 2); then, each alone in its own child,
+the peak memory of the two settings' steps and its ratio.
 
-`sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py.
+`sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py;
+`sd15-half-width` the same with SD 1.5's UNet at half its width (220M parameters), whose step memory is mostly
+parameter-sized tensors, as on the full model.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
-the prior-preservation and retain terms of the default settings are paid for too.
+the prior-preservation and retain terms, at their configured weights, are paid for too.
 """
 
 from __future__ import annotations
@@ -66,12 +70,13 @@ class _RssSampler(threading.Thread):
 
 
 def _model_dir(model: str) -> str:
-    if model != "sd15-shaped":
+    if model not in ("sd15-shaped", "sd15-half-width"):
         return model
     sys.path.insert(0, str(REPO / "tests"))
-    from sd_shaped import build_sd15_shaped
+    import sd_shaped
 
-    return str(build_sd15_shaped(Path(tempfile.mkdtemp()) / "sd15-shaped"))
+    build = sd_shaped.build_sd15_shaped if model == "sd15-shaped" else sd_shaped.build_sd15_half_width
+    return str(build(Path(tempfile.mkdtemp()) / model))
 
 
 def _specs(model: str, n: int) -> list:
@@ -123,8 +128,8 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     else:
         config = ImmunizeConfig(
             order="first-order" if args.child == "mima-1st" else "second-order",
-            caption_bank="toy" if args.model == "toy" else "generic", prior_weight=1.0 if args.with_prior else 0.0,
-            retain_weight=1.0 if args.with_prior else 0.0, gradient_checkpointing=args.gradient_checkpointing,
+            caption_bank="toy" if args.model == "toy" else "generic",
+            gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
             **({"hvp": args.hvp} if args.hvp else {}),
         )
         immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
@@ -151,14 +156,14 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g, to_device) -> dict:
-    """Seconds of today's default outer step and of a step with each attacker of `args.immunize_config`'s settings,
-    interleaved."""
-    import yaml
-
+    """Seconds of an outer step with the baseline settings and of a step with each attacker of
+    `args.immunize_config`'s settings, interleaved; or (child `peak-...`) one setting's peak memory."""
     from mima.immunize import ImmunizeConfig, immunizers
 
+    method = args.child.removeprefix("peak-default-").removeprefix("peak-config-")
+
     def immunizer_step(config):
-        immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
+        immunizer = immunizers.get(method.removesuffix("-2nd").removesuffix("-1st"))(config)
         immunizer.prepare(components, specs, concepts)
         outer_step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
@@ -168,13 +173,16 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
 
         return immunizer, step
 
-    terms = 1.0 if args.with_prior else 0.0
-    default = ImmunizeConfig(order="first-order" if args.child.endswith("-1st") else "second-order",
-                             caption_bank="toy" if args.model == "toy" else "generic", prior_weight=terms,
-                             retain_weight=terms, gradient_checkpointing=args.gradient_checkpointing)
-    settings = yaml.safe_load(Path(args.immunize_config).read_text(encoding="utf-8"))
+    shipped = ImmunizeConfig(order="first-order" if method.endswith("-1st") else "second-order",
+                             caption_bank="toy" if args.model == "toy" else "generic",
+                             gradient_checkpointing=args.gradient_checkpointing)
+    default = shipped.with_overrides(**{**_settings(args.baseline), **_terms(args)})
+    compared = shipped.with_overrides(**{**_settings(args.immunize_config), **_terms(args)})
+    if args.child.startswith("peak-"):  # one setting alone in this process: its peak memory is its own
+        sampled, step = immunizer_step(compared if args.child.startswith("peak-config") else default)
+        return _step_peak(lambda: [step(i) for i in range(len(sampled.distribution.attackers))], args.device)
     _, default_step = immunizer_step(default)
-    sampled, distribution_step = immunizer_step(default.with_overrides(**settings))
+    sampled, distribution_step = immunizer_step(compared)
     weights = [a.spec.weight for a in sampled.distribution.attackers]
     runs = [lambda: default_step(0)] + [lambda i=i: distribution_step(i) for i in range(len(weights))]
     seconds = [0.0] * len(runs)
@@ -186,20 +194,55 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
     return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
             "distribution_step_s": expected, "ratio": expected / seconds[0],
-            "attackers": [a.spec.to_dict() for a in sampled.distribution.attackers], "settings": settings}
+            "attackers": [a.spec.to_dict() for a in sampled.distribution.attackers], "settings": compared.to_dict()}
+
+
+def _settings(path: str) -> dict:
+    """The ImmunizeConfig fields an immunize YAML sets; none for 'defaults'."""
+    import yaml
+
+    return {} if path == "defaults" else yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def _terms(args: argparse.Namespace) -> dict[str, float]:
+    """The prior and retain terms: at the configured weights with class images (`--with-prior`), else off."""
+    return {} if args.with_prior else {"prior_weight": 0.0, "retain_weight": 0.0}
+
+
+def _step_peak(step, device_name: str) -> dict[str, int]:
+    """Peak memory of one warm-up call and one more of `step`: the RSS growth above the loaded model and data (CPU),
+    or the allocator's peak, model included (CUDA)."""
+    from mima.utils.device import peak_memory_bytes, resolve_device
+
+    sampler = _RssSampler()
+    sampler.start()
+    step()
+    step()
+    sampler.running = False
+    sampler.join()
+    device = resolve_device(device_name)
+    return {"step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0,
+            "peak_bytes": peak_memory_bytes(device) or 0}
 
 
 def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:
-    print(f"cost of the settings in {args.immunize_config} against today's default step ({args.model}, batch "
+    print(f"cost of the settings in {args.immunize_config} against those in {args.baseline} ({args.model}, batch "
           f"{args.batch_size}, {args.device}, {args.steps} interleaved steps each; a shared machine is noisy)")
     rows = []
     for method in args.methods:
         for n in sorted(args.concepts):
             r = _run_child(args, model_dir, method, n)
-            rows.append({"method": method, "n": n, **r})
+            default_peak = _run_child(args, model_dir, f"peak-default-{method}", n)
+            config_peak = _run_child(args, model_dir, f"peak-config-{method}", n)
+            key = "step_peak_bytes" if default_peak["step_peak_bytes"] else "peak_bytes"
+            memory = config_peak[key] / default_peak[key]
+            rows.append({"method": method, "n": n, **r, "default_peak": default_peak, "config_peak": config_peak,
+                         "memory_ratio": memory})
             each = ", ".join(f"{t:.3f}" for t in r["attacker_step_s"])
-            print(f"N={n} {method}: default {r['default_step_s']:.3f} s, distribution {r['distribution_step_s']:.3f} s"
-                  f" (each attacker: {each} s) -> ratio {r['ratio']:.2f} (bar <= 2)")
+            print(f"N={n} {method}: baseline {r['default_step_s']:.3f} s, distribution "
+                  f"{r['distribution_step_s']:.3f} s (each attacker: {each} s) -> ratio {r['ratio']:.2f} (bar <= 2);"
+                  f" peak memory of its steps {config_peak[key] / 2**20:.0f} MiB against"
+                  f" {default_peak[key] / 2**20:.0f} MiB -> {memory:.2f}")
     return rows
 
 
@@ -265,7 +308,8 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
     command = [sys.executable, __file__, "--model", args.model, "--model-dir", model_dir, "--child", method,
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--device", args.device,
-               *(["--immunize-config", str(args.immunize_config)] if args.immunize_config else []),
+               *(["--immunize-config", str(args.immunize_config), "--baseline", str(args.baseline)]
+                 if args.immunize_config else []),
                *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -276,7 +320,9 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy", help="'toy', 'sd15-shaped' or a diffusers folder")
+    parser.add_argument("--model", default="toy",
+                        help="'toy', 'sd15-shaped', 'sd15-half-width' (SD 1.5's UNet at half width: parameter memory "
+                             "dominates as on the full model) or a diffusers folder")
     parser.add_argument("--concepts", type=int, nargs="+", default=[1, 3, 8, 16])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -287,8 +333,11 @@ def main() -> None:
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
     parser.add_argument("--hvp", choices=["exact", "finite-difference"], help="second order's Hessian-vector "
                         "product (default: ImmunizeConfig's)")
-    parser.add_argument("--immunize-config", type=Path,
-                        help="immunize YAML (attackers, upper_params, ...): print its step time over today's default")
+    parser.add_argument("--immunize-config",
+                        help="immunize YAML (attackers, upper_params, ...) or 'defaults': print its step time and "
+                             "peak memory over the baseline's")
+    parser.add_argument("--baseline", default=str(REPO / "configs" / "attackers-full.yaml"),
+                        help="immunize YAML the --immunize-config settings are compared with")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

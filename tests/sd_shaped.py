@@ -56,12 +56,12 @@ def _text_encoder(vocab_size: int, width: int, tokenizer, projection: bool = Fal
 
 
 def _unet(cross_attention_dim: int, **overrides) -> UNet2DConditionModel:
+    sizes = dict(layers_per_block=1, block_out_channels=(8, 8, 16, 16), norm_num_groups=4, attention_head_dim=2)
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 8, 16, 16), norm_num_groups=4, cross_attention_dim=cross_attention_dim,
+        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        **{"attention_head_dim": 2, **overrides},
+        **{**sizes, **overrides},
     )
 
 
@@ -92,6 +92,18 @@ def build_sd15_shaped(out_dir: str | Path, seed: int = 0) -> Path:
         requires_safety_checker=True,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_sd15_half_width(out_dir: str | Path, seed: int = 0) -> Path:
+    """The SD-1.5-shaped pipeline with SD 1.5's UNet at half its width (160 to 640 channels, two layers per block,
+    8 heads): a quarter of its parameters, 220M, so that on the fixture's small latents parameter memory dominates a
+    step as it does on the full model (benchmarks/immunize_step.py --model sd15-half-width)."""
+    out_dir = build_sd15_shaped(out_dir, seed)
+    torch.manual_seed(seed)
+    unet = _unet(768, block_out_channels=(160, 320, 640, 640), layers_per_block=2, norm_num_groups=32,
+                 attention_head_dim=8)
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     return out_dir
 
 

@@ -26,7 +26,6 @@ def test_dict_round_trip_with_tuples_and_dicts():
     json.dumps(data)
     restored = ImmunizeConfig.from_dict(data)
     assert restored == config and isinstance(restored.upper_params, tuple)
-    assert hash(restored) == hash(config)
     bench = BenchmarkConfig(seeds=(0, 1), immunize={"steps": 3}, attack={"steps": 20})
     assert BenchmarkConfig.from_dict(json.loads(json.dumps(bench.to_dict()))) == bench
 
@@ -168,8 +167,8 @@ def test_simulated_attackers_differ_only_in_what_ran():
     assert list(changed) == ["attackers"] and changed["attackers"][0][0]["lr"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["immunize-toy", "attackers-lora", "attackers-lora-wide", "attackers-mixed",
-                                  "attackers-lora-fresh-pool"])
+@pytest.mark.parametrize("name", ["immunize-toy", "attackers-full", "attackers-lora", "attackers-lora-wide",
+                                  "attackers-mixed"])
 def test_shipped_immunize_configs_load_and_name_what_exists(name):
     """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
     from pathlib import Path

@@ -13,6 +13,7 @@ from mima import functional
 from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, bilevel, immunizers
 from mima.immunize.class_batches import retain_batches
+from mima.immunize.config import DEFAULT_ATTACKERS
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages
@@ -43,7 +44,8 @@ def setup(tiny_components):
     def make(order: str, method: str = "mima", inner_clip: float = 0.0, **overrides):
         config = ImmunizeConfig(
             method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
-            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"), **{"hvp": "exact", **overrides},
+            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
+            **{"hvp": "exact", "attackers": (), "retain_prompt": "class", **overrides},  # one `full` attacker
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
@@ -188,6 +190,7 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"attackers": ({**LORA, "prompt": "description"},), "retain_weight": 0.5}),
         ("mima", "first-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
         ("imma-joint", "second-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
+        ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker", "retain_weight": 0.5}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
@@ -198,7 +201,8 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy", hvp="exact",
-                            **{"prior_weight": 0.0, "retain_weight": 0.0, **overrides})
+                            **{"prior_weight": 0.0, "retain_weight": 0.0, "attackers": (), "retain_prompt": "class",
+                               **overrides})
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
 

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 Setting = Literal["relearn", "personalize"]
 DESCRIPTION_PROMPT = "description"  # simulated attackers only: each image under one of its concept's descriptions
 InnerOptimizer = Literal["sgd", "adam"]
+# The shipped simulated attackers (docs/efficacy.md, "The shipped defaults"): half the outer steps a LoRA under the
+# concept's own prompt, half one taught a fresh token drawn from rare words ("sks", the attacks' default, not among
+# them), so that the protection does not attach to the concept's words or to one token.
+RARE_TOKENS = ("zq", "vkx", "qjx", "pxw", "bzv", "jxq", "wqz", "xvj")
+DEFAULT_ATTACKERS = ({"kind": "lora"}, {"kind": "lora", "prompt": "fresh-token", "tokens": list(RARE_TOKENS)})
 AttackerOrder = Literal["inherit", "second-order", "first-order"]
 
 
@@ -98,7 +103,7 @@ class ImmunizeConfig(Config):
 
     method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
-    steps: int = field(default=40, metadata={"help": "outer iterations K"})
+    steps: int = field(default=80, metadata={"help": "outer iterations K"})
     outer_lr: float = field(default=5e-4, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
@@ -111,12 +116,14 @@ class ImmunizeConfig(Config):
         default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
     )
     attackers: tuple[dict | str, ...] = field(
-        default=(),
+        default=DEFAULT_ATTACKERS,
         metadata={"help": "the distribution of simulated attackers each outer step samples one from (by weight): "
                           "kinds (`--attackers full lora`) or mappings of AttackerSpec fields (kind, lr, steps, "
                           "clip, rank, prompt, tokens, optimizer, weight, order, trajectory_points); what an entry "
                           "leaves out comes from inner_lr, inner_steps, inner_clip and order; empty: one 'full' "
-                          "attacker"},
+                          "attacker; default: LoRA under the concept's prompt and LoRA under a rare token drawn per "
+                          "outer step (docs/efficacy.md)",
+                  "absent": ()},
     )
     hvp: Literal["exact", "finite-difference"] = field(
         default="finite-difference",
@@ -144,16 +151,22 @@ class ImmunizeConfig(Config):
                           "the cap pushes no further (0: off, the plain -L)"},
     )
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
-    upper_params: tuple[str, ...] = field(default=("*attn2.*",), metadata={"help": "S^u: UNet parameter name globs"})
+    upper_params: tuple[str, ...] = field(
+        default=("*transformer_blocks*",),
+        metadata={"help": "S^u: UNet parameter name globs (default: every transformer block; '*attn2.*': the "
+                          "cross-attention only, a quarter of the parameters the ascent trains on SDXL, measured to "
+                          "protect less)"},
+    )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(
-        default=1.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
+        default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
     retain_prompt: Literal["class", "attacker"] = field(
-        default="class",
+        default="attacker",
         metadata={"help": "what the retain term captions class images with: their class prompt, or 'attacker': "
                           "under a fresh-token attacker that learns no token, the prompts it gives its concept's "
-                          "images (so the rare token stays learnable for other images)"},
+                          "images (so the rare token stays learnable for other images)",
+                  "absent": "class"},
     )
     retain_concepts: tuple[str, ...] = field(
         default=(),

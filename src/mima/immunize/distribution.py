@@ -2,8 +2,8 @@
 step samples, and, under the alternating schedule, where each attack starts.
 
 Both are functions of (seed, step) and of what the run carried so far, never of the step's own generator, so a
-single attacker draws nothing (today's numbers stay), every process of a torchrun run samples the same attacker,
-and a resumed run repeats the uninterrupted one.
+single attacker draws nothing (its runs give the numbers they gave before distributions), every process of a
+torchrun run samples the same attacker, and a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations

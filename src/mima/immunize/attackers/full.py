@@ -1,4 +1,4 @@
-"""`full`: SGD on the UNet's own S^l from the current weights, DreamBooth-like (today's default attacker)."""
+"""`full`: SGD on the UNet's own S^l from the current weights, DreamBooth-like (the former default attacker)."""
 
 from __future__ import annotations
 
