@@ -97,8 +97,8 @@ def build_sd15_shaped(out_dir: str | Path, seed: int = 0) -> Path:
 
 def build_sd15_half_width(out_dir: str | Path, seed: int = 0) -> Path:
     """The SD-1.5-shaped pipeline with SD 1.5's UNet at half its width (160 to 640 channels, two layers per block,
-    8 heads): a quarter of its parameters, 220M, so that on the fixture's small latents parameter memory dominates a
-    step as it does on the full model (benchmarks/immunize_step.py --model sd15-half-width)."""
+    8 heads): a quarter of its parameters, 220M, so that on the fixture's small latents parameter-sized tensors
+    dominate a step's memory (benchmarks/immunize_step.py --model sd15-half-width)."""
     out_dir = build_sd15_shaped(out_dir, seed)
     torch.manual_seed(seed)
     unet = _unet(768, block_out_channels=(160, 320, 640, 640), layers_per_block=2, norm_num_groups=32,
