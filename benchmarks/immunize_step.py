@@ -27,8 +27,8 @@ time weighted by its sampling weight) over the baseline step's (bar: at most 2);
 the peak memory of the two settings' steps and its ratio.
 
 `sd15-shaped` is the small random pipeline with Stable Diffusion 1.5's structure from tests/sd_shaped.py;
-`sd15-half-width` the same with SD 1.5's UNet at half its width (220M parameters), whose step memory is mostly
-parameter-sized tensors, as on the full model.
+`sd15-half-width` the same with SD 1.5's UNet at half its width (220M parameters), whose step memory on its small
+latents is mostly parameter-sized tensors.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
 the prior-preservation and retain terms, at their configured weights, are paid for too.
 """
@@ -99,7 +99,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     from mima.merge.plan import MergeInputs
     from mima.models.components import Components
     from mima.models.encoding import EncodedConcept, EncodedImages
-    from mima.utils.device import peak_memory_bytes, resolve_device
+    from mima.utils.device import resolve_device
 
     device = resolve_device(args.device)
     components = Components.from_pretrained(args.model_dir)
@@ -138,16 +138,14 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             _time_calls(MergeInputs, method, merge_seconds)
         step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
-    sampler = _RssSampler()  # from here: the steps' own memory above the loaded model and data
-    sampler.start()
-    step()  # warm-up: first-call allocations and kernel selection
-    merge_seconds.clear()
-    seconds = _seconds_per_step(step, args.steps)
-    sampler.running = False
-    sampler.join()
-    result = {"step_s": seconds, "merge_s": sum(merge_seconds) / args.steps,
-              "peak_bytes": peak_memory_bytes(device) or 0,
-              "step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0}
+    timed = {}
+
+    def steps() -> None:
+        step()  # warm-up: first-call allocations and kernel selection
+        merge_seconds.clear()
+        timed["step_s"] = _seconds_per_step(step, args.steps)
+
+    result = {**_peaks(steps, device), "step_s": timed["step_s"], "merge_s": sum(merge_seconds) / args.steps}
     if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
         plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
         plain()
@@ -159,6 +157,7 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     """Seconds of an outer step with the baseline settings and of a step with each attacker of
     `args.immunize_config`'s settings, interleaved; or (child `peak-...`) one setting's peak memory."""
     from mima.immunize import ImmunizeConfig, immunizers
+    from mima.utils.device import resolve_device
 
     method = args.child.removeprefix("peak-default-").removeprefix("peak-config-")
 
@@ -180,7 +179,8 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     compared = shipped.with_overrides(**{**_settings(args.immunize_config), **_terms(args)})
     if args.child.startswith("peak-"):  # one setting alone in this process: its peak memory is its own
         sampled, step = immunizer_step(compared if args.child.startswith("peak-config") else default)
-        return _step_peak(lambda: [step(i) for i in range(len(sampled.distribution.attackers))], args.device)
+        attackers = range(len(sampled.distribution.attackers))
+        return _peaks(lambda: [step(i) for _ in range(2) for i in attackers], resolve_device(args.device))
     _, default_step = immunizer_step(default)
     sampled, distribution_step = immunizer_step(compared)
     weights = [a.spec.weight for a in sampled.distribution.attackers]
@@ -209,18 +209,16 @@ def _terms(args: argparse.Namespace) -> dict[str, float]:
     return {} if args.with_prior else {"prior_weight": 0.0, "retain_weight": 0.0}
 
 
-def _step_peak(step, device_name: str) -> dict[str, int]:
-    """Peak memory of one warm-up call and one more of `step`: the RSS growth above the loaded model and data (CPU),
-    or the allocator's peak, model included (CUDA)."""
-    from mima.utils.device import peak_memory_bytes, resolve_device
+def _peaks(run, device) -> dict[str, int]:
+    """Peak memory while `run()` runs: the RSS growth above what is already loaded (CPU; the steps' own memory), and
+    the allocator's peak, model included (CUDA)."""
+    from mima.utils.device import peak_memory_bytes
 
     sampler = _RssSampler()
     sampler.start()
-    step()
-    step()
+    run()
     sampler.running = False
     sampler.join()
-    device = resolve_device(device_name)
     return {"step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0,
             "peak_bytes": peak_memory_bytes(device) or 0}
 
@@ -321,8 +319,8 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy",
-                        help="'toy', 'sd15-shaped', 'sd15-half-width' (SD 1.5's UNet at half width: parameter memory "
-                             "dominates as on the full model) or a diffusers folder")
+                        help="'toy', 'sd15-shaped', 'sd15-half-width' (SD 1.5's UNet at half width: parameter-sized "
+                             "tensors dominate a step's memory) or a diffusers folder")
     parser.add_argument("--concepts", type=int, nargs="+", default=[1, 3, 8, 16])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -10,6 +10,7 @@ import pytest
 
 from mima.benchmark import Benchmark, BenchmarkConfig
 from mima.data.concepts import load_concepts
+from mima.immunize.config import ImmunizeConfig
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy_study.py"
 
@@ -104,7 +105,8 @@ def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path
 
 def test_identical_settings_reuse_everything_and_another_seed_nothing(study, tmp_path):
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
-    assert len(_linked(study, tmp_path, {"immunize": {"retain_weight": 3.0}})) == 6  # the default, spelled out
+    default = ImmunizeConfig().retain_weight
+    assert len(_linked(study, tmp_path, {"immunize": {"retain_weight": default}})) == 6  # the default, spelled out
     shutil.rmtree(tmp_path / "new")
     assert len(_linked(study, tmp_path, {"immunize": {"save_every": 7}})) == 6  # decides nothing, as in a benchmark
     assert _linked(study, tmp_path, {}, seed=1) == set()
