@@ -91,30 +91,51 @@ def _specs(model: str, n: int) -> list:
                         class_prompt="a painting") for name in names]
 
 
-def _measure(args: argparse.Namespace) -> dict[str, float]:
-    """Run in the child process: seconds per step (after one warm-up), Merge seconds, peak memory."""
+def _random_concepts(components, specs, with_prior: bool, g) -> list:
+    """Eight random latents per concept (and per class, with the prior) under the concept's encoded prompt."""
     import torch
 
-    from mima.immunize import ImmunizeConfig, immunizers
-    from mima.merge.plan import MergeInputs
-    from mima.models.components import Components
     from mima.models.encoding import EncodedConcept, EncodedImages
-    from mima.utils.device import resolve_device
 
-    device = resolve_device(args.device)
-    components = Components.from_pretrained(args.model_dir)
-    components.unet.to(device)
     size = components.unet.config.sample_size
-    specs = _specs(args.model, args.n)
-    g = torch.Generator().manual_seed(0)
 
     def images(prompt: str) -> EncodedImages:
         latents = torch.randn(8, 4, size, size, generator=g)
         hidden = components.encode_prompts([prompt] * 8).detach().cpu()
         return EncodedImages(latents, torch.zeros_like(latents), hidden, [prompt] * 8)  # token attackers
 
-    concepts = [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt) if args.with_prior else None)
-                for s in specs]
+    return [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt) if with_prior else None) for s in specs]
+
+
+def _immunizer(args: argparse.Namespace, components, specs, concepts):
+    """The immunizer of `--methods` entry `args.child` (mima-2nd, mima-1st, imma-joint), prepared."""
+    from mima.immunize import ImmunizeConfig, immunizers
+
+    config = ImmunizeConfig(
+        order="first-order" if args.child == "mima-1st" else "second-order",
+        caption_bank="toy" if args.model == "toy" else "generic",
+        gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
+        **({"hvp": args.hvp} if args.hvp else {}),
+    )
+    immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
+    immunizer.prepare(components, specs, concepts)
+    return immunizer
+
+
+def _measure(args: argparse.Namespace) -> dict[str, float]:
+    """Run in the child process: seconds per step (after one warm-up), Merge seconds, peak memory."""
+    import torch
+
+    from mima.merge.plan import MergeInputs
+    from mima.models.components import Components
+    from mima.utils.device import resolve_device
+
+    device = resolve_device(args.device)
+    components = Components.from_pretrained(args.model_dir)
+    components.unet.to(device)
+    specs = _specs(args.model, args.n)
+    g = torch.Generator().manual_seed(0)
+    concepts = _random_concepts(components, specs, args.with_prior, g)
 
     def to_device(batch):
         prior = tuple(t.to(device) for t in batch.prior) if batch.prior is not None else None
@@ -126,14 +147,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     if args.child == "finetune":
         step = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
     else:
-        config = ImmunizeConfig(
-            order="first-order" if args.child == "mima-1st" else "second-order",
-            caption_bank="toy" if args.model == "toy" else "generic",
-            gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
-            **({"hvp": args.hvp} if args.hvp else {}),
-        )
-        immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
-        immunizer.prepare(components, specs, concepts)
+        immunizer = _immunizer(args, components, specs, concepts)
         for method in ("add", "merge", "pull_back"):
             _time_calls(MergeInputs, method, merge_seconds)
         step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
@@ -316,7 +330,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy",
                         help="'toy', 'sd15-shaped', 'sd15-half-width' (SD 1.5's UNet at half width: parameter-sized "
@@ -340,22 +354,17 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        import torch
+    return parser
 
-        torch.set_num_threads(args.threads)
-        print(json.dumps(_measure(args)))
-        return
-    model_dir = _model_dir(args.model)
-    if args.immunize_config:
-        rows = _print_distribution_costs(args, model_dir)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "n", "json")}
-            args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, sort_keys=True,
-                                            default=str) + "\n")
-        return
+
+def _write_json(args: argparse.Namespace, record: dict) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "n", "json")}
+    args.json.write_text(json.dumps({"settings": settings, **record}, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _print_scaling(args: argparse.Namespace, model_dir: str) -> dict:
+    """Each method's step at each N against the plain fine-tuning step: the table, and the record for --json."""
     plain = _run_child(args, model_dir, "finetune", 1)
     print(f"plain fine-tuning step ({args.model}, batch {args.batch_size}, {args.device}): {plain['step_s']:.3f} s, "
           f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
@@ -377,12 +386,24 @@ def main() -> None:
                   f" {r['step_peak_bytes'] / 2**20:>9.0f} {row['step_peak_ratio']:>6.2f}")
     print(f"bars (second order): peak x N=1 <= {BARS['peak_ratio']}, step / N plain <= {BARS['time_per_concept']}, "
           f"merge < {100 * BARS['merge_share']:.0f} %")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "n", "json")}
-        record = {"settings": settings, "plain": plain, "rows": rows, "bars": BARS}
-        args.json.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return {"plain": plain, "rows": rows, "bars": BARS}
 
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_measure(args)))
+        return
+    model_dir = _model_dir(args.model)
+    if args.immunize_config:
+        record = {"rows": _print_distribution_costs(args, model_dir)}
+    else:
+        record = _print_scaling(args, model_dir)
+    if args.json:
+        _write_json(args, record)
 
 if __name__ == "__main__":
     main()
