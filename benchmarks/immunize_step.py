@@ -405,5 +405,6 @@ def main() -> None:
     if args.json:
         _write_json(args, record)
 
+
 if __name__ == "__main__":
     main()
