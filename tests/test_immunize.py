@@ -304,8 +304,9 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
         assert torch.equal(upper.hidden, own_upper.prior[1])
     retained = retain_batches(batches, immunizer.class_of, immunizer.attacker, "class")
     assert len(retained) == len(chosen)
-    for (lower, upper), (class_lower, class_upper) in zip(retained, chosen.values(), strict=True):
+    for (lower, upper, concept), (class_lower, class_upper) in zip(retained, chosen.values(), strict=True):
         assert torch.equal(lower.latents, class_lower.latents) and torch.equal(upper.hidden, class_upper.hidden)
+        assert concept is None  # conditioned as the batch is: its class prompt
     base, g = immunizer.base_parameters(), torch.Generator().manual_seed(1)
     by_hand = torch.stack([immunizer.loss(base, Batch(*batches[specs[n].name][1].prior), g) for n in expected]).mean()
     torch.testing.assert_close(immunizer.prior_loss(base, batches, torch.Generator().manual_seed(1)), by_hand)

@@ -244,34 +244,39 @@ def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does
 
     def retained(prompt: str, retain_prompt: str):
         made = immunizer(prompt, retain_prompt)
-        return zip(retain_batches(drawn, made.class_of, made.attacker, retain_prompt), drawn.values(), strict=True)
+        triples = retain_batches(drawn, made.class_of, made.attacker, retain_prompt)
+        return made.attacker, zip(triples, drawn.values(), strict=True)
 
     drawn = batches()
     sks = components.encode_prompts(["a painting in sks style"] * 2).double()  # both concepts' prompt, token for name
-    for (lower, upper), (own_lower, own_upper) in retained("fresh-token", "attacker"):
+    attacker, triples = retained("fresh-token", "attacker")
+    for n, ((lower, upper, concept), (own_lower, own_upper)) in enumerate(triples):
         assert torch.equal(lower.latents, own_lower.prior[0]) and torch.equal(upper.latents, own_upper.prior[0])
-        torch.testing.assert_close(lower.hidden, sks)
-        torch.testing.assert_close(upper.hidden, sks)
+        assert concept == n  # conditioned as the attacker conditions that concept's images
+        torch.testing.assert_close(attacker.hidden({}, lower, concept), sks)
+        torch.testing.assert_close(attacker.hidden({}, upper, concept), sks)
     for prompt, retain_prompt in (("fresh-token", "class"), ("concept", "attacker")):
-        for (lower, upper), (own_lower, own_upper) in retained(prompt, retain_prompt):
+        for (lower, upper, concept), (own_lower, own_upper) in retained(prompt, retain_prompt)[1]:
             assert torch.equal(lower.hidden, own_lower.prior[1]) and torch.equal(upper.hidden, own_upper.prior[1])
+            assert concept is None
     assert_gradients_equal_the_objectives(immunizer("fresh-token", "attacker"), batches, SEED + 1)
 
 
-def test_the_retain_term_can_take_other_concepts_images(tiny_components):
-    """`retain_concepts`: the retain term takes as many batches as it takes class batches, each pair from one of the
-    retained concepts (drawn from the step's generator), under their own prompts, or under a fresh-token attacker
-    with `retain_prompt: attacker` with that attacker's token for their name; the concept-by-concept gradient still
-    equals the objective's."""
+def _with_retained_concepts(tiny_components):
+    """Two targets (their prompts kept, which a fresh-token attacker rewrites), two retained concepts (rings,
+    zigzag; std 0, so every latent is the concept's constant 10 + r), a draw of the targets' batches, and a maker
+    of MIMA immunizers retaining them under one given simulated attacker (float64, the text encoder too: a learned
+    token's gradient runs through it)."""
     components = copy.deepcopy(tiny_components)
     components.unet.double()
+    components.text_encoder.double()
     specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
-    for spec, concept in zip(specs, concepts, strict=True):  # a fresh-token attacker rewrites their prompts
+    for spec, concept in zip(specs, concepts, strict=True):
         concept.instance.prompts = [spec.prompt] * 3
     others = [toy_concept_spec(name) for name in ("rings", "zigzag")]
     retained = []
-    for r, spec in enumerate(others):  # std 0: every latent is its concept's constant 10 + r
+    for r, spec in enumerate(others):
         hidden = components.encode_prompts([spec.prompt] * 3).detach().double()
         mean = torch.full((3, 4, 8, 8), 10.0 + r, dtype=torch.float64)
         images = EncodedImages(mean, torch.zeros_like(mean), hidden, [spec.prompt] * 3)
@@ -281,31 +286,45 @@ def test_the_retain_term_can_take_other_concepts_images(tiny_components):
         g = torch.Generator().manual_seed(SEED)
         return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
 
-    def immunizer(prompt: str, retain_prompt: str):
+    def make(attacker: dict, **overrides):
         config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.0, retain_weight=0.5,
-                                attackers=({**LORA, "prompt": prompt},), retain_prompt=retain_prompt,
-                                retain_concepts=("toy:rings", "toy:zigzag"))
+                                attackers=(attacker,), retain_concepts=("toy:rings", "toy:zigzag"), **overrides)
         made = immunizers.get("mima")(config)
         made.retained = retained
         made.prepare(components, specs, concepts)
         return made
 
+    return components, others, retained, batches, make
+
+
+def test_the_retain_term_can_take_other_concepts_images(tiny_components):
+    """`retain_concepts`: the retain term takes as many batches as it takes class batches, each pair from one of the
+    retained concepts (drawn from the step's generator), under their own prompts, or under a fresh-token attacker
+    with `retain_prompt: attacker` with that attacker's token for their name; the concept-by-concept gradient still
+    equals the objective's."""
+    components, others, retained, batches, make = _with_retained_concepts(tiny_components)
+
+    def immunizer(prompt: str, retain_prompt: str):
+        return make({**LORA, "prompt": prompt}, retain_prompt=retain_prompt)
+
     def pairs(prompt: str, retain_prompt: str, seed: int):
         made = immunizer(prompt, retain_prompt)
-        return retain_batches(batches(), made.class_of, made.attacker, retain_prompt, made.retained,
-                              torch.Generator().manual_seed(seed))
+        return made.attacker, retain_batches(batches(), made.class_of, made.attacker, retain_prompt, made.retained,
+                                             torch.Generator().manual_seed(seed))
 
-    drawn = [pair for seed in range(4) for pair in pairs("concept", "class", seed)]
-    assert len(drawn) == 8 and {pair[0].latents.flatten()[0].item() for pair in drawn} == {10.0, 11.0}
-    for lower, upper in drawn:  # a pair from one concept, under its own prompt
+    drawn = [triple for seed in range(4) for triple in pairs("concept", "class", seed)[1]]
+    assert len(drawn) == 8 and {triple[0].latents.flatten()[0].item() for triple in drawn} == {10.0, 11.0}
+    for lower, upper, concept in drawn:  # a pair from one concept, under its own prompt
         r = int(lower.latents.flatten()[0].item()) - 10
-        assert (lower.latents == 10 + r).all() and (upper.latents == 10 + r).all()
+        assert (lower.latents == 10 + r).all() and (upper.latents == 10 + r).all() and concept is None
         torch.testing.assert_close(lower.hidden, retained[r][1].instance.hidden[:2])
-    for lower, upper in pairs("fresh-token", "attacker", 0):
+    attacker, triples = pairs("fresh-token", "attacker", 0)
+    for lower, upper, concept in triples:  # the retained concepts' indices follow the two targets'
         r = int(lower.latents.flatten()[0].item()) - 10
+        assert concept == 2 + r
         token = components.encode_prompts([others[r].prompt.replace(others[r].name, "sks")] * 2).double()
-        torch.testing.assert_close(lower.hidden, token)
-        torch.testing.assert_close(upper.hidden, token)
+        torch.testing.assert_close(attacker.hidden({}, lower, concept), token)
+        torch.testing.assert_close(attacker.hidden({}, upper, concept), token)
     made = immunizer("fresh-token", "attacker")
     assert_gradients_equal_the_objectives(made, batches, SEED + 1)
 
@@ -315,6 +334,26 @@ def test_the_retain_term_can_take_other_concepts_images(tiny_components):
     with_retained = retain_term()
     made.retained = []  # the targets' class images instead: the retain term is another one
     assert retain_term() != pytest.approx(with_retained, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["textual-inversion", "custom-diffusion"])
+def test_the_retain_term_teaches_a_learned_token_the_retained_concepts(tiny_components, kind):
+    """`retain_prompt: attacker` under an attacker that learns its token: the retain term's simulated attack trains a
+    token of its own on the retained concepts' images (their indices after the targets'), so the term is their loss
+    after that token learned them, below its value with the token left where it starts; the concept-by-concept
+    gradient still equals the objective's, and under the alternating schedule the retain term carries nothing."""
+    _, _, _, batches, make = _with_retained_concepts(tiny_components)
+
+    def retain_term(lr: float) -> float:  # one SGD step: the loss after it falls as the step is taken
+        made = make({"kind": kind, "steps": 1, "lr": lr}, retain_prompt="attacker")
+        return made.objective(batches(), torch.Generator().manual_seed(SEED + 1))[1]["retain"]
+
+    assert retain_term(1.0) < retain_term(1e-9) - 5e-4  # (a learning rate must be positive)
+    attacker = {"kind": kind, "steps": 2, "lr": 0.5}
+    assert_gradients_equal_the_objectives(make(attacker, retain_prompt="attacker"), batches, SEED + 1)
+    made = make(attacker, retain_prompt="attacker", persistent_attacker=True)
+    made.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+    assert made.distribution.carried and {key.split(":")[1] for key in made.distribution.carried} <= {"0", "1"}
 
 
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])

@@ -45,7 +45,8 @@ class BilevelImmunizer(Immunizer):
         self.unet.requires_grad_(False)
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
-        self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names)
+        self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names,
+                                                 [spec for spec, _ in self.retained])
         self.class_of = {spec.name: (spec.class_prompt, spec.class_images) if self.config.class_batches == "per-class"
                          else spec.name for spec in specs}
 
@@ -305,12 +306,12 @@ class BilevelImmunizer(Immunizer):
             uppers = [up for _, up in batches.values() if up.prior is not None]
             yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
         if self.config.retain_weight > 0:
-            retained = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
-                                      self.retained, generator)
-            lowers, uppers = [lower for lower, _ in retained], [upper for _, upper in retained]
-            no_concepts = [None] * len(lowers)  # class images: conditioned as `retain_batches` says
-            yield "retain", (self.adapted_loss_gradient(base, lowers, uppers, no_concepts, generator)[:2]
-                             if lowers else ([], {}))
+            pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
+                                   self.retained, generator)
+            lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
+            with self.distribution.afresh():
+                term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
+            yield "retain", term
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -378,19 +379,18 @@ class BilevelImmunizer(Immunizer):
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
-        still denoise.
-
-        Without it the ascent may make the model fragile to ANY fine-tuning, which is not concept-specific.
-        """
+        still denoise. Without it the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
         pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
                                generator)
         if not pairs:
             return torch.zeros(())
-        lowers, no_concepts = [lower for lower, _ in pairs], [None] * len(pairs)
-        trajectory, _ = self.adapt_trajectory(base, lowers, no_concepts, generator)
+        lowers, _, concepts = zip(*pairs, strict=True)
+        with self.distribution.afresh():
+            trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
-            torch.stack([self.loss(self.adapted_weights(base, phi), upper, generator) for _, upper in pairs])
-            .mean() for phi in trajectory]).mean()
+            torch.stack([self.conditioned_loss(self.adapted_weights(base, phi), {**base, **phi}, upper, generator,
+                                               concept) for _, upper, concept in pairs]).mean()
+            for phi in trajectory]).mean()
 
 
 def add_grads(grads: Params, more: Params) -> Params:

@@ -12,6 +12,8 @@ from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, RetainedConcept
 from mima.models.encoding import Batch
 
+RetainPair = tuple[Batch, Batch, int | None]  # lower, upper, the concept index the attacker conditions them as
+
 
 def class_batches(batches: ConceptBatches, class_of: Mapping[str, Hashable]) -> dict[int, tuple[Batch, Batch]]:
     """The (lower, upper) class-image batches, by the index in `batches` of the concept they come from: the first
@@ -28,41 +30,38 @@ def class_batches(batches: ConceptBatches, class_of: Mapping[str, Hashable]) -> 
 def retain_batches(
     batches: ConceptBatches, class_of: Mapping[str, Hashable], attacker: SimulatedAttacker, retain_prompt: str,
     retained: Sequence[RetainedConcept] = (), generator: torch.Generator | None = None,
-) -> list[tuple[Batch, Batch]]:
-    """The retain term's (lower, upper) batches: `class_batches` under their class prompt, or with
-    `retain_prompt: attacker` and a fresh-token attacker that learns no token, under the prompts that attacker gives
-    its concept's images (the rare token must stay learnable for images other than the targets).
+) -> list[RetainPair]:
+    """The retain term's (lower, upper, concept) triples: `class_batches` under their class prompt (concept None),
+    or with `retain_prompt: attacker` and an attacker that writes a token (a fresh-token attacker, or one that
+    learns its token), as that attacker conditions its concept's images (concept: that concept's index, the
+    batches carrying its prompts): the token must stay learnable for images other than the targets.
 
-    With `retained` concepts, as many batches of their images instead, each pair from one of them drawn uniformly
-    from `generator`, under their own prompts or (as above) their naming words replaced by the attacker's token.
+    With `retained` concepts, as many pairs of their images instead, each from one of them drawn uniformly from
+    `generator`, under their own prompts or (as above) as the attacker conditions that concept (its index in
+    the attacker's concepts, after the targets).
     """
     classes = class_batches(batches, class_of)
-    under_token = (retain_prompt == "attacker" and attacker.prompt_mode == FRESH_TOKEN_PROMPT
-                   and not attacker.learns_token)
+    under_token = retain_prompt == "attacker" and (attacker.learns_token or attacker.prompt_mode == FRESH_TOKEN_PROMPT)
     if retained:
         if generator is None:
             raise ValueError("retained concepts are drawn from a generator; pass the outer step's")
-        return [_retained_pair(retained, attacker, under_token, lower.latents.shape[0], generator)
+        return [_retained_pair(retained, attacker.targets, under_token, lower.latents.shape[0], generator)
                 for lower, _ in classes.values()]
     if not under_token:
-        return list(classes.values())
+        return [(lower, upper, None) for lower, upper in classes.values()]
     concept_batches = list(batches.values())
 
-    def captioned(n: int, images: Batch, concept_batch: Batch) -> Batch:
-        return Batch(images.latents, attacker.hidden({}, concept_batch, n).to(images.hidden))
+    def captioned(images: Batch, concept_batch: Batch) -> Batch:
+        return Batch(images.latents, images.hidden, prompts=concept_batch.prompts)
 
-    return [(captioned(n, lower, concept_batches[n][0]), captioned(n, upper, concept_batches[n][1]))
+    return [(captioned(lower, concept_batches[n][0]), captioned(upper, concept_batches[n][1]), n)
             for n, (lower, upper) in classes.items()]
 
 
 def _retained_pair(
-    retained: Sequence[RetainedConcept], attacker: SimulatedAttacker, under_token: bool, size: int,
-    generator: torch.Generator,
-) -> tuple[Batch, Batch]:
-    spec, encoded = retained[int(torch.randint(len(retained), (1,), generator=generator))]
-
-    def conditioned(batch: Batch) -> Batch:
-        return Batch(batch.latents, attacker.retained_hidden(batch, spec) if under_token else batch.hidden)
-
+    retained: Sequence[RetainedConcept], targets: int, under_token: bool, size: int, generator: torch.Generator,
+) -> RetainPair:
+    index = int(torch.randint(len(retained), (1,), generator=generator))
+    encoded = retained[index][1]
     lower = encoded.batch(size, generator)
-    return conditioned(lower), conditioned(encoded.batch(size, generator))
+    return lower, encoded.batch(size, generator), targets + index if under_token else None

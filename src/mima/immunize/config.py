@@ -164,8 +164,8 @@ class ImmunizeConfig(Config):
     retain_prompt: Literal["class", "attacker"] = field(
         default="attacker",
         metadata={"help": "what the retain term captions class images with: their class prompt, or 'attacker': "
-                          "under a fresh-token attacker that learns no token, the prompts it gives its concept's "
-                          "images (so the rare token stays learnable for other images)",
+                          "under an attacker that writes a token (fresh-token, textual-inversion, custom-diffusion), "
+                          "the prompts it gives its concept's images (so the token stays learnable for others)",
                   "absent": "class"},
     )
     retain_concepts: tuple[str, ...] = field(

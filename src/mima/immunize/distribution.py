@@ -8,7 +8,8 @@ torchrun run samples the same attacker, and a resumed run repeats the uninterrup
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -41,16 +42,16 @@ class AttackerDistribution:
     attack started from and added to the next step's weights: the attacker's progress and the immunizer's ascent
     then act on the same weights, as in the authors' alternating code. The attacker's own parameters (LoRA factors,
     a token embedding) are kept as they are. One entry per attacker and attacked concepts (a MIMA copy, the joint
-    attack); the retain term's attacks on class images start afresh.
+    attack); the retain term's attacks start afresh (`afresh`).
     """
 
     def __init__(self, config: ImmunizeConfig, components: Components, specs: list[ConceptSpec],
-                 lower_names: list[str]) -> None:
+                 lower_names: list[str], retained: Sequence[ConceptSpec] = ()) -> None:
         self.seed, self.persistent = config.seed, config.persistent_attacker
         self.attackers: list[SimulatedAttacker] = []
         for spec in config.attacker_specs():
             self.attackers.append(simulated_attackers.get(spec.kind)(spec))
-            self.attackers[-1].bind(components, specs, lower_names)
+            self.attackers[-1].bind(components, specs, lower_names, retained)
         self.index = 0
         self.carried: dict[str, Params] = {}
 
@@ -84,6 +85,15 @@ class AttackerDistribution:
         """Under the alternating schedule, remember where the attack on `concepts` ended (`phi`)."""
         if key := self._key(concepts):
             self.carried[key] = {n: (p - base[n] if n in base else p).detach().clone() for n, p in phi.items()}
+
+    @contextmanager
+    def afresh(self) -> Iterator[None]:
+        """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name)."""
+        persistent, self.persistent = self.persistent, False
+        try:
+            yield
+        finally:
+            self.persistent = persistent
 
     def _key(self, concepts: Sequence[int | None]) -> str | None:
         if not self.persistent or None in concepts:

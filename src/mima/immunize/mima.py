@@ -56,7 +56,7 @@ class MIMA(BilevelImmunizer):
     def plan_for(self, attacker: SimulatedAttacker) -> MergePlan:
         """The Merge whose rows are the prompts as `attacker` captions them now (with its current fresh token), one
         per distinct set of prompts."""
-        prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(len(attacker.specs)))
+        prompts = tuple(tuple(attacker.merge_prompts(n)) for n in range(attacker.targets))
         if prompts not in self.plans:
             self.plans[prompts] = MergePlan.build(self.components, [list(p) for p in prompts], self.regularizer)
         return self.plans[prompts]

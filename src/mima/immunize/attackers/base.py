@@ -17,6 +17,7 @@ describe it without naming it, their hidden states encoded once when it binds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -54,12 +55,17 @@ class SimulatedAttacker(ABC):
         self._constant_hidden: dict[str, torch.Tensor] = {}  # caption -> its hidden states (no text side trains)
         self.fresh_token = spec.tokens[0] if spec.tokens else RARE_TOKEN
 
-    def bind(self, components: Components, specs: list[ConceptSpec], lower_names: list[str]) -> None:
-        """`prepare`, after keeping what the prompts need (the model and the concepts): what the immunizers call."""
-        self.components, self.specs = components, specs
-        self.prepare(components, specs, lower_names)
+    def bind(self, components: Components, specs: list[ConceptSpec], lower_names: list[str],
+             retained: Sequence[ConceptSpec] = ()) -> None:
+        """`prepare`, after keeping what the prompts need (the model and the concepts): what the immunizers call.
+
+        Concept indices from `len(specs)` on are the `retained` concepts', which the retain term attacks as this
+        attacker would attack a target (its prompts, its token); `targets` counts the targets before them.
+        """
+        self.components, self.specs, self.targets = components, [*specs, *retained], len(specs)
+        self.prepare(components, self.specs, lower_names)
         if self.prompt_mode == DESCRIPTION_PROMPT:
-            for concept, spec in enumerate(specs):
+            for concept, spec in enumerate(self.specs):
                 self._encode_constant([self.caption(text, concept) for text in spec.descriptions])
 
     @classmethod
@@ -128,14 +134,6 @@ class SimulatedAttacker(ABC):
             return batch.hidden
         return self._constant_hiddens([self.caption(text, concept) for text in self.image_texts(batch, concept)],
                                       batch.hidden)
-
-    def retained_hidden(self, batch: Batch, spec: ConceptSpec) -> torch.Tensor:
-        """The conditioning of `batch`, images of `spec` (a concept the retain term keeps learnable, not a target),
-        under this outer step's fresh token in place of the words naming `spec`, as this attacker would caption
-        them were it teaching `spec`."""
-        captions = [caption(text, FRESH_TOKEN_PROMPT, spec, self.fresh_token, learns_token=False)
-                    for text in batch_prompts(batch, self.spec.kind)]
-        return self._constant_hiddens(captions, batch.hidden)
 
     def _constant_hiddens(self, captions: list[str], like: torch.Tensor) -> torch.Tensor:
         """The hidden states of `captions`, encoded once each, as `like`'s dtype and device."""
