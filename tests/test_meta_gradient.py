@@ -433,3 +433,62 @@ def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypat
     monkeypatch.setattr(bilevel, "differentiable_attention", nullcontext)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), pytest.raises(RuntimeError, match="not implemented"):
         immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+
+
+def test_without_conflict_drops_the_component_against_the_other_gradient_only_where_they_conflict():
+    g = torch.Generator().manual_seed(0)
+    other = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g,
+                                                                                        dtype=torch.float64)}
+    free = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "c": torch.randn(2, generator=g,
+                                                                                       dtype=torch.float64)}
+
+    def inner(x, y):
+        return sum((x[n] * y[n]).sum() for n in x if n in y)
+
+    conflicting = functional.add_grads(free, {n: -(abs(inner(free, other)) + 1.0) / inner(other, other) * t
+                                              for n, t in other.items()})
+    assert inner(conflicting, other) < 0
+    projected = functional.without_conflict(conflicting, other)
+    assert abs(inner(projected, other)) < 1e-12  # orthogonal to the other: a step on it leaves that objective be
+    removed = functional.add_grads(conflicting, {n: -t for n, t in projected.items()})
+    ratio = removed["a"].flatten()[0] / other["a"].flatten()[0]  # what it dropped lies along the other
+    for name, t in other.items():
+        torch.testing.assert_close(removed[name], ratio * t)
+    torch.testing.assert_close(projected["c"], conflicting["c"])  # a name the other lacks keeps its value
+    agreeing = functional.add_grads(free, {n: (abs(inner(free, other)) + 1.0) / inner(other, other) * t
+                                           for n, t in other.items()})
+    assert functional.without_conflict(agreeing, other) is agreeing
+    assert functional.without_conflict(conflicting, {}) is conflicting
+
+
+@pytest.mark.parametrize("concept_by_concept", [True, False])
+def test_project_ascent_removes_the_ascents_conflict_with_the_preservation_terms(tiny_components, concept_by_concept):
+    """`project_ascent`: the step's gradient is the preservation terms' plus the ascent's less its component along
+    theirs (autograd of each part of `objective` apart), concept by concept and all at once; here they conflict."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.7, retain_weight=0.5,
+                            attackers=DEFAULT_ATTACKERS, retain_prompt="attacker", project_ascent=True,
+                            concept_by_concept=concept_by_concept)
+    immunizer = immunizers.get("mima")(config)
+    immunizer.prepare(components, specs, concepts)
+
+    def batches():
+        g = torch.Generator().manual_seed(SEED)
+        return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+
+    ascent, preservation, _ = immunizer.objective_parts(batches(), torch.Generator().manual_seed(SEED + 1))
+    params = immunizer.trainable_parameters()
+    parts = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True), strict=True))
+             for part in (ascent, preservation)]
+    assert sum((parts[0][n] * parts[1][n]).sum() for n in params) < 0  # the projection has something to remove
+    expected = functional.add_grads(functional.without_conflict(*parts), parts[1])
+    value, grads, _ = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+    assert value == pytest.approx((ascent + preservation).item(), rel=1e-10)
+    for name in params:
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-9 * scale + 1e-15)
+    unprojected = functional.add_grads(*parts)
+    assert max((grads[n] - unprojected[n]).abs().max().item() for n in params) > 1e-6

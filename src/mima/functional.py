@@ -324,3 +324,19 @@ def _difference_hvp(
         eps = FD_STEP * torch.clamp(torch.sqrt(sum((iterate[n] * iterate[n]).sum() for n in lam)), min=1.0) / norm
         moved = mean_gradient({n: p + eps * u[n] if n in u else p for n, p in iterate.items()}, targets)
     return {n: (moved[n] - at[n]) / eps for n in targets}
+
+
+def add_grads(grads: Params, more: Params) -> Params:
+    """The sum of two gradient dicts (a name missing from one counts as zero)."""
+    return {**more, **grads, **{name: grads[name] + g for name, g in more.items() if name in grads}}
+
+
+def without_conflict(grads: Params, other: Params) -> Params:
+    """`grads` less its component along `other` where the two conflict (negative inner product over every name),
+    else `grads` as it is (PCGrad, Yu et al. 2020): a descent step on `grads` then leaves the objective whose
+    gradient is `other` unchanged to first order instead of raising it."""
+    inner = sum((grads[n] * g).sum() for n, g in other.items() if n in grads)
+    squared = sum((g * g).sum() for g in other.values())
+    if not torch.is_tensor(inner) or inner >= 0 or squared == 0:
+        return grads
+    return add_grads(grads, {n: -(inner / squared) * g for n, g in other.items()})

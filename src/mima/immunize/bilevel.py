@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import BatchLoss, Params, Unrolled, inner_step, unet_call_with, unroll, unrolled_vjp
+from mima.functional import BatchLoss, Params, Unrolled, add_grads, inner_step, unet_call_with, unroll, unrolled_vjp
 from mima.immunize.attackers import SimulatedAttacker
-from mima.immunize.base import ConceptBatches, Immunizer
-from mima.immunize.class_batches import class_batches, retain_batches
+from mima.immunize.base import ConceptBatches
 from mima.immunize.distribution import AttackerDistribution
+from mima.immunize.preservation import PreservationTerms
 from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
 
 
-class BilevelImmunizer(Immunizer):
+class BilevelImmunizer(PreservationTerms):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined. The
@@ -276,10 +276,12 @@ class BilevelImmunizer(Immunizer):
         graph is alive at a time (same numbers and draws as differentiating `objective`), or, without
         `concept_by_concept`, by differentiating `objective` with every concept's graph at once (faster)."""
         if not self.config.concept_by_concept:
-            objective, logs = self.objective(batches, generator)
+            ascent, preservation, logs = self.objective_parts(batches, generator)
             params = self.trainable_parameters()
-            grads = torch.autograd.grad(objective, list(params.values()))
-            return objective.item(), dict(zip(params, grads, strict=True)), logs
+            parts = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True,
+                                                          materialize_grads=True), strict=True))
+                     if part.requires_grad else {} for part in (ascent, preservation)]
+            return (ascent + preservation).item(), self.combined(*parts), logs
         batches = self.protected(batches)
         base = {name: p.detach() for name, p in self.base_parameters().items()}
         uppers, grads, logs = self.upper_gradient(base, batches, generator)
@@ -288,40 +290,13 @@ class BilevelImmunizer(Immunizer):
             uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
         objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
+        preservation: Params = {}
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
             weight, value = getattr(self.config, f"{name}_weight"), sum(losses) / max(len(losses), 1)
             objective += weight * value
-            grads = add_grads(grads, {n: weight * g for n, g in term_grads.items()})
+            preservation = add_grads(preservation, {n: weight * g for n, g in term_grads.items()})
             logs[name] = value
-        return objective, grads, logs
-
-    def preservation_gradients(
-        self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
-        """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
-        classes, wrt = class_batches(batches, self.class_of).values(), self.upper_names
-        if self.config.prior_weight > 0:
-            yield "prior", self._mean_or_zero(base, [upper for _, upper in classes], generator, wrt)
-        if self.config.anchor_weight > 0:
-            uppers = [up for _, up in batches.values() if up.prior is not None]
-            yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
-        if self.config.retain_weight > 0:
-            pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
-                                   self.retained, generator)
-            lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
-            with self.distribution.afresh():
-                term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
-            yield "retain", term
-
-    def _mean_or_zero(
-        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
-    ) -> tuple[list[float], Params]:
-        """`mean_loss_gradient`, batch n on process n mod size, summed over the processes."""
-        if not batches:
-            return [], {}
-        owned = [self.shard.owns(index) for index in range(len(batches))]
-        losses, grads, _ = self.mean_loss_gradient(params, batches, generator, wrt, owned)
-        return self.shard.sum_floats(losses), self.shard.sum(grads)
+        return objective, self.combined(grads, preservation), logs
 
     @abstractmethod
     def adapted_parameters(
@@ -336,6 +311,13 @@ class BilevelImmunizer(Immunizer):
         return batches
 
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ascent, preservation, logs = self.objective_parts(batches, generator)
+        return ascent + preservation, logs
+
+    def objective_parts(
+        self, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The objective as the ascent's part (minus the mean upper loss) and the weighted preservation terms."""
         batches = self.protected(batches)
         base = self.base_parameters()
         points, lower_logs = self.adapted_parameters(base, batches, generator)
@@ -345,54 +327,16 @@ class BilevelImmunizer(Immunizer):
             for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True)):
                 loss = self.counted(self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n))
                 upper[name] = upper.get(name, 0.0) + loss / len(points)
-        objective = -torch.stack(list(upper.values())).mean()
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
+        preservation = torch.zeros(())
         for name, term in (("prior", self.prior_loss), ("anchor", self.anchor_loss), ("retain", self.retain_loss)):
             if (weight := getattr(self.config, f"{name}_weight")) > 0:
                 value = term(base, batches, generator)
-                objective = objective + weight * value
+                preservation = preservation + weight * value
                 logs[name] = value.item()
-        return objective, logs
+        return -torch.stack(list(upper.values())).mean(), preservation, logs
 
     def counted(self, loss: torch.Tensor) -> torch.Tensor:
         """An upper loss as the objective counts it: min(L, upper_cap) when the ascent is bounded (APDM, NeurIPS
         2025, argues the plain -L does not converge), so a concept above the cap pushes no further."""
         return torch.clamp(loss, max=self.config.upper_cap) if self.config.upper_cap > 0 else loss
-
-    def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Utility preservation: the released (un-adapted) model keeps denoising class images (`class_batches`)."""
-        return self._mean_loss(base, [upper for _, upper in class_batches(batches, self.class_of).values()], generator)
-
-    def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Erased targets stay erased: the released model denoises each target's class images under its prompts.
-
-        Erasure maps a target's prompt to its class; without this term the ascent may undo that mapping (at N = 5
-        the erased stripes prompt drew stripes again before any attack).
-        """
-        uppers = [up for _, up in batches.values() if up.prior is not None]
-        return self._mean_loss(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator)
-
-    def _mean_loss(self, base: Params, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
-        """The released model's mean loss on `batches`."""
-        losses = [self.loss(base, batch, generator) for batch in batches]
-        return torch.stack(losses).mean() if losses else torch.zeros(())
-
-    def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
-        """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
-        still denoise. Without it the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
-        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
-                               generator)
-        if not pairs:
-            return torch.zeros(())
-        lowers, _, concepts = zip(*pairs, strict=True)
-        with self.distribution.afresh():
-            trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
-        return torch.stack([  # the mean over the trajectory's points, as the upper loss
-            torch.stack([self.conditioned_loss(self.adapted_weights(base, phi), {**base, **phi}, upper, generator,
-                                               concept) for _, upper, concept in pairs]).mean()
-            for phi in trajectory]).mean()
-
-
-def add_grads(grads: Params, more: Params) -> Params:
-    """The sum of two gradient dicts (a name missing from one counts as zero)."""
-    return {**more, **grads, **{name: grads[name] + g for name, g in more.items() if name in grads}}

@@ -150,6 +150,12 @@ class ImmunizeConfig(Config):
         metadata={"help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above "
                           "the cap pushes no further (0: off, the plain -L)"},
     )
+    project_ascent: bool = field(
+        default=False,
+        metadata={"help": "where the ascent's gradient conflicts with the preservation terms' (negative inner "
+                          "product), drop its component along theirs (PCGrad, Yu et al. 2020), so that no step trades "
+                          "the prior, anchor and retain terms for protection to first order"},
+    )
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(
         default=("*transformer_blocks*",),

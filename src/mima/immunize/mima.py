@@ -25,10 +25,10 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params, Unrolled
+from mima.functional import Params, Unrolled, add_grads
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
-from mima.immunize.bilevel import BilevelImmunizer, add_grads
+from mima.immunize.bilevel import BilevelImmunizer
 from mima.merge.plan import MergeInputs, MergePlan, regularizer
 from mima.models.components import Components
 from mima.models.encoding import EncodedConcept

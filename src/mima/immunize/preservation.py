@@ -1,0 +1,86 @@
+"""The preservation terms of the bi-level objective (prior, anchor, retain): their losses as one expression
+(`objective`) and their gradients (concept by concept), and how the ascent's gradient meets theirs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from mima.functional import Params, add_grads, without_conflict
+from mima.immunize.base import ConceptBatches, Immunizer
+from mima.immunize.class_batches import class_batches, retain_batches
+from mima.models.encoding import Batch
+
+
+class PreservationTerms(Immunizer):
+    """What keeps the immunized model useful while the ascent protects: the released model still denoises class
+    images (prior), erased targets stay erased (anchor), other concepts stay learnable after a simulated attack
+    (retain). Uses the bi-level machinery of `BilevelImmunizer`, its one subclass."""
+
+    def combined(self, ascent: Params, preservation: Params) -> Params:
+        """The step's gradient from the ascent's and the preservation terms' (`project_ascent`: the ascent's less
+        its conflict with theirs)."""
+        return add_grads(without_conflict(ascent, preservation) if self.config.project_ascent else ascent,
+                         preservation)
+
+    def preservation_gradients(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
+        """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
+        classes, wrt = class_batches(batches, self.class_of).values(), self.upper_names
+        if self.config.prior_weight > 0:
+            yield "prior", self._mean_or_zero(base, [upper for _, upper in classes], generator, wrt)
+        if self.config.anchor_weight > 0:
+            uppers = [up for _, up in batches.values() if up.prior is not None]
+            yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
+        if self.config.retain_weight > 0:
+            pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
+                                   self.retained, generator)
+            lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
+            with self.distribution.afresh():
+                term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
+            yield "retain", term
+
+    def _mean_or_zero(
+        self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
+    ) -> tuple[list[float], Params]:
+        """`mean_loss_gradient`, batch n on process n mod size, summed over the processes."""
+        if not batches:
+            return [], {}
+        owned = [self.shard.owns(index) for index in range(len(batches))]
+        losses, grads, _ = self.mean_loss_gradient(params, batches, generator, wrt, owned)
+        return self.shard.sum_floats(losses), self.shard.sum(grads)
+
+    def prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """Utility preservation: the released (un-adapted) model keeps denoising class images (`class_batches`)."""
+        return self._mean_loss(base, [upper for _, upper in class_batches(batches, self.class_of).values()], generator)
+
+    def anchor_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """Erased targets stay erased: the released model denoises each target's class images under its prompts.
+
+        Erasure maps a target's prompt to its class; without this term the ascent may undo that mapping (at N = 5
+        the erased stripes prompt drew stripes again before any attack).
+        """
+        uppers = [up for _, up in batches.values() if up.prior is not None]
+        return self._mean_loss(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator)
+
+    def _mean_loss(self, base: Params, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
+        """The released model's mean loss on `batches`."""
+        losses = [self.loss(base, batch, generator) for batch in batches]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
+        still denoise. Without it the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
+        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
+                               generator)
+        if not pairs:
+            return torch.zeros(())
+        lowers, _, concepts = zip(*pairs, strict=True)
+        with self.distribution.afresh():
+            trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
+        return torch.stack([  # the mean over the trajectory's points, as the upper loss
+            torch.stack([self.conditioned_loss(self.adapted_weights(base, phi), {**base, **phi}, upper, generator,
+                                               concept) for _, upper, concept in pairs]).mean()
+            for phi in trajectory]).mean()
