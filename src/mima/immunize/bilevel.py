@@ -276,12 +276,12 @@ class BilevelImmunizer(PreservationTerms):
         graph is alive at a time (same numbers and draws as differentiating `objective`), or, without
         `concept_by_concept`, by differentiating `objective` with every concept's graph at once (faster)."""
         if not self.config.concept_by_concept:
-            ascent, preservation, logs = self.objective_parts(batches, generator)
-            params = self.trainable_parameters()
-            parts = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True,
-                                                          materialize_grads=True), strict=True))
-                     if part.requires_grad else {} for part in (ascent, preservation)]
-            return (ascent + preservation).item(), self.combined(*parts), logs
+            ascent, terms, logs = self.objective_parts(batches, generator)
+            objective, params = sum(terms, ascent), self.trainable_parameters()
+            parts = [ascent, sum(terms[1:], terms[0])] if self.config.project_ascent and terms else [objective]
+            grads = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True,
+                                                          materialize_grads=True), strict=True)) for part in parts]
+            return objective.item(), self.combined(grads[0], grads[1:]), logs
         batches = self.protected(batches)
         base = {name: p.detach() for name, p in self.base_parameters().items()}
         uppers, grads, logs = self.upper_gradient(base, batches, generator)
@@ -290,13 +290,13 @@ class BilevelImmunizer(PreservationTerms):
             uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
         objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
-        preservation: Params = {}
+        terms = []
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
             weight, value = getattr(self.config, f"{name}_weight"), sum(losses) / max(len(losses), 1)
             objective += weight * value
-            preservation = add_grads(preservation, {n: weight * g for n, g in term_grads.items()})
+            terms.append({n: weight * g for n, g in term_grads.items()})
             logs[name] = value
-        return objective, self.combined(grads, preservation), logs
+        return objective, self.combined(grads, terms), logs
 
     @abstractmethod
     def adapted_parameters(
@@ -311,13 +311,13 @@ class BilevelImmunizer(PreservationTerms):
         return batches
 
     def objective(self, batches: ConceptBatches, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        ascent, preservation, logs = self.objective_parts(batches, generator)
-        return ascent + preservation, logs
+        ascent, terms, logs = self.objective_parts(batches, generator)
+        return sum(terms, ascent), logs
 
     def objective_parts(
         self, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """The objective as the ascent's part (minus the mean upper loss) and the weighted preservation terms."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, float]]:
+        """The objective's parts: the ascent's (minus the mean upper loss) and each preservation term, weighted."""
         batches = self.protected(batches)
         base = self.base_parameters()
         points, lower_logs = self.adapted_parameters(base, batches, generator)
@@ -328,13 +328,13 @@ class BilevelImmunizer(PreservationTerms):
                 loss = self.counted(self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n))
                 upper[name] = upper.get(name, 0.0) + loss / len(points)
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
-        preservation = torch.zeros(())
+        terms = []
         for name, term in (("prior", self.prior_loss), ("anchor", self.anchor_loss), ("retain", self.retain_loss)):
             if (weight := getattr(self.config, f"{name}_weight")) > 0:
                 value = term(base, batches, generator)
-                preservation = preservation + weight * value
+                terms.append(weight * value)
                 logs[name] = value.item()
-        return -torch.stack(list(upper.values())).mean(), preservation, logs
+        return -torch.stack(list(upper.values())).mean(), terms, logs
 
     def counted(self, loss: torch.Tensor) -> torch.Tensor:
         """An upper loss as the objective counts it: min(L, upper_cap) when the ascent is bounded (APDM, NeurIPS

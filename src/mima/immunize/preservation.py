@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -18,11 +19,13 @@ class PreservationTerms(Immunizer):
     images (prior), erased targets stay erased (anchor), other concepts stay learnable after a simulated attack
     (retain). Uses the bi-level machinery of `BilevelImmunizer`, its one subclass."""
 
-    def combined(self, ascent: Params, preservation: Params) -> Params:
-        """The step's gradient from the ascent's and the preservation terms' (`project_ascent`: the ascent's less
-        its conflict with theirs)."""
-        return add_grads(without_conflict(ascent, preservation) if self.config.project_ascent else ascent,
-                         preservation)
+    def combined(self, ascent: Params, terms: list[Params]) -> Params:
+        """The step's gradient: the ascent's plus each weighted preservation term's, in that order, or with
+        `project_ascent` the ascent's less its conflict with their sum, plus that sum."""
+        if self.config.project_ascent and terms:
+            preservation = functools.reduce(add_grads, terms)
+            return add_grads(without_conflict(ascent, preservation), preservation)
+        return functools.reduce(add_grads, terms, ascent)
 
     def preservation_gradients(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
