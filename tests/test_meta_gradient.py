@@ -437,10 +437,11 @@ def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypat
 
 def test_without_conflict_drops_the_component_against_the_other_gradient_only_where_they_conflict():
     g = torch.Generator().manual_seed(0)
-    other = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g,
-                                                                                        dtype=torch.float64)}
-    free = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "c": torch.randn(2, generator=g,
-                                                                                       dtype=torch.float64)}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    other, free = {"a": randn(3, 4), "b": randn(5)}, {"a": randn(3, 4), "c": randn(2)}
 
     def inner(x, y):
         return sum((x[n] * y[n]).sum() for n in x if n in y)
