@@ -5,7 +5,8 @@ Each (method, N) runs in its own subprocess, so its peak memory is its own:
 - CPU: the peak resident set size (RSS) of the child process (`ru_maxrss`, which includes the model and the
   Python runtime), and the peak RSS growth during the steps above the RSS once model and data are loaded
   (sampled from /proc/self/statm every 2 ms; what the steps themselves cost).
-- CUDA: `torch.cuda.max_memory_allocated` of the child process (via mima.utils.device), model included.
+- CUDA: the allocator's peak during the steps (`torch.cuda.max_memory_allocated`, via mima.utils.device), model
+  included, and that peak less what was allocated before them (what the steps themselves cost).
 
 Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
 timed in the same child right after, so that both see the same load on a shared machine; each the fastest of its
@@ -75,8 +76,10 @@ def _model_dir(model: str) -> str:
     sys.path.insert(0, str(REPO / "tests"))
     import sd_shaped
 
-    build = sd_shaped.build_sd15_shaped if model == "sd15-shaped" else sd_shaped.build_sd15_half_width
-    return str(build(Path(tempfile.mkdtemp()) / model))
+    out = Path(tempfile.mkdtemp()) / model
+    if model == "sd15-shaped":
+        return str(sd_shaped.build_sd15_shaped(out))
+    return str(sd_shaped.build_sd15_wide(out, channels=tuple(c // 2 for c in sd_shaped.SD15_CHANNELS)))
 
 
 def _specs(model: str, n: int) -> list:
@@ -224,17 +227,19 @@ def _terms(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _peaks(run, device) -> dict[str, int]:
-    """Peak memory while `run()` runs: the RSS growth above what is already loaded (CPU; the steps' own memory), and
-    the allocator's peak, model included (CUDA)."""
-    from mima.utils.device import peak_memory_bytes
+    """Peak memory while `run()` runs, model included (`peak_bytes`: the allocator's peak on a GPU, the process's
+    peak RSS on the CPU), and what the run itself added above what was already loaded (`step_peak_bytes`)."""
+    from mima.utils.device import peak_memory_bytes, start_peak_memory
 
+    allocated = start_peak_memory(device)
     sampler = _RssSampler()
     sampler.start()
     run()
     sampler.running = False
     sampler.join()
-    return {"step_peak_bytes": (sampler.peak - sampler.start_rss) if device.type == "cpu" else 0,
-            "peak_bytes": peak_memory_bytes(device) or 0}
+    peak = peak_memory_bytes(device) or 0
+    step_peak = sampler.peak - sampler.start_rss if allocated is None else peak - allocated
+    return {"step_peak_bytes": step_peak, "peak_bytes": peak}
 
 
 def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:

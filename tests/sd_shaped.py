@@ -55,19 +55,19 @@ def _text_encoder(vocab_size: int, width: int, tokenizer, projection: bool = Fal
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _unet(cross_attention_dim: int, **overrides) -> UNet2DConditionModel:
+def _unet(cross_attention_dim: int, resolution: int = RESOLUTION, **overrides) -> UNet2DConditionModel:
     sizes = dict(layers_per_block=1, block_out_channels=(8, 8, 16, 16), norm_num_groups=4, attention_head_dim=2)
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,
+        sample_size=resolution // 8, in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         **{**sizes, **overrides},
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(resolution: int = RESOLUTION) -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
     )
@@ -80,14 +80,15 @@ def _safety_checker() -> StableDiffusionSafetyChecker:
     return StableDiffusionSafetyChecker(config)
 
 
-def build_sd15_shaped(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write an SD-1.5-shaped random pipeline (diffusers format, safetensors) to `out_dir`; return the folder."""
+def build_sd15_shaped(out_dir: str | Path, seed: int = 0, resolution: int = RESOLUTION) -> Path:
+    """Write an SD-1.5-shaped random pipeline (diffusers format, safetensors) at `resolution` px to `out_dir`;
+    return the folder."""
     out_dir = Path(out_dir)
     tokenizer = build_bpe_tokenizer(caption_bank_words(), out_dir / "tokenizer", CLIP_MAX_TOKENS)
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
-        tokenizer=tokenizer, text_encoder=_text_encoder(len(tokenizer), 768, tokenizer), vae=_vae(),
-        unet=_unet(768), scheduler=PNDMScheduler.from_config({**_SD_SCHEDULE, "skip_prk_steps": True}),
+        tokenizer=tokenizer, text_encoder=_text_encoder(len(tokenizer), 768, tokenizer), vae=_vae(resolution),
+        unet=_unet(768, resolution), scheduler=PNDMScheduler.from_config({**_SD_SCHEDULE, "skip_prk_steps": True}),
         safety_checker=_safety_checker(), feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
         requires_safety_checker=True,
     )
@@ -95,13 +96,20 @@ def build_sd15_shaped(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_sd15_half_width(out_dir: str | Path, seed: int = 0) -> Path:
-    """The SD-1.5-shaped pipeline with SD 1.5's UNet at half its width (160 to 640 channels, two layers per block,
-    8 heads): a quarter of its parameters, 220M, so that on the fixture's small latents parameter-sized tensors
-    dominate a step's memory (benchmarks/immunize_step.py --model sd15-half-width)."""
-    out_dir = build_sd15_shaped(out_dir, seed)
+SD15_CHANNELS = (320, 640, 1280, 1280)
+
+
+def build_sd15_wide(
+    out_dir: str | Path, seed: int = 0, channels: tuple[int, ...] = SD15_CHANNELS, resolution: int = RESOLUTION
+) -> Path:
+    """The SD-1.5-shaped pipeline with SD 1.5's UNet layout (two layers per block, 8 heads) at `channels` wide;
+    at SD 1.5's own channels, 860M parameters. Half of them (160 to 640) give a quarter of the parameters, 220M, so
+    that on the fixture's small latents parameter-sized tensors dominate a step's memory
+    (benchmarks/immunize_step.py --model sd15-half-width); at 512 px, a real model's UNet cost on a GPU
+    (scripts/device_run.sh)."""
+    out_dir = build_sd15_shaped(out_dir, seed, resolution)
     torch.manual_seed(seed)
-    unet = _unet(768, block_out_channels=(160, 320, 640, 640), layers_per_block=2, norm_num_groups=32,
+    unet = _unet(768, resolution, block_out_channels=channels, layers_per_block=2, norm_num_groups=32,
                  attention_head_dim=8)
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     return out_dir

@@ -15,6 +15,7 @@ from mima.utils.device import (
     resolve_placement,
     seed_everything,
     solve_device,
+    start_peak_memory,
     step_generator,
 )
 
@@ -66,8 +67,9 @@ def test_unavailable_mps_is_refused():
 
 def test_precision_choices():
     cpu = resolve_placement("cpu", "bf16")
-    assert cpu.dtype is torch.bfloat16 and cpu.record() == {"device": "cpu", "mixed_precision": "bf16",
-                                                            "dtype": "bfloat16"}
+    record = cpu.record()
+    assert cpu.dtype is torch.bfloat16 and record.pop("peak_memory_mib") > 1
+    assert record == {"device": "cpu", "mixed_precision": "bf16", "dtype": "bfloat16"}
     with cpu.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
         assert (torch.ones(2, 2, dtype=torch.float64) @ torch.ones(2, 2, dtype=torch.float64)).dtype is torch.float64
@@ -92,3 +94,4 @@ def test_memory_helpers_on_cpu():
     peak = peak_memory_bytes(torch.device("cpu"))
     assert peak is None or peak > 1 << 20
     assert peak_memory_bytes("meta") is None
+    assert start_peak_memory("cpu") is None  # the RSS peak cannot be restarted

@@ -103,6 +103,13 @@ def test_the_fixture_has_the_shapes_of_sd15(sd15_model_dir):
     assert pipe.safety_checker is not None and pipe.feature_extractor is not None
 
 
+def test_the_sd15_builder_sizes_latents_and_vae_to_a_resolution(tmp_path):
+    from sd_shaped import build_sd15_shaped
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_sd15_shaped(tmp_path / "model", resolution=128))
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.sample_size == 128
+
+
 def test_immunize_generates_class_images_once_and_keeps_every_component(immunized, model_dir, concept_file):
     class_images = concept_file.parent / "class-painting"
     assert len(read_image_folder(class_images)[0]) == 2  # generated into the concept's folder, not under --out

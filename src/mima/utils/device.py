@@ -121,10 +121,12 @@ class Placement:
         """Dynamic loss scaling, enabled only for fp16, whose small gradients would otherwise flush to zero."""
         return torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
 
-    def record(self) -> dict[str, str]:
-        """What a run's JSON record says about where it ran."""
+    def record(self) -> dict[str, str | float | None]:
+        """What a run's JSON record says about where it ran, with the peak memory so far (`peak_memory_bytes`)."""
         dtype = str(self.dtype).removeprefix("torch.")
-        return {"device": str(self.device), "mixed_precision": self.mixed_precision, "dtype": dtype}
+        peak = peak_memory_bytes(self.device)
+        return {"device": str(self.device), "mixed_precision": self.mixed_precision, "dtype": dtype,
+                "peak_memory_mib": None if peak is None else round(peak / 2**20, 1)}
 
     def describe(self) -> str:
         precision = "float32" if self.mixed_precision == "no" else f"{self.mixed_precision} autocast, float32 weights"
@@ -197,6 +199,16 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
         # ru_maxrss is in bytes on macOS but in KiB on Linux and the BSDs.
         return peak if sys.platform == "darwin" else peak * 1024
     return None
+
+
+def start_peak_memory(device: torch.device | str) -> int | None:
+    """Restart `peak_memory_bytes`'s count on a GPU and return the bytes allocated now, so that the peak of what
+    follows, less this, is what it added; `None` where the peak cannot be restarted (the CPU's RSS peak cannot)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
