@@ -15,7 +15,8 @@ the Merge's share of a step (adding the copies, the closed-form solve and its pu
 over peak memory at the smallest N. Prints a table and writes JSON:
 
     python benchmarks/immunize_step.py [--model toy|sd15-shaped|sd15-half-width|FOLDER] [--concepts 1 3 8 16]
-        [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu] [--threads 1]
+        [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu]
+        [--mixed-precision no|bf16] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
 
 With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
@@ -152,7 +153,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     else:
         immunizer = _immunizer(args, components, specs, concepts)
         for method in ("add", "merge", "pull_back"):
-            _time_calls(MergeInputs, method, merge_seconds)
+            _time_calls(MergeInputs, method, merge_seconds, device)
         step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
     timed = {}
@@ -160,13 +161,13 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     def steps() -> None:
         step()  # warm-up: first-call allocations and kernel selection
         merge_seconds.clear()
-        timed["step_s"] = _seconds_per_step(step, args.steps)
+        timed["step_s"] = _seconds_per_step(step, args.steps, device)
 
     result = {**_peaks(steps, device), "step_s": timed["step_s"], "merge_s": sum(merge_seconds) / args.steps}
     if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
         plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
         plain()
-        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3))
+        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3), device)
     return result
 
 
@@ -207,7 +208,7 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
         run()  # warm-up
     for _ in range(args.steps):
         for index, run in enumerate(runs):
-            seconds[index] += _seconds_per_step(run, 1) / args.steps
+            seconds[index] += _seconds_per_step(run, 1, resolve_device(args.device)) / args.steps
     expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
     return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
             "distribution_step_s": expected, "ratio": expected / seconds[0],
@@ -281,12 +282,17 @@ def _outer_step(immunizer, concepts, batch_size: int, g, to_device):
     return step
 
 
-def _seconds_per_step(step, steps: int) -> float:
-    """The fastest of `steps` timed calls: the one least disturbed by other load on a shared machine."""
+def _seconds_per_step(step, steps: int, device) -> float:
+    """The fastest of `steps` timed calls, each until `device` has run its work: the one least disturbed by other
+    load on a shared machine."""
+    from mima.utils.device import synchronize
+
     times = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -309,12 +315,16 @@ def _finetune_step(components, concept, batch_size: int, g, to_device):
     return step
 
 
-def _time_calls(cls: type, method: str, seconds: list[float]) -> None:
+def _time_calls(cls: type, method: str, seconds: list[float], device) -> None:
+    from mima.utils.device import synchronize
+
     original = getattr(cls, method)
 
     def timed(*args, **kwargs):
+        synchronize(device)
         start = time.perf_counter()
         out = original(*args, **kwargs)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
         return out
 
@@ -324,7 +334,7 @@ def _time_calls(cls: type, method: str, seconds: list[float]) -> None:
 def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) -> dict[str, float]:
     command = [sys.executable, __file__, "--model", args.model, "--model-dir", model_dir, "--child", method,
                "--n", str(n), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads), "--device", args.device,
+               "--threads", str(args.threads), "--device", args.device, "--mixed-precision", args.mixed_precision,
                *(["--immunize-config", str(args.immunize_config), "--baseline", str(args.baseline)]
                  if args.immunize_config else []),
                *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
@@ -345,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="forward passes under autocast in bf16, as `mima immunize --mixed-precision bf16`")
     parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
@@ -399,8 +411,11 @@ def main() -> None:
     if args.child:
         import torch
 
+        from mima.utils.device import resolve_placement
+
         torch.set_num_threads(args.threads)
-        print(json.dumps(_measure(args)))
+        with resolve_placement(args.device, args.mixed_precision, loss_scaling=False).autocast():
+            print(json.dumps(_measure(args)))
         return
     model_dir = _model_dir(args.model)
     if args.immunize_config:

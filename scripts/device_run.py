@@ -95,7 +95,7 @@ class Stages:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--mixed-precision", default="bf16", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"))  # immunization refuses fp16
     parser.add_argument("--width", default="full", choices=("full", "half", "tiny"))
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=3, choices=range(1, len(NAMES) + 1))
@@ -140,7 +140,8 @@ def main() -> None:
     if args.benchmark_concepts:
         stages.run("benchmark immunize_step", [
             sys.executable, str(REPO / "benchmarks" / "immunize_step.py"), "--model", str(model),
-            "--device", args.device, "--concepts", *map(str, args.benchmark_concepts),
+            "--device", args.device, "--mixed-precision", args.mixed_precision,
+            "--concepts", *map(str, args.benchmark_concepts),
             "--json", str(args.out / "immunize_step.json")], timeout=600, show=True)
     print(f"total {time.time() - started:.0f} s; {args.out / 'device_run.json'}")
 

@@ -201,6 +201,15 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
     return None
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on `device` has run (GPUs run it asynchronously), e.g. before reading a clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def start_peak_memory(device: torch.device | str) -> int | None:
     """Restart `peak_memory_bytes`'s count on a GPU and return the bytes allocated now, so that the peak of what
     follows, less this, is what it added; `None` where the peak cannot be restarted (the CPU's RSS peak cannot)."""
