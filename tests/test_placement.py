@@ -63,6 +63,7 @@ def test_bf16_immunization_runs_end_to_end_and_records_its_placement(tiny_model_
     assert captured.err.count("device cpu (bf16 autocast, float32 weights)") == 1
     record = json.loads((out / "immunization.json").read_text())
     assert (record["device"], record["dtype"], record["mixed_precision"]) == ("cpu", "bfloat16", "bf16")
+    assert record["peak_memory_mib"] > 100  # the process's peak RSS: at least torch and the model
     assert all(np.isfinite(row["objective"]) for row in record["log"]) and len(record["log"]) == 2
     weights = load_tensors(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # fp32 masters
@@ -76,7 +77,7 @@ def test_bf16_attacks_run_end_to_end_and_record_their_placement(tiny_model_dir, 
                  "--device", "cpu", "--mixed-precision", "bf16"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "attack.json").read_text())
-    assert (record["device"], record["dtype"]) == ("cpu", "bfloat16")
+    assert (record["device"], record["dtype"]) == ("cpu", "bfloat16") and record["peak_memory_mib"] > 100
     assert len(record["log"]) == 2 and all(np.isfinite(row["loss"]) for row in record["log"])
     exported = {k: v for f in (out / "export").rglob("*.safetensors") for k, v in load_tensors(f).items()}
     assert exported and all(t.dtype == torch.float32 for t in exported.values())

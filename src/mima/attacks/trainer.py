@@ -26,7 +26,13 @@ from mima.models.components import Components, load_tokenizers, speaks_toy_vocab
 from mima.models.encoding import encode_folder
 from mima.sampling import ensure_class_images, sample_images
 from mima.training import LoopSettings, TrainingLoop
-from mima.utils.device import Placement, native_precision, resolve_placement, seed_everything
+from mima.utils.device import (
+    Placement,
+    native_precision,
+    resolve_placement,
+    seed_everything,
+    start_peak_memory,
+)
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
 from mima.utils.run_folder import ATTACK, claim_run_folder
@@ -59,6 +65,7 @@ class AttackRun:
         method = attacks.get(self.config.method)
         config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
+        start_peak_memory(placement.device)  # the record's peak is this run's, in a reused worker too
         sampling_precision = config.sampling_precision or config.mixed_precision
         if sampling_precision == "auto":
             sampling_precision = native_precision(placement.device)

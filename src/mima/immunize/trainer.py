@@ -29,7 +29,7 @@ from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
 from mima.utils.checkpoint import has_checkpoint, load_state, save_checkpoint
-from mima.utils.device import Placement, resolve_placement
+from mima.utils.device import Placement, resolve_placement, start_peak_memory
 from mima.utils.distributed import join_process_group
 from mima.utils.io import atomic_write_text
 from mima.utils.provenance import provenance
@@ -56,6 +56,7 @@ class ImmunizationRun:
         retained = config.retained_specs(self.specs)
         config.check_concepts([*self.specs, *retained])  # e.g. descriptions for a describing attacker
         placement = resolve_placement(self.device, config.mixed_precision, loss_scaling=False)
+        start_peak_memory(placement.device)  # the record's peak is this run's, in a reused worker too
         shard = join_process_group(placement.device)  # one process: no group, every concept here
         _check_processes(shard.size, len(self.specs), config)
         if shard.is_main:  # the main process alone writes files; the others wait, then read them
