@@ -42,33 +42,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+from measure import peaks, seconds_per_step, time_calls
 
 REPO = Path(__file__).resolve().parents[1]
 BARS = {"peak_ratio": {8: 1.5, 16: 2.0}, "time_per_concept": 4.0, "merge_share": 0.05}
 _SYLLABLES = ("zor", "blax", "quen", "vel", "trin", "osk", "mur", "daph", "kel", "yth", "rond", "pim")
-
-
-class _RssSampler(threading.Thread):
-    """The peak resident set size of this process while running, sampled (CPU has no allocator peak counter)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.start_rss = self.peak = self.rss()
-        self.running = True
-
-    @staticmethod
-    def rss() -> int:
-        import os
-
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.002)
 
 
 def _model_dir(model: str) -> str:
@@ -153,7 +133,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     else:
         immunizer = _immunizer(args, components, specs, concepts)
         for method in ("add", "merge", "pull_back"):
-            _time_calls(MergeInputs, method, merge_seconds, device)
+            time_calls(MergeInputs, method, merge_seconds, device)
         step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
     timed = {}
@@ -161,13 +141,13 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     def steps() -> None:
         step()  # warm-up: first-call allocations and kernel selection
         merge_seconds.clear()
-        timed["step_s"] = _seconds_per_step(step, args.steps, device)
+        timed["step_s"] = seconds_per_step(step, args.steps, device)
 
-    result = {**_peaks(steps, device), "step_s": timed["step_s"], "merge_s": sum(merge_seconds) / args.steps}
+    result = {**peaks(steps, device), "step_s": timed["step_s"], "merge_s": sum(merge_seconds) / args.steps}
     if args.child != "finetune":  # plain steps right after, in this process: the ratio sees the same machine load
         plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
         plain()
-        result["plain_step_s"] = _seconds_per_step(plain, max(args.steps, 3), device)
+        result["plain_step_s"] = seconds_per_step(plain, max(args.steps, 3), device)
     return result
 
 
@@ -198,7 +178,7 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     if args.child.startswith("peak-"):  # one setting alone in this process: its peak memory is its own
         sampled, step = immunizer_step(compared if args.child.startswith("peak-config") else default)
         attackers = range(len(sampled.distribution.attackers))
-        return _peaks(lambda: [step(i) for _ in range(2) for i in attackers], resolve_device(args.device))
+        return peaks(lambda: [step(i) for _ in range(2) for i in attackers], resolve_device(args.device))
     _, default_step = immunizer_step(default)
     sampled, distribution_step = immunizer_step(compared)
     weights = [a.spec.weight for a in sampled.distribution.attackers]
@@ -208,7 +188,7 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
         run()  # warm-up
     for _ in range(args.steps):
         for index, run in enumerate(runs):
-            seconds[index] += _seconds_per_step(run, 1, resolve_device(args.device)) / args.steps
+            seconds[index] += seconds_per_step(run, 1, resolve_device(args.device)) / args.steps
     expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
     return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
             "distribution_step_s": expected, "ratio": expected / seconds[0],
@@ -225,22 +205,6 @@ def _settings(path: str) -> dict:
 def _terms(args: argparse.Namespace) -> dict[str, float]:
     """The prior and retain terms: at the configured weights with class images (`--with-prior`), else off."""
     return {} if args.with_prior else {"prior_weight": 0.0, "retain_weight": 0.0}
-
-
-def _peaks(run, device) -> dict[str, int]:
-    """Peak memory while `run()` runs, model included (`peak_bytes`: the allocator's peak on a GPU, the process's
-    peak RSS on the CPU), and what the run itself added above what was already loaded (`step_peak_bytes`)."""
-    from mima.utils.device import peak_memory_bytes, start_peak_memory
-
-    allocated = start_peak_memory(device)
-    sampler = _RssSampler()
-    sampler.start()
-    run()
-    sampler.running = False
-    sampler.join()
-    peak = peak_memory_bytes(device) or 0
-    step_peak = sampler.peak - sampler.start_rss if allocated is None else peak - allocated
-    return {"step_peak_bytes": step_peak, "peak_bytes": peak}
 
 
 def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:
@@ -282,21 +246,6 @@ def _outer_step(immunizer, concepts, batch_size: int, g, to_device):
     return step
 
 
-def _seconds_per_step(step, steps: int, device) -> float:
-    """The fastest of `steps` timed calls, each until `device` has run its work: the one least disturbed by other
-    load on a shared machine."""
-    from mima.utils.device import synchronize
-
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _finetune_step(components, concept, batch_size: int, g, to_device):
     """Plain fine-tuning of the whole UNet (AdamW), the unit step times are measured in."""
     import torch
@@ -313,22 +262,6 @@ def _finetune_step(components, concept, batch_size: int, g, to_device):
         optimizer.zero_grad()
 
     return step
-
-
-def _time_calls(cls: type, method: str, seconds: list[float], device) -> None:
-    from mima.utils.device import synchronize
-
-    original = getattr(cls, method)
-
-    def timed(*args, **kwargs):
-        synchronize(device)
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    setattr(cls, method, timed)
 
 
 def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) -> dict[str, float]:
