@@ -60,7 +60,7 @@ def _model_dir(model: str) -> str:
     out = Path(tempfile.mkdtemp()) / model
     if model == "sd15-shaped":
         return str(sd_shaped.build_sd15_shaped(out))
-    return str(sd_shaped.build_sd15_wide(out, channels=tuple(c // 2 for c in sd_shaped.SD15_CHANNELS)))
+    return str(sd_shaped.build_sd15_wide(out, channels=sd_shaped.SD15_HALF_CHANNELS))
 
 
 def _specs(model: str, n: int) -> list:
@@ -186,9 +186,10 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     seconds = [0.0] * len(runs)
     for run in runs:
         run()  # warm-up
+    device = resolve_device(args.device)
     for _ in range(args.steps):
         for index, run in enumerate(runs):
-            seconds[index] += seconds_per_step(run, 1, resolve_device(args.device)) / args.steps
+            seconds[index] += seconds_per_step(run, 1, device) / args.steps
     expected = sum(w * t for w, t in zip(weights, seconds[1:], strict=True)) / sum(weights)
     return {"default_step_s": seconds[0], "attacker_step_s": seconds[1:], "weights": weights,
             "distribution_step_s": expected, "ratio": expected / seconds[0],

@@ -34,34 +34,31 @@ def _build_model(width: str, resolution: int, out: Path) -> Path:
 
     if width == "tiny":
         return sd_shaped.build_sd15_shaped(out, resolution=resolution)
-    channels = sd_shaped.SD15_CHANNELS if width == "full" else tuple(c // 2 for c in sd_shaped.SD15_CHANNELS)
+    channels = sd_shaped.SD15_CHANNELS if width == "full" else sd_shaped.SD15_HALF_CHANNELS
     return sd_shaped.build_sd15_wide(out, channels=channels, resolution=resolution)
 
 
-def _write_concepts(root: Path, n: int, resolution: int) -> Path:
-    """N concepts named like real ones (no word of their prompt), 4 random images each, class images to generate."""
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def _write_concepts(root: Path, n: int, resolution: int) -> tuple[Path, Path]:
+    """N concepts named like real ones (no word of their prompt), 4 random images each, class images to generate:
+    a concept file of all of them, and one of the first alone (what `mima attack --concept` takes)."""
     from mima.data.image_folder import write_image_folder
 
     rng = np.random.default_rng(0)
-    lines = ["concepts:"]
+    entries = []
     for name in NAMES[:n]:
-        slug = name.lower().replace(" ", "-")
         prompt = f"a painting in the style of {name}"
         write_image_folder(rng.integers(0, 256, (4, resolution, resolution, 3), dtype=np.uint8), [prompt] * 4,
-                           root / slug)
-        lines += [f"  - name: {slug}", f"    prompt: {prompt}", f"    images: {slug}",
-                  "    class_prompt: a painting", "    class_images: class-painting"]
-    path = root / "concepts.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _first_concept(concepts: Path) -> Path:
-    """A concept file holding the first concept alone (what `mima attack --concept` takes)."""
-    lines = concepts.read_text().splitlines()
-    path = concepts.with_name("first.yaml")
-    path.write_text("\n".join(lines[:6]) + "\n")
-    return path
+                           root / _slug(name))
+        entries.append(f"  - name: {_slug(name)}\n    prompt: {prompt}\n    images: {_slug(name)}\n"
+                       "    class_prompt: a painting\n    class_images: class-painting\n")
+    every, first = root / "concepts.yaml", root / "first.yaml"
+    every.write_text("concepts:\n" + "".join(entries))
+    first.write_text("concepts:\n" + entries[0])
+    return every, first
 
 
 class Stages:
@@ -112,8 +109,7 @@ def main() -> None:
     stages = Stages(args.out, {k: str(v) for k, v in vars(args).items()})
     started = time.time()
     model = _build_model(args.width, args.resolution, work / "model")
-    concepts = _write_concepts(work / "data", args.concepts, args.resolution)
-    first = _first_concept(concepts)
+    concepts, first = _write_concepts(work / "data", args.concepts, args.resolution)
     print(f"model built and data written in {time.time() - started:.0f} s", flush=True)
     mima = [sys.executable, "-m", "mima"]
     placement = ["--device", args.device, "--mixed-precision", args.mixed_precision]
@@ -132,7 +128,7 @@ def main() -> None:
         stages.run(f"attack {method} ({label})", [*attack, "--model", str(target), "--method", method, "--steps",
                                                    str(steps), "--save-every", str(steps), "--out", str(run_dir)],
                    timeout=600, record=run_dir / "attack.json")
-    slug = NAMES[0].lower().replace(" ", "-")
+    slug = _slug(NAMES[0])
     stages.run("evaluate", [*mima, "evaluate", "--without", str(work / "attack-lora-base"),
                             "--with", str(work / "attack-lora-immunized"),
                             "--references", f"{slug}={work / 'data' / slug}", "--device", args.device,

@@ -97,6 +97,7 @@ def build_sd15_shaped(out_dir: str | Path, seed: int = 0, resolution: int = RESO
 
 
 SD15_CHANNELS = (320, 640, 1280, 1280)
+SD15_HALF_CHANNELS = tuple(c // 2 for c in SD15_CHANNELS)
 
 
 def build_sd15_wide(
@@ -106,7 +107,7 @@ def build_sd15_wide(
     at SD 1.5's own channels, 860M parameters. Half of them (160 to 640) give a quarter of the parameters, 220M, so
     that on the fixture's small latents parameter-sized tensors dominate a step's memory
     (benchmarks/immunize_step.py --model sd15-half-width); at 512 px, a real model's UNet cost on a GPU
-    (scripts/device_run.sh)."""
+    (scripts/device_run.py)."""
     out_dir = build_sd15_shaped(out_dir, seed, resolution)
     torch.manual_seed(seed)
     unet = _unet(768, resolution, block_out_channels=channels, layers_per_block=2, norm_num_groups=32,
