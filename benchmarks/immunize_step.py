@@ -17,7 +17,7 @@ over peak memory at the smallest N. Prints a table and writes JSON:
     python benchmarks/immunize_step.py [--model toy|sd15-shaped|sd15-half-width|FOLDER] [--concepts 1 3 8 16]
         [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu]
         [--mixed-precision no|bf16] [--threads 1]
-        [--gradient-checkpointing] [--with-prior] [--json benchmarks/results/immunize_step.json]
+        [--gradient-checkpointing] [--with-prior] [--kept-gradients F] [--json benchmarks/results/immunize_step.json]
 
 With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
 distribution a run would sample from, and any other `ImmunizeConfig` field it sets, e.g. `upper_params`; or
@@ -99,7 +99,7 @@ def _immunizer(args: argparse.Namespace, components, specs, concepts):
         order="first-order" if args.child == "mima-1st" else "second-order",
         caption_bank="toy" if args.model == "toy" else "generic",
         gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
-        **({"hvp": args.hvp} if args.hvp else {}),
+        **{name: value for name in ("hvp", "kept_gradients") if (value := getattr(args, name)) is not None},
     )
     immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
     immunizer.prepare(components, specs, concepts)
@@ -272,6 +272,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
                *(["--immunize-config", str(args.immunize_config), "--baseline", str(args.baseline)]
                  if args.immunize_config else []),
                *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
+               *(["--kept-gradients", str(args.kept_gradients)] if args.kept_gradients is not None else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -296,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
     parser.add_argument("--hvp", choices=["exact", "finite-difference"], help="second order's Hessian-vector "
                         "product (default: ImmunizeConfig's)")
+    parser.add_argument("--kept-gradients", type=float, help="fraction of the peak memory the copies' inner "
+                        "gradients may keep for their products (default: ImmunizeConfig's; 0: recompute them)")
     parser.add_argument("--immunize-config",
                         help="immunize YAML (attackers, upper_params, ...) or 'defaults': print its step time and "
                              "peak memory over the baseline's")

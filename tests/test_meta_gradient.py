@@ -376,7 +376,7 @@ def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
 
 @pytest.mark.parametrize("attackers", [(), (LORA,)], ids=["full", "lora"])
 def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(setup, monkeypatch, attackers):
-    """With `kept_gradients_gib`, each copy's finite-difference product reuses the gradient its attack took: one
+    """With `kept_gradients`, each copy's finite-difference product reuses the gradient its attack took: one
     UNet forward fewer per copy but the last (which keeps its whole run anyway), and the same meta-gradient. A LoRA
     attacker's steps leave S^u where it is, so they take S^u's gradient too (`unroll`'s `also`), in the same
     backward: without that, its products would recompute it at every inner step of every copy."""
@@ -384,8 +384,8 @@ def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(set
     forwards = []
     components.unet.register_forward_hook(lambda *_: forwards.append(1))
 
-    def run(gib: float):
-        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients_gib=gib,
+    def run(fraction: float):
+        immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference", kept_gradients=fraction,
                          attackers=attackers)
         g = torch.Generator().manual_seed(SEED)
         batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts}
@@ -415,6 +415,33 @@ def test_kept_inner_gradients_save_one_unet_pass_per_copy_and_change_nothing(set
     unrecorded = run(1.0)  # the full attacker's steps cover S^u anyway
     assert unrecorded[2] == kept[2] + (len(make.concepts) * steps if attackers else 0)
     assert_same(unrecorded, kept)
+
+
+@pytest.mark.parametrize(("copies", "measured", "keeps"), [(1.5, True, True), (0.5, True, False), (1.5, False, True),
+                                                          (0.5, False, False)])
+def test_kept_gradients_take_a_fraction_of_the_peak_memory(setup, monkeypatch, copies, measured, keeps):
+    """The copies keep their inner-step gradients while they fit in `kept_gradients` of the peak memory before the
+    steps, or of the UNet's parameters where the device has no peak measure: room for 1.5 copies' gradients keeps the
+    first copy's (the last keeps its run anyway), room for 0.5 keeps none."""
+    components, make, _ = setup
+    unet_bytes = sum(p.numel() * p.element_size() for p in components.unet.parameters())
+    lower_bytes = sum(p.numel() * p.element_size() for name, p in components.unet.named_parameters()
+                      if name in make("second-order").lower_names)
+    peak = 4 * unet_bytes
+    monkeypatch.setattr(bilevel, "peak_memory_bytes", lambda device: peak if measured else None)
+    immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference",
+                     kept_gradients=copies * lower_bytes / (peak if measured else unet_bytes))
+    kept, for_replay = [], functional.Unrolled.for_replay
+
+    def spy(run, keep_gradients=False):
+        kept.append(keep_gradients)
+        return for_replay(run, keep_gradients)
+
+    monkeypatch.setattr(functional.Unrolled, "for_replay", spy)
+    g = torch.Generator().manual_seed(SEED)
+    immunizer.gradients({c.name: (c.batch(2, g), c.batch(2, g)) for c in make.concepts},
+                        torch.Generator().manual_seed(SEED + 1))
+    assert kept == [keeps]
 
 
 def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypatch):

@@ -19,6 +19,7 @@ from mima.losses import diffusion_loss
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
+from mima.utils.device import peak_memory_bytes
 
 
 class BilevelImmunizer(PreservationTerms):
@@ -43,6 +44,10 @@ class BilevelImmunizer(PreservationTerms):
         self.lower_names = select_parameters(names, self.config.lower_params, what="lower-level (S^l)")
         self.upper_names = select_parameters(names, self.config.upper_params, what="upper-level (S^u)")
         self.unet.requires_grad_(False)
+        # The kept gradients' budget is relative, since a fixed one is all of a small model's step and none of a large
+        # one's; and taken before the steps, so that what they keep does not raise it.
+        self.memory_before_steps = peak_memory_bytes(self.unet.device) or sum(
+            p.numel() * p.element_size() for p in self.unet.parameters())  # the UNet, where there is no peak measure
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
         self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names,
@@ -170,8 +175,8 @@ class BilevelImmunizer(PreservationTerms):
 
     def spare_gradient_bytes(self) -> int:
         """The memory the copies' inner-step gradients may keep until their finite-difference products reuse them
-        (`kept_gradients_gib`)."""
-        return int(self.config.kept_gradients_gib * 2**30) if self.reuses_inner_gradients() else 0
+        (`kept_gradients` of the run's peak memory before its first outer step, `prepare`)."""
+        return int(self.config.kept_gradients * self.memory_before_steps) if self.reuses_inner_gradients() else 0
 
     def unrolled_vjp(
         self, run: Unrolled, base: Params, batches: list[Batch], concepts: Sequence[int | None],

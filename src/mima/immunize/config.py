@@ -133,12 +133,13 @@ class ImmunizeConfig(Config):
                           "with the plain-math attention kernel)",
                   "absent": "exact"},  # records from before the field: exact
     )
-    kept_gradients_gib: float = field(
-        default=1.0,
-        metadata={"help": "finite-difference products: memory (GiB) that keeps each copy's inner-step gradient until "
-                          "its product, which then needs one forward and backward fewer (with the full attacker a "
-                          "copy of S^l per concept: all of them on the toy, none on Stable Diffusion in 1 GiB); 0: "
-                          "recompute every one"},
+    kept_gradients: float = field(
+        default=0.25,
+        metadata={"help": "finite-difference products: keep each copy's inner-step gradient until its product (which "
+                          "then needs one forward and backward fewer) while the kept gradients take at most this "
+                          "fraction of the run's peak memory before its first outer step, so that keeping them raises "
+                          "the peak by at most that fraction of it whatever the number of concepts (the toy keeps "
+                          "all); 0: recompute every one"},
     )
     persistent_attacker: bool = field(
         default=False,
@@ -229,7 +230,7 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients_gib"):
+        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
