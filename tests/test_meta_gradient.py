@@ -424,9 +424,9 @@ def test_kept_gradients_take_a_fraction_of_the_peak_memory(setup, monkeypatch, c
     steps, or of the UNet's parameters where the device has no peak measure: room for 1.5 copies' gradients keeps the
     first copy's (the last keeps its run anyway), room for 0.5 keeps none."""
     components, make, _ = setup
-    unet_bytes = sum(p.numel() * p.element_size() for p in components.unet.parameters())
-    lower_bytes = sum(p.numel() * p.element_size() for name, p in components.unet.named_parameters()
-                      if name in make("second-order").lower_names)
+    unet_bytes = functional.tensor_bytes(components.unet.parameters())
+    lower_bytes = functional.tensor_bytes(p for name, p in components.unet.named_parameters()
+                                          if name in make("second-order").lower_names)
     peak = 4 * unet_bytes
     monkeypatch.setattr(bilevel, "peak_memory_bytes", lambda device: peak if measured else None)
     immunizer = make("second-order", inner_clip=0.05, hvp="finite-difference",

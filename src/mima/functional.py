@@ -8,7 +8,7 @@ grow with the number of batches (concepts) it spans.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -143,7 +143,12 @@ class Unrolled:
 
     def gradient_bytes(self) -> int:
         """The memory its gradients take."""
-        return sum(g.numel() * g.element_size() for step in self.gradients for g in step.values())
+        return sum(tensor_bytes(step.values()) for step in self.gradients)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The memory `tensors` take."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _leaves(params: Params) -> Params:

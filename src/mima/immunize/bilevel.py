@@ -10,7 +10,17 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import BatchLoss, Params, Unrolled, add_grads, inner_step, unet_call_with, unroll, unrolled_vjp
+from mima.functional import (
+    BatchLoss,
+    Params,
+    Unrolled,
+    add_grads,
+    inner_step,
+    tensor_bytes,
+    unet_call_with,
+    unroll,
+    unrolled_vjp,
+)
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches
 from mima.immunize.distribution import AttackerDistribution
@@ -46,8 +56,8 @@ class BilevelImmunizer(PreservationTerms):
         self.unet.requires_grad_(False)
         # The kept gradients' budget is relative, since a fixed one is all of a small model's step and none of a large
         # one's; and taken before the steps, so that what they keep does not raise it.
-        self.memory_before_steps = peak_memory_bytes(self.unet.device) or sum(
-            p.numel() * p.element_size() for p in self.unet.parameters())  # the UNet, where there is no peak measure
+        self.memory_before_steps = (peak_memory_bytes(self.unet.device)
+                                    or tensor_bytes(self.unet.parameters()))  # where there is no peak measure
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
         self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names,

@@ -25,7 +25,7 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params, Unrolled, add_grads
+from mima.functional import Params, Unrolled, add_grads, tensor_bytes
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer
@@ -88,7 +88,7 @@ class MIMA(BilevelImmunizer):
         points = len(attacker.spec.trajectory_steps)
         inputs, runs, kept, logs = [self.plan.inputs() for _ in range(points)], {}, {}, {}
         spare = self.spare_gradient_bytes()
-        upper_bytes = sum(base[name].numel() * base[name].element_size() for name in self.upper_names)
+        upper_bytes = tensor_bytes(base[name] for name in self.upper_names)
         for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
             if not owned[n]:  # another process adapts this copy
                 self.skip_attack(base, lower, n, generator)
