@@ -99,7 +99,8 @@ def _immunizer(args: argparse.Namespace, components, specs, concepts):
         order="first-order" if args.child == "mima-1st" else "second-order",
         caption_bank="toy" if args.model == "toy" else "generic",
         gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
-        **{name: value for name in ("hvp", "kept_gradients") if (value := getattr(args, name)) is not None},
+        **{name: value for name in ("hvp", "kept_gradients", "fused_batches")
+           if (value := getattr(args, name)) is not None},
     )
     immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
     immunizer.prepare(components, specs, concepts)
@@ -148,6 +149,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         plain = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
         plain()
         result["plain_step_s"] = seconds_per_step(plain, max(args.steps, 3), device)
+        result["fused"] = immunizer.fused
     return result
 
 
@@ -273,6 +275,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
                  if args.immunize_config else []),
                *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
                *(["--kept-gradients", str(args.kept_gradients)] if args.kept_gradients is not None else []),
+               *(["--fused-batches", str(args.fused_batches)] if args.fused_batches is not None else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -299,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
                         "product (default: ImmunizeConfig's)")
     parser.add_argument("--kept-gradients", type=float, help="fraction of the peak memory the copies' inner "
                         "gradients may keep for their products (default: ImmunizeConfig's; 0: recompute them)")
+    parser.add_argument("--fused-batches", type=float, help="batches at one set of weights go through the UNet "
+                        "together while their graph fits in this many times the UNet's parameters (default: "
+                        "ImmunizeConfig's; 0: one at a time)")
     parser.add_argument("--immunize-config",
                         help="immunize YAML (attackers, upper_params, ...) or 'defaults': print its step time and "
                              "peak memory over the baseline's")

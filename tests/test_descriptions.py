@@ -14,7 +14,8 @@ from mima.cli import main
 from mima.data.captions import load_caption_bank, words
 from mima.data.concepts import load_concepts, toy_concept_spec
 from mima.errors import ConfigError
-from mima.immunize import ImmunizeConfig, immunizers
+from mima.immunize import ImmunizeConfig, bilevel, immunizers
+from mima.losses import denoising_losses
 from mima.merge.plan import MergePlan
 from mima.models.components import Components, toy_model_dir
 from mima.models.encoding import EncodedConcept, EncodedImages
@@ -103,7 +104,7 @@ def described(tiny_components):
     return components, specs, concepts, immunizer
 
 
-def test_the_losses_see_the_descriptions_encodings(described):
+def test_the_losses_see_the_descriptions_encodings(described, monkeypatch):
     """Every loss of the attack and of the ascent is conditioned on the encoding of one of its concept's
     descriptions, image i of the concept always under description i mod their count; MIMA merges on them."""
     components, specs, concepts, immunizer = described
@@ -115,13 +116,13 @@ def test_the_losses_see_the_descriptions_encodings(described):
             texts = [spec.descriptions[i % len(spec.descriptions)] for i in batch.images]
             expected.append(components.encode_prompts(texts).double())
             assert not torch.allclose(expected[-1], batch.hidden)  # the concept's own prompt: not what is trained
-    seen, loss = [], immunizer.loss
+    seen = []
 
-    def spy(params, batch, generator):
-        seen.append(batch.hidden.detach())
-        return loss(params, batch, generator)
+    def spy(unet_call, scheduler, batches):
+        seen.extend(hidden.detach() for *_, hidden in batches)
+        return denoising_losses(unet_call, scheduler, batches)
 
-    immunizer.loss = spy
+    monkeypatch.setattr(bilevel, "denoising_losses", spy)
     immunizer.gradients(batches, torch.Generator().manual_seed(4))
     assert len(seen) >= 2 * len(expected)  # two inner steps and the upper loss per concept
     matches = [[torch.allclose(hidden, e, atol=1e-6) for e in expected] for hidden in seen]

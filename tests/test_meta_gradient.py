@@ -444,6 +444,54 @@ def test_kept_gradients_take_a_fraction_of_the_peak_memory(setup, monkeypatch, c
     assert kept == [keeps]
 
 
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_fused_batches_go_through_the_unet_together_and_change_nothing(tiny_components, method):
+    """`fused_batches`: batches at one set of weights (the upper losses at the merged or attacked weights, the prior
+    term's class images, the retain term's attack, its product and its upper losses) go through the UNet in one call
+    where their graph fits, and the value and gradient are one batch at a time's, to rounding."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    sizes = []
+    components.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+
+    def run(fraction: float):
+        config = ImmunizeConfig(method=method, inner_lr=0.5, caption_bank="toy", hvp="finite-difference",
+                                attackers=(LORA,), prior_weight=0.7, retain_weight=0.5, retain_prompt="class",
+                                fused_batches=fraction)
+        immunizer = immunizers.get(method)(config)
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        sizes.clear()
+        value, grads, _ = immunizer.gradients({c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts},
+                                              torch.Generator().manual_seed(SEED + 1))
+        return immunizer.fused, value, grads, list(sizes)
+
+    one, value, grads, one_sizes = run(0.0)
+    every, fused_value, fused_grads, fused_sizes = run(1e6)
+    assert one == 1 and every >= len(concepts)
+    assert set(one_sizes) == {2}
+    three = fused_sizes.count(3 * 2)  # calls that take the three concepts' batches at once
+    # the prior term 1; the retain term's attack and its product 2 each (one per inner step), its upper losses 1;
+    # MIMA's upper losses at the merged weights 1 (its copies' attacks take one batch each); imma-joint's one attack
+    # on every concept like the retain term's, 2 + 2 + 1
+    assert three == 1 + 5 + (1 if method == "mima" else 5)
+    assert len(fused_sizes) == len(one_sizes) - 2 * three
+    assert fused_value == pytest.approx(value, rel=1e-12)
+    for name, grad in grads.items():  # the finite-difference product divides rounding by its step, 1e-5
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-7, atol=1e-11)
+
+
+def test_graph_bytes_count_what_a_backward_keeps_and_not_the_weights():
+    """`GraphBytes` counts the tensors saved for the backward once each, and none of the ignored ones: for
+    relu(x @ w) with w ignored, x and the relu's output."""
+    x, w = torch.randn(5, 3, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    with functional.GraphBytes([w]) as graph:
+        (x @ w).relu().sum()
+    assert graph.bytes == (5 * 3 + 5 * 7) * 4
+
+
 def test_the_finite_difference_product_needs_no_double_backward(setup, monkeypatch):
     """`hvp: finite-difference` runs where only CPU flash attention is allowed, which has no double backward (the
     exact product fails there without the math kernel), and comes within tolerance of the exact gradient."""

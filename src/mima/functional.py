@@ -8,7 +8,7 @@ grow with the number of batches (concepts) it spans.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,8 +21,30 @@ Params = dict[str, torch.Tensor]
 Order = Literal["first-order", "second-order"]
 InnerOptimizer = Literal["sgd", "adam"]
 Hvp = Literal["exact", "finite-difference"]
-BatchLoss = Callable[[Params, torch.Generator], torch.Tensor]
-"""The loss of one batch at the given parameters, drawing its noise and timesteps from the generator."""
+
+
+@dataclass(frozen=True)
+class BatchLosses:
+    """The losses of `count` batches as a function of the parameters.
+
+    Args:
+        of (`Callable`): `of(params, generator, group)`, the losses at `params` of the batches whose indices are
+            `group`, through the UNet in one call, each drawing its noise and timesteps from `generator` in turn.
+        count (`int`): the number of batches.
+        fused (`int`, defaults to 1): how many batches one call takes (`groups`).
+    """
+
+    of: Callable[[Params, torch.Generator, Sequence[int]], torch.Tensor]
+    count: int
+    fused: int = 1
+
+    def groups(self) -> list[range]:
+        """The batches' indices, in calls of at most `fused`."""
+        return [range(start, min(start + self.fused, self.count)) for start in range(0, self.count, self.fused)]
+
+    def mean_part(self, params: Params, generator: torch.Generator, group: Sequence[int]) -> torch.Tensor:
+        """The share of `group` in the mean loss of every batch."""
+        return self.of(params, generator, group).sum() / self.count
 
 
 def unet_call_with(unet: torch.nn.Module, params: Params) -> UNetCall:
@@ -119,11 +141,12 @@ class Unrolled:
         params (`Params`): the final parameters.
         iterates (`list[Params]`): the parameters each step started from.
         gradients (`list[Params]`): each step's mean gradient (empty after `for_replay`).
-        states (`list[list[torch.Tensor]]`): the generator's state before each batch loss of each step.
+        states (`list[list[torch.Tensor]]`): the generator's state before each group of batches (`BatchLosses`)
+            of each step.
         first_loss (`float`): the mean loss before the first step.
         trajectory (`list[Params]`): the parameters after each of the steps `unroll` was asked to record.
-        kept (`tuple[Params, Params]`, *optional*): the leaves and graph-carrying gradient of the last batch of
-            the last step, kept so that the VJP need not replay that one batch.
+        kept (`tuple[Params, Params]`, *optional*): the leaves and graph-carrying gradient of the last group of
+            the last step (its share of the mean), kept so that the VJP need not replay that group.
     """
 
     params: Params
@@ -135,9 +158,9 @@ class Unrolled:
     kept: tuple[Params, Params] | None = None
 
     def for_replay(self, keep_gradients: bool = False) -> Unrolled:
-        """What a VJP over ONE batch needs: the run without its final parameters and trajectory, and without its
-        gradients (which it then recomputes) unless `keep_gradients`; so keeping one per concept costs no parameter
-        copy for one inner step, and its gradients where kept."""
+        """What a VJP over ONE group of batches needs: the run without its final parameters and trajectory, and
+        without its gradients (which it then recomputes) unless `keep_gradients`; so keeping one per concept costs no
+        parameter copy for one inner step, and its gradients where kept."""
         return Unrolled({}, self.iterates, self.gradients if keep_gradients else [], self.states, self.first_loss,
                         [], self.kept)
 
@@ -151,19 +174,46 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class GraphBytes:
+    """While active, counts the bytes of the tensors autograd saves for a backward, each storage once and none of
+    `ignore`'s (which exist anyway, e.g. the weights): what a graph adds to memory (`bytes`)."""
+
+    def __init__(self, ignore: Iterable[torch.Tensor]) -> None:
+        self.ignored = {tensor.untyped_storage().data_ptr() for tensor in ignore}
+        self.sizes: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.ignored:
+            self.sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> GraphBytes:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
 def _leaves(params: Params) -> Params:
     return {name: p.detach().requires_grad_() for name, p in params.items()}
 
 
 def unroll(
-    params: Params, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, *,
+    params: Params, fixed: Params, losses: BatchLosses, generator: torch.Generator, *,
     steps: int, lr: float, max_norm: float = 0.0, keep: list[str] | None = None, optimizer: InnerOptimizer = "sgd",
     record: Collection[int] = (), replay: bool = True, also: Collection[str] = (),
 ) -> Unrolled:
-    """`steps` SGD (or Adam) steps of `params` (others `fixed`) on the mean of `losses`, one batch's graph at a time.
+    """`steps` SGD (or Adam) steps of `params` (others `fixed`) on the mean of `losses`, one group's graph at a time.
 
     The values equal those of `sgd_step` (`adam_step`) applied `steps` times to the stacked mean loss. With `keep`
-    (the names a VJP will differentiate), the last batch's gradient keeps its graph (`Unrolled.kept`): one graph
+    (the names a VJP will differentiate), the last group's gradient keeps its graph (`Unrolled.kept`): one graph
     alive, and one forward and backward fewer for the VJP. The parameters after each step in `record` (1-based)
     are kept in `Unrolled.trajectory`. Without `replay` (first order), no iterate or gradient is kept: a long
     trajectory then holds one copy of the parameters per recorded step only. Each step's gradient also covers the
@@ -174,17 +224,18 @@ def unroll(
     for step in range(steps):
         step_states, total = [], 0.0
         mean = {n: torch.zeros_like(p) for n, p in {**{n: fixed[n] for n in extra}, **phi}.items()}
-        for index, loss_fn in enumerate(losses):
+        groups = losses.groups()
+        for index, group in enumerate(groups):
             step_states.append(generator.get_state())
-            keep_graph = keep is not None and step == steps - 1 and index == len(losses) - 1
+            keep_graph = keep is not None and step == steps - 1 and index == len(groups) - 1
             leaves = {**_leaves({n: fixed[n] for n in [*(keep or ()), *extra] if n in fixed and n not in phi}),
                       **_leaves(phi)}
-            loss = loss_fn({**fixed, **leaves}, generator)
+            loss = losses.mean_part({**fixed, **leaves}, generator, group)
             grads = _batch_gradient(loss, leaves, [*phi, *extra], create_graph=keep_graph)
             kept = (leaves, {n: grads[n] for n in phi}) if keep_graph else kept
             for name, grad in grads.items():
-                mean[name] += grad.detach() / len(losses)
-            total += loss.item() / len(losses)
+                mean[name] += grad.detach()
+            total += loss.item()
         first = total if first is None else first
         scale = clip_scale([mean[n] for n in phi], max_norm) if max_norm > 0 and phi else 1.0
         if replay:
@@ -201,8 +252,8 @@ def unroll(
 
 
 def _batch_gradient(loss: torch.Tensor, leaves: Params, names: list[str], *, create_graph: bool) -> Params:
-    """The gradient of one batch's loss on the leaves `names`; zero on a leaf the loss does not read (another
-    concept's token in a joint attack)."""
+    """The gradient of a loss on the leaves `names`; zero on a leaf the loss does not read (another concept's token
+    in a joint attack)."""
     if not names:
         return {}
     grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=create_graph, allow_unused=True,
@@ -234,20 +285,20 @@ def _clipped_cotangent(cotangent: Params, mean_grad: Params, max_norm: float) ->
 
 
 def unrolled_vjp(
-    run: Unrolled, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, cotangent: Params,
+    run: Unrolled, fixed: Params, losses: BatchLosses, generator: torch.Generator, cotangent: Params,
     wrt: list[str], *, lr: float, max_norm: float = 0.0, order: Order = "second-order", hvp: Hvp = "exact",
 ) -> Params:
     """The gradient of <cotangent, run.params> with respect to the starting or fixed parameters named `wrt`.
 
     Second order replays each step backwards: each step's Hessian-vector product, `exact` (`_exact_hvp`: double
-    backward, one batch's graph alive at a time) or by a `finite-difference` of gradients (`_difference_hvp`: no
+    backward, one group's graph alive at a time) or by a `finite-difference` of gradients (`_difference_hvp`: no
     double backward). First order treats each step's gradient as a constant: d run.params / d params = I.
     """
     lam = dict(cotangent)
     if order == "first-order" or not lam:  # not lam: the attack trained nothing
         return {n: lam[n] for n in wrt if n in lam}
-    if not run.gradients and len(losses) != 1:
-        raise ValueError("a run over several batches needs its gradients to be replayed")
+    if not run.gradients and len(losses.groups()) != 1:
+        raise ValueError("a run over several groups of batches needs its gradients to be replayed")
     extra = [n for n in wrt if n in fixed and n not in lam]
     fixed_grads = {n: torch.zeros_like(fixed[n]) for n in extra}
     kept = run.kept
@@ -264,30 +315,31 @@ def unrolled_vjp(
 
 
 def _exact_hvp(
-    run: Unrolled, step: int, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, lam: Params,
+    run: Unrolled, step: int, fixed: Params, losses: BatchLosses, generator: torch.Generator, lam: Params,
     targets: list[str], max_norm: float, kept: tuple[Params, Params] | None,
 ) -> tuple[Params, tuple[Params, Params] | None]:
-    """H u on `targets` at step `step`'s iterate, u the clipped `lam`: batch by batch (the kept last batch of the
-    last step first, freeing its graph), recompute the batch's gradient with its graph and backpropagate through
-    it; returns the product and what is left of `kept`."""
+    """H u on `targets` at step `step`'s iterate, u the clipped `lam`: group by group (the kept last group of the
+    last step first, freeing its graph), recompute the group's share of the mean gradient with its graph and
+    backpropagate through it; returns the product and what is left of `kept`."""
     extra = [n for n in targets if n not in lam]
     hvp = {n: torch.zeros_like(lam[n] if n in lam else fixed[n]) for n in targets}
     u = _clipped_cotangent(lam, {n: run.gradients[step][n] for n in lam}, max_norm) if run.gradients else None
-    for index in reversed(range(len(losses))):
-        if kept is not None and step == len(run.iterates) - 1 and index == len(losses) - 1:
+    groups = losses.groups()
+    for index in reversed(range(len(groups))):
+        if kept is not None and step == len(run.iterates) - 1 and index == len(groups) - 1:
             (leaves, grads), kept = kept, None
         else:
             leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
-            loss = losses[index]({**fixed, **leaves}, _replay(generator, run.states[step][index]))
+            loss = losses.mean_part({**fixed, **leaves}, _replay(generator, run.states[step][index]), groups[index])
             grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
-        if u is None:  # one batch: its gradient is the step's mean gradient
+        if u is None:  # one group: its share is the step's mean gradient
             u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
         live = [n for n, g in grads.items() if g.requires_grad]  # not a zero for a leaf the loss ignores
         hs = torch.autograd.grad([grads[n] for n in live], [leaves[n] for n in targets], [u[n] for n in live],
                                  allow_unused=True)
         for name, h in zip(targets, hs, strict=True):
             if h is not None:  # None: that parameter's gradient does not depend on it
-                hvp[name] += h / len(losses)
+                hvp[name] += h
     return hvp, kept
 
 
@@ -298,7 +350,7 @@ larger or smaller steps give up to 4e-2."""
 
 
 def _difference_hvp(
-    run: Unrolled, step: int, fixed: Params, losses: list[BatchLoss], generator: torch.Generator, lam: Params,
+    run: Unrolled, step: int, fixed: Params, losses: BatchLosses, generator: torch.Generator, lam: Params,
     targets: list[str], max_norm: float,
 ) -> Params:
     """H u on `targets` at step `step`'s iterate x, u the clipped `lam`, as (g(x + eps u) - g(x)) / eps with
@@ -308,11 +360,11 @@ def _difference_hvp(
     def mean_gradient(point: Params, names: list[str]) -> Params:
         params = {**fixed, **point}
         mean = {n: torch.zeros_like(params[n]) for n in names}
-        for index, loss_fn in enumerate(losses):
+        for index, group in enumerate(losses.groups()):
             leaves = _leaves({n: params[n] for n in names})  # only these: no weight gradient for the others
-            loss = loss_fn({**params, **leaves}, _replay(generator, run.states[step][index]))
+            loss = losses.mean_part({**params, **leaves}, _replay(generator, run.states[step][index]), group)
             for name, grad in _batch_gradient(loss, leaves, names, create_graph=False).items():
-                mean[name] += grad / len(losses)
+                mean[name] += grad
         return mean
 
     iterate, names = run.iterates[step], list(dict.fromkeys([*lam, *targets]))

@@ -24,8 +24,8 @@ class Immunizer(ABC):
     iterative: ClassVar[bool] = True
     depends_on: ClassVar[tuple[str, ...] | None] = None
     """The config fields that decide this method's result (None: all but `save_every`, `gradient_checkpointing`,
-    `concept_by_concept` and `kept_gradients`); a benchmark reuses a
-    finished model only if they match."""
+    `concept_by_concept`, `kept_gradients` and `fused_batches`); a benchmark reuses a finished model only if they
+    match."""
 
     def __init__(self, config: ImmunizeConfig) -> None:
         self.config = config
@@ -35,7 +35,7 @@ class Immunizer(ABC):
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:
         """The fields of `config` that decide this method's result: `depends_on`, or all but how it is computed."""
-        how = ("save_every", "gradient_checkpointing", "concept_by_concept", "kept_gradients")
+        how = ("save_every", "gradient_checkpointing", "concept_by_concept", "kept_gradients", "fused_batches")
         return list(cls.depends_on or [name for name in config.to_dict() if name not in how])
 
     @abstractmethod

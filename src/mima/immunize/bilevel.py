@@ -11,7 +11,8 @@ import torch
 
 from mima.data.concepts import ConceptSpec
 from mima.functional import (
-    BatchLoss,
+    BatchLosses,
+    GraphBytes,
     Params,
     Unrolled,
     add_grads,
@@ -25,7 +26,7 @@ from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches
 from mima.immunize.distribution import AttackerDistribution
 from mima.immunize.preservation import PreservationTerms
-from mima.losses import diffusion_loss
+from mima.losses import denoising_losses, diffusion_loss, draw_noise
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
@@ -60,6 +61,7 @@ class BilevelImmunizer(PreservationTerms):
                                     or tensor_bytes(self.unet.parameters()))  # where there is no peak measure
         for name, param in self.unet.named_parameters():
             param.requires_grad_(name in self.upper_names)
+        self.fused = self.fuse_batches(concepts)
         self.distribution = AttackerDistribution(self.config, components, specs, self.lower_names,
                                                  [spec for spec, _ in self.retained])
         self.class_of = {spec.name: (spec.class_prompt, spec.class_images) if self.config.class_batches == "per-class"
@@ -150,13 +152,31 @@ class BilevelImmunizer(PreservationTerms):
     def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
         """Draw from `generator` what `times` losses of `batch` would, without the UNet."""
         for _ in range(times):
-            diffusion_loss(lambda noisy, t, hidden: noisy, self.scheduler, batch.latents, batch.hidden,
-                           generator=generator)
+            draw_noise(self.scheduler, batch.latents, generator)
 
-    def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> list[BatchLoss]:
-        """The attacker's loss of each batch as a function of the parameters and the generator."""
-        return [lambda params, generator, b=b, c=c: self.attacked_loss(params, b, generator, c)
-                for b, c in zip(batches, concepts, strict=True)]
+    def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> BatchLosses:
+        """The attacker's losses of `batches` as a function of the parameters (`{**base, **phi}`) and the generator,
+        `fused` batches to a UNet call (one where the exact product differentiates them twice: `fused` is sized by a
+        first-order graph)."""
+
+        def losses(params: Params, generator: torch.Generator, group: Sequence[int]) -> torch.Tensor:
+            weights = {name: p for name, p in params.items() if name in self.unet_names}
+            draws = [draw_noise(self.scheduler, batches[i].latents, generator) for i in group]
+            return self.fused_losses({**weights, **self.attacker.weights(params)}, [params] * len(group),
+                                     [batches[i] for i in group], draws, [concepts[i] for i in group])
+
+        twice = self.attacker.spec.order == "second-order" and self.config.hvp == "exact"
+        return BatchLosses(losses, len(batches), 1 if twice else self.fused)
+
+    def fused_losses(
+        self, weights: Params, conditioning: Sequence[Params], batches: Sequence[Batch],
+        draws: Sequence[tuple[torch.Tensor, torch.Tensor]], concepts: Sequence[int | None],
+    ) -> torch.Tensor:
+        """Each batch's loss with the UNet's `weights`, under its drawn noise and timesteps, conditioned as the
+        attacker conditions its concept at its `conditioning` parameters: through the UNet in one call."""
+        return denoising_losses(unet_call_with(self.unet, weights), self.scheduler, [
+            (batch.latents, *drawn, self.attacker.hidden(params, batch, concept))
+            for batch, drawn, params, concept in zip(batches, draws, conditioning, concepts, strict=True)])
 
     def unroll(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
@@ -218,39 +238,54 @@ class BilevelImmunizer(PreservationTerms):
         owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
         concepts: Sequence[int | None] | None = None, cap: float = 0.0,
     ) -> tuple[list[float], Params, list[Params]]:
-        """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi,
-        one graph at a time.
+        """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi.
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
-        `phis[n]`. With `owned`, only the owned batches count (the others' draws are skipped, their losses are 0.0).
-        With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no gradient.
+        `phis[n]`. With `owned`, only the owned batches count (the others' draws are made and dropped, their losses
+        are 0.0). With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no
+        gradient. The batches go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a
+        time.
         """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
-        losses, grads = [], {name: torch.zeros_like(p) for name, p in leaves.items()}
-        phi_grads: list[Params] = []
-        for index, batch in enumerate(batches):
-            phi = {n: p.detach().requires_grad_() for n, p in (phis[index] if phis else {}).items()}
-            if owned is not None and not owned[index]:
-                self.skip_draws(batch, generator)
-                losses.append(0.0)
-                phi_grads.append({})
+        weights = {**params, **leaves}
+        draws = [draw_noise(self.scheduler, batch.latents, generator) for batch in batches]  # as one call each would
+        owned_indices = [index for index in range(len(batches)) if owned is None or owned[index]]
+        losses, phi_grads = [0.0] * len(batches), [{} for _ in batches]
+        grads = {name: torch.zeros_like(p) for name, p in leaves.items()}
+        for start in range(0, len(owned_indices), self.fused):
+            group = owned_indices[start:start + self.fused]
+            phi = [{n: p.detach().requires_grad_() for n, p in (phis[i] if phis else {}).items()} for i in group]
+            values = self.fused_losses(weights, [{**weights, **part} for part in phi], [batches[i] for i in group],
+                                       [draws[i] for i in group], [concepts[i] if concepts else None for i in group])
+            counted = [k for k, value in enumerate(values.tolist()) if not 0 < cap < value]  # above: the constant cap
+            for i, value in zip(group, values.tolist(), strict=True):
+                losses[i] = min(value, cap) if cap > 0 else value
+            if not counted:
                 continue
-            weights = {**params, **leaves}
-            loss = self.conditioned_loss(weights, {**weights, **phi}, batch, generator,
-                                         concepts[index] if concepts else None)
-            if 0 < cap < loss.item():  # min(loss, cap) is the constant cap here
-                losses.append(cap)
-                phi_grads.append({})
-                continue
-            named = [*leaves.values(), *phi.values()]
-            results = torch.autograd.grad(loss, named, allow_unused=True)
-            for name, grad in zip(leaves, results[:len(leaves)], strict=True):
-                if grad is not None:
-                    grads[name] += grad / len(batches)
-            phi_grads.append({n: g / len(batches) for n, g in zip(phi, results[len(leaves):], strict=True)
-                              if g is not None})
-            losses.append(loss.item())
+            named = {**{(None, n): p for n, p in leaves.items()},  # (index in group or None, name)
+                     **{(k, n): p for k in counted for n, p in phi[k].items()}}
+            results = torch.autograd.grad(values[counted].sum() / len(batches), list(named.values()),
+                                          allow_unused=True)
+            for (k, name), grad in zip(named, results, strict=True):
+                if grad is not None and k is None:
+                    grads[name] += grad
+                elif grad is not None:
+                    phi_grads[group[k]][name] = grad
         return losses, grads, phi_grads
+
+    def fuse_batches(self, concepts: list[EncodedConcept]) -> int:
+        """How many batches at one set of weights go through the UNet together (`mean_loss_gradient`): as many as
+        their graph, measured on one batch, fits in `fused_batches` times the UNet parameters' memory, and at least
+        one. The parameters', not the peak memory: so that a model and its data fuse alike in every process, and a
+        resumed run computes as the uninterrupted one did."""
+        if self.config.fused_batches == 0 or not concepts:
+            return 1
+        batch = concepts[0].batch(self.config.batch_size, torch.Generator().manual_seed(0))
+        like = {"device": self.unet.device, "dtype": self.unet.dtype}
+        with GraphBytes(self.unet.parameters()) as graph:
+            self.loss({}, Batch(batch.latents.to(**like), batch.hidden.to(**like)), torch.Generator().manual_seed(0))
+        budget = self.config.fused_batches * tensor_bytes(self.unet.parameters())
+        return max(1, int(budget) // max(graph.bytes, 1))
 
     def adapted_loss_gradient(
         self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],

@@ -141,6 +141,15 @@ class ImmunizeConfig(Config):
                           "the peak by at most that fraction of it whatever the number of concepts (the toy keeps "
                           "all); 0: recompute every one"},
     )
+    fused_batches: float = field(
+        default=0.5,
+        metadata={"help": "batches at the same weights (the upper losses at the merged weights, the prior and retain "
+                          "terms' class images) go through the UNet together, as many as their graph (measured on one "
+                          "batch) takes at most this many times the UNet parameters' memory: faster where a UNet call "
+                          "costs mostly what its parameters cost (small latents, many concepts); where activations "
+                          "dominate it fuses none; 0: one batch at a time",
+                  "absent": 0.0},  # records from before the field: one at a time, so that their runs resume exactly
+    )
     persistent_attacker: bool = field(
         default=False,
         metadata={"help": "alternating schedule (the authors' code): each attack starts where the same attacker's "
@@ -230,7 +239,7 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
             raise ConfigError("outer_lr, inner_lr and ridge must be positive")
-        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients"):
+        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
