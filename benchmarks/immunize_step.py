@@ -11,13 +11,15 @@ Each (method, N) runs in its own subprocess, so its peak memory is its own:
 Ratios come from this one run: step time / (N x plain fine-tuning step time on the same model and batch size,
 timed in the same child right after, so that both see the same load on a shared machine; each the fastest of its
 timed steps),
-the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), and peak memory at N
-over peak memory at the smallest N. Prints a table and writes JSON:
+the Merge's share of a step (adding the copies, the closed-form solve and its pull-back), peak memory at N
+over peak memory at the smallest N, and how many batches at one set of weights went through the UNet in one call
+(`fused`, `--fused-batches`). Prints a table and writes JSON:
 
     python benchmarks/immunize_step.py [--model toy|sd15-shaped|sd15-half-width|FOLDER] [--concepts 1 3 8 16]
         [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu]
         [--mixed-precision no|bf16] [--threads 1]
-        [--gradient-checkpointing] [--with-prior] [--kept-gradients F] [--json benchmarks/results/immunize_step.json]
+        [--gradient-checkpointing] [--with-prior] [--kept-gradients F] [--fused-batches F]
+        [--json benchmarks/results/immunize_step.json]
 
 With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
 distribution a run would sample from, and any other `ImmunizeConfig` field it sets, e.g. `upper_params`; or
@@ -330,7 +332,7 @@ def _print_scaling(args: argparse.Namespace, model_dir: str) -> dict:
           f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
     smallest = f"x N={min(args.concepts)}"
     print(f"{'N':>3} {'method':>10} {'step s':>8} {'/ N plain':>10} {'merge %':>8} {'peak MiB':>9} {smallest:>7}"
-          f" {'step MiB':>9} {'x':>6}")
+          f" {'step MiB':>9} {'x':>6} {'fused':>5}")
     rows = []
     for method in args.methods:
         first = None
@@ -343,7 +345,7 @@ def _print_scaling(args: argparse.Namespace, model_dir: str) -> dict:
             rows.append(row)
             print(f"{n:>3} {method:>10} {r['step_s']:>8.3f} {row['per_concept']:>10.2f}"
                   f" {100 * row['merge_share']:>7.1f}% {r['peak_bytes'] / 2**20:>9.0f} {row['peak_ratio']:>7.2f}"
-                  f" {r['step_peak_bytes'] / 2**20:>9.0f} {row['step_peak_ratio']:>6.2f}")
+                  f" {r['step_peak_bytes'] / 2**20:>9.0f} {row['step_peak_ratio']:>6.2f} {r['fused']:>5}")
     print(f"bars (second order): peak x N=1 <= {BARS['peak_ratio']}, step / N plain <= {BARS['time_per_concept']}, "
           f"merge < {100 * BARS['merge_share']:.0f} %")
     return {"plain": plain, "rows": rows, "bars": BARS}
