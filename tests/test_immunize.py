@@ -34,6 +34,7 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     code = main([
         "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
         "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--setting", setting,
+        "--fused-batches", "0" if setting == "relearn" else "1000",
     ])
     assert code == 0, capsys.readouterr().err
     before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
@@ -43,6 +44,7 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     assert any(".ff." in name for name in changed)  # the ascent moved S^u beyond the erased K/V
     record = json.loads((out / "immunization.json").read_text())
     assert record["config"]["setting"] == setting and len(record["log"]) == 2
+    assert (record["batches_per_call"] > 1) == (setting == "personalize")  # --fused-batches 0 / 1000
     assert {"upper/stripes", "upper/star", "lower/stripes", "lower/star", "prior"} <= set(record["log"][0])
     assert record["versions"]["torch"] == torch.__version__ and record["elapsed_s"] > 0
     assert not (out / "checkpoint").exists()

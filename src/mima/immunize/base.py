@@ -31,6 +31,7 @@ class Immunizer(ABC):
         self.config = config
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
         self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
+        self.fused = 1  # batches at one set of weights per UNet call (`BilevelImmunizer.fuse_batches`)
 
     @classmethod
     def deciding_fields(cls, config: ImmunizeConfig) -> list[str]:

@@ -82,6 +82,9 @@ class ImmunizationRun:
         immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
+        if immunizer.fused > 1:
+            print(f"immunize: up to {immunizer.fused} batches at one set of weights per UNet call (--fused-batches)",
+                  file=sys.stderr)
         log: list[dict[str, float]] = []
         if immunizer.iterative:
             log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint", placement).run(resume)
@@ -93,7 +96,8 @@ class ImmunizationRun:
         record = {
             "config": config.to_dict(), "model": self.model, "concepts": [_spec_record(s) for s in specs],
             "retained": [_spec_record(s) for s in retained],
-            "log": log, "elapsed_s": time.time() - started, **placement.record(), **provenance(),
+            "log": log, "elapsed_s": time.time() - started, "batches_per_call": immunizer.fused,
+            **placement.record(), **provenance(),
         }
         atomic_write_text(self.out_dir / "immunization.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         shard.barrier()
