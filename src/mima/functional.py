@@ -222,8 +222,7 @@ def unroll(
     phi, iterates, gradients, states, first, kept = {n: p.detach() for n, p in params.items()}, [], [], [], None, None
     trajectory, adam, extra = [], None, [n for n in also if n not in params]
     for step in range(steps):
-        step_states, total = [], 0.0
-        mean = {n: torch.zeros_like(p) for n, p in {**{n: fixed[n] for n in extra}, **phi}.items()}
+        step_states, total, mean = [], 0.0, {}
         groups = losses.groups()
         for index, group in enumerate(groups):
             step_states.append(generator.get_state())
@@ -233,8 +232,7 @@ def unroll(
             loss = losses.mean_part({**fixed, **leaves}, generator, group)
             grads = _batch_gradient(loss, leaves, [*phi, *extra], create_graph=keep_graph)
             kept = (leaves, {n: grads[n] for n in phi}) if keep_graph else kept
-            for name, grad in grads.items():
-                mean[name] += grad.detach()
+            accumulate(mean, {name: grad.detach() for name, grad in grads.items()})  # the kept group is the last
             total += loss.item()
         first = total if first is None else first
         scale = clip_scale([mean[n] for n in phi], max_norm) if max_norm > 0 and phi else 1.0
@@ -300,7 +298,7 @@ def unrolled_vjp(
     if not run.gradients and len(losses.groups()) != 1:
         raise ValueError("a run over several groups of batches needs its gradients to be replayed")
     extra = [n for n in wrt if n in fixed and n not in lam]
-    fixed_grads = {n: torch.zeros_like(fixed[n]) for n in extra}
+    fixed_grads: Params = {}
     kept = run.kept
     for step in reversed(range(len(run.iterates))):
         targets = [*(lam if step else [n for n in wrt if n in lam]), *extra]
@@ -309,8 +307,7 @@ def unrolled_vjp(
         else:
             products, kept = _exact_hvp(run, step, fixed, losses, generator, lam, targets, max_norm, kept)
         lam = {n: lam[n] - lr * products[n] for n in targets if n in lam}
-        for name in fixed_grads:
-            fixed_grads[name] -= lr * products[name]
+        accumulate(fixed_grads, {n: products[n].mul_(-lr) for n in extra})  # the products are the step's own
     return {**{n: lam[n] for n in wrt if n in lam}, **fixed_grads}
 
 
@@ -358,13 +355,11 @@ def _difference_hvp(
     draws and no double backward, so any attention kernel serves; an approximation, first order in eps."""
 
     def mean_gradient(point: Params, names: list[str]) -> Params:
-        params = {**fixed, **point}
-        mean = {n: torch.zeros_like(params[n]) for n in names}
+        params, mean = {**fixed, **point}, {}
         for index, group in enumerate(losses.groups()):
             leaves = _leaves({n: params[n] for n in names})  # only these: no weight gradient for the others
             loss = losses.mean_part({**params, **leaves}, _replay(generator, run.states[step][index]), group)
-            for name, grad in _batch_gradient(loss, leaves, names, create_graph=False).items():
-                mean[name] += grad
+            accumulate(mean, _batch_gradient(loss, leaves, names, create_graph=False))
         return mean
 
     iterate, names = run.iterates[step], list(dict.fromkeys([*lam, *targets]))
@@ -380,12 +375,19 @@ def _difference_hvp(
             return {n: torch.zeros_like(at[n]) for n in targets}
         eps = FD_STEP * torch.clamp(torch.sqrt(sum((iterate[n] * iterate[n]).sum() for n in lam)), min=1.0) / norm
         moved = mean_gradient({n: p + eps * u[n] if n in u else p for n, p in iterate.items()}, targets)
-    return {n: (moved[n] - at[n]) / eps for n in targets}
+    return {n: moved[n].sub_(at[n]).div_(eps) for n in targets}  # in place: `moved` is this function's own
 
 
 def add_grads(grads: Params, more: Params) -> Params:
     """The sum of two gradient dicts (a name missing from one counts as zero)."""
     return {**more, **grads, **{name: grads[name] + g for name, g in more.items() if name in grads}}
+
+
+def accumulate(total: Params, more: Params) -> None:
+    """Add `more` into `total` in place, taking a tensor of `more` as it is where `total` has none: for sums whose
+    terms the caller owns, since on the CPU a new parameter-sized tensor costs more than the addition."""
+    for name, tensor in more.items():
+        total[name] = total[name].add_(tensor) if name in total else tensor
 
 
 def without_conflict(grads: Params, other: Params) -> Params:

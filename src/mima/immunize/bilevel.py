@@ -15,6 +15,7 @@ from mima.functional import (
     GraphBytes,
     Params,
     Unrolled,
+    accumulate,
     add_grads,
     inner_step,
     tensor_bytes,
@@ -250,8 +251,7 @@ class BilevelImmunizer(PreservationTerms):
         weights = {**params, **leaves}
         draws = [draw_noise(self.scheduler, batch.latents, generator) for batch in batches]  # as one call each would
         owned_indices = [index for index in range(len(batches)) if owned is None or owned[index]]
-        losses, phi_grads = [0.0] * len(batches), [{} for _ in batches]
-        grads = {name: torch.zeros_like(p) for name, p in leaves.items()}
+        losses, phi_grads, grads = [0.0] * len(batches), [{} for _ in batches], {}
         for start in range(0, len(owned_indices), self.fused):
             group = owned_indices[start:start + self.fused]
             phi = [{n: p.detach().requires_grad_() for n, p in (phis[i] if phis else {}).items()} for i in group]
@@ -268,10 +268,10 @@ class BilevelImmunizer(PreservationTerms):
                                           allow_unused=True)
             for (k, name), grad in zip(named, results, strict=True):
                 if grad is not None and k is None:
-                    grads[name] += grad
+                    accumulate(grads, {name: grad})
                 elif grad is not None:
                     phi_grads[group[k]][name] = grad
-        return losses, grads, phi_grads
+        return losses, {name: grads.get(name, torch.zeros_like(p)) for name, p in leaves.items()}, phi_grads
 
     def fuse_batches(self, concepts: list[EncodedConcept]) -> int:
         """How many batches at one set of weights go through the UNet together (`mean_loss_gradient`): as many as
