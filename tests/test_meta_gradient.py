@@ -17,6 +17,7 @@ from mima.immunize.config import DEFAULT_ATTACKERS
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages
+from mima.utils.device import GraphBytes
 
 SEED = 7
 
@@ -487,7 +488,7 @@ def test_graph_bytes_count_what_a_backward_keeps_and_not_the_weights():
     """`GraphBytes` counts the tensors saved for the backward once each, and none of the ignored ones: for
     relu(x @ w) with w ignored, x and the relu's output."""
     x, w = torch.randn(5, 3, requires_grad=True), torch.randn(3, 7, requires_grad=True)
-    with functional.GraphBytes([w]) as graph:
+    with GraphBytes([w]) as graph:
         (x @ w).relu().sum()
     assert graph.bytes == (5 * 3 + 5 * 7) * 4
 

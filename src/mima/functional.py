@@ -174,33 +174,6 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class GraphBytes:
-    """While active, counts the bytes of the tensors autograd saves for a backward, each storage once and none of
-    `ignore`'s (which exist anyway, e.g. the weights): what a graph adds to memory (`bytes`)."""
-
-    def __init__(self, ignore: Iterable[torch.Tensor]) -> None:
-        self.ignored = {tensor.untyped_storage().data_ptr() for tensor in ignore}
-        self.sizes: dict[int, int] = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.ignored:
-            self.sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def __enter__(self) -> GraphBytes:
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.hooks.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.sizes.values())
-
-
 def _leaves(params: Params) -> Params:
     return {name: p.detach().requires_grad_() for name, p in params.items()}
 
@@ -381,6 +354,11 @@ def _difference_hvp(
 def add_grads(grads: Params, more: Params) -> Params:
     """The sum of two gradient dicts (a name missing from one counts as zero)."""
     return {**more, **grads, **{name: grads[name] + g for name, g in more.items() if name in grads}}
+
+
+def divided(grads: Params, count: int) -> Params:
+    """`grads` / `count`, with no new tensors when `count` is 1 (a mean over one trajectory point)."""
+    return grads if count == 1 else {name: g / count for name, g in grads.items()}
 
 
 def accumulate(total: Params, more: Params) -> None:

@@ -12,11 +12,11 @@ import torch
 from mima.data.concepts import ConceptSpec
 from mima.functional import (
     BatchLosses,
-    GraphBytes,
     Params,
     Unrolled,
     accumulate,
     add_grads,
+    divided,
     inner_step,
     tensor_bytes,
     unet_call_with,
@@ -31,7 +31,7 @@ from mima.losses import denoising_losses, diffusion_loss, draw_noise
 from mima.models.components import Components
 from mima.models.cross_attention import differentiable_attention, enable_gradient_checkpointing, select_parameters
 from mima.models.encoding import Batch, EncodedConcept
-from mima.utils.device import peak_memory_bytes
+from mima.utils.device import GraphBytes, peak_memory_bytes
 
 
 class BilevelImmunizer(PreservationTerms):
@@ -308,7 +308,7 @@ class BilevelImmunizer(PreservationTerms):
                 phi_grad = add_grads(phi_grad, more)
             pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
                                           {n: point_grads[n] for n in changed}, phi_grad)
-            grads = add_grads(grads, {n: g / points for n, g in add_grads(pulled, direct).items()})
+            grads = add_grads(grads, divided(add_grads(pulled, direct), points))
             losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
         return losses, grads, run.first_loss
 

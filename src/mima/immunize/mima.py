@@ -25,7 +25,7 @@ import torch
 
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params, Unrolled, add_grads, tensor_bytes
+from mima.functional import Params, Unrolled, add_grads, divided, tensor_bytes
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer
@@ -107,7 +107,7 @@ class MIMA(BilevelImmunizer):
         for p, point in enumerate(inputs):
             point_losses, point_grads = self.merged_upper_gradient(
                 base, batches, generator, point, runs, {n: phis[p] for n, phis in kept.items()}, owned)
-            grads = add_grads(grads, {n: g / points for n, g in point_grads.items()})
+            grads = add_grads(grads, divided(point_grads, points))
             losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
         return losses, grads, logs
 

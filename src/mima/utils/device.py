@@ -9,6 +9,7 @@ import gc
 import os
 import random
 import sys
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -199,6 +200,33 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
         # ru_maxrss is in bytes on macOS but in KiB on Linux and the BSDs.
         return peak if sys.platform == "darwin" else peak * 1024
     return None
+
+
+class GraphBytes:
+    """While active, counts the bytes of the tensors autograd saves for a backward, each storage once and none of
+    `ignore`'s (which exist anyway, e.g. the weights): what a graph adds to memory (`bytes`)."""
+
+    def __init__(self, ignore: Iterable[torch.Tensor]) -> None:
+        self.ignored = {tensor.untyped_storage().data_ptr() for tensor in ignore}
+        self.sizes: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.ignored:
+            self.sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> GraphBytes:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 def synchronize(device: torch.device | str) -> None:
