@@ -111,8 +111,17 @@ class BilevelImmunizer(PreservationTerms):
         self, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
     ) -> torch.Tensor:
         """The simulated attacker's loss at `params` = `{**base, **phi}` on `batch` of concept index `concept`."""
+        return self.attacked_losses(params, [batch], [draw_noise(self.scheduler, batch.latents, generator)],
+                                    [concept])[0]
+
+    def attacked_losses(
+        self, params: Params, batches: Sequence[Batch], draws: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        concepts: Sequence[int | None],
+    ) -> torch.Tensor:
+        """`attacked_loss` of each of `batches` under its drawn noise and timesteps, through the UNet in one call."""
         weights = {name: p for name, p in params.items() if name in self.unet_names}
-        return self.conditioned_loss({**weights, **self.attacker.weights(params)}, params, batch, generator, concept)
+        return self.fused_losses({**weights, **self.attacker.weights(params)}, [params] * len(batches), batches,
+                                 draws, concepts)
 
     def adapt(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
@@ -161,10 +170,8 @@ class BilevelImmunizer(PreservationTerms):
         first-order graph)."""
 
         def losses(params: Params, generator: torch.Generator, group: Sequence[int]) -> torch.Tensor:
-            weights = {name: p for name, p in params.items() if name in self.unet_names}
             draws = [draw_noise(self.scheduler, batches[i].latents, generator) for i in group]
-            return self.fused_losses({**weights, **self.attacker.weights(params)}, [params] * len(group),
-                                     [batches[i] for i in group], draws, [concepts[i] for i in group])
+            return self.attacked_losses(params, [batches[i] for i in group], draws, [concepts[i] for i in group])
 
         twice = self.attacker.spec.order == "second-order" and self.config.hvp == "exact"
         return BatchLosses(losses, len(batches), 1 if twice else self.fused)
@@ -257,8 +264,9 @@ class BilevelImmunizer(PreservationTerms):
             phi = [{n: p.detach().requires_grad_() for n, p in (phis[i] if phis else {}).items()} for i in group]
             values = self.fused_losses(weights, [{**weights, **part} for part in phi], [batches[i] for i in group],
                                        [draws[i] for i in group], [concepts[i] if concepts else None for i in group])
-            counted = [k for k, value in enumerate(values.tolist()) if not 0 < cap < value]  # above: the constant cap
-            for i, value in zip(group, values.tolist(), strict=True):
+            found = values.tolist()
+            counted = [k for k, value in enumerate(found) if not 0 < cap < value]  # above: the constant cap
+            for i, value in zip(group, found, strict=True):
                 losses[i] = min(value, cap) if cap > 0 else value
             if not counted:
                 continue
