@@ -192,6 +192,8 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "first-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
         ("imma-joint", "second-order", {"attackers": ({"kind": "full", "prompt": "description", "lr": 0.5},)}),
         ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker", "retain_weight": 0.5}),
+        ("mima", "second-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_order": "first-order"}),
+        ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_order": "first-order"}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
@@ -482,6 +484,40 @@ def test_fused_batches_go_through_the_unet_together_and_change_nothing(tiny_comp
     assert fused_value == pytest.approx(value, rel=1e-12)
     for name, grad in grads.items():  # the finite-difference product divides rounding by its step, 1e-5
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-7, atol=1e-11)
+
+
+@pytest.mark.parametrize("attacker", [{"kind": "full", "lr": 0.5}, LORA])
+def test_a_first_order_retain_term_skips_the_product_through_its_attack(tiny_components, attacker):
+    """`retain_order: first-order`: the retain term's attack and upper losses are the same (same draws, same
+    values), its gradient no longer goes through the attack's steps, which saves the finite-difference product's
+    one UNet call per class batch and inner step."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    calls = []
+    components.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+
+    def retain(order: str):
+        config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="finite-difference", attackers=(attacker,),
+                                prior_weight=0.0, retain_weight=0.5, retain_prompt="class", retain_order=order,
+                                fused_batches=0.0)
+        immunizer = immunizers.get("mima")(config)
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        base = {name: p.detach() for name, p in immunizer.base_parameters().items()}
+        calls.clear()
+        [(name, (losses, grads))] = immunizer.preservation_gradients(base, batches, torch.Generator().manual_seed(1))
+        flat = torch.cat([grads[n].flatten() for n in sorted(immunizer.upper_names)])
+        return losses, flat, len(calls)
+
+    losses, through, attacker_calls = retain("attacker")
+    first_losses, first, first_calls = retain("first-order")
+    steps = attacker.get("steps", 1)
+    assert first_losses == losses
+    assert attacker_calls - first_calls == steps * len(concepts)  # a product per step and class batch
+    assert (through - first).norm() > 1e-3 * through.norm()  # the attack's steps depend on S^u
 
 
 def test_graph_bytes_count_what_a_backward_keeps_and_not_the_weights():

@@ -8,6 +8,7 @@ torchrun run samples the same attacker, and a resumed run repeats the uninterrup
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from mima.data.concepts import ConceptSpec
-from mima.functional import Params
+from mima.functional import Order, Params
 from mima.immunize.attackers import SimulatedAttacker, simulated_attackers
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
@@ -87,13 +88,18 @@ class AttackerDistribution:
             self.carried[key] = {n: (p - base[n] if n in base else p).detach().clone() for n, p in phi.items()}
 
     @contextmanager
-    def afresh(self) -> Iterator[None]:
-        """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name)."""
-        persistent, self.persistent = self.persistent, False
+    def afresh(self, order: Order | None = None) -> Iterator[None]:
+        """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name), and are
+        differentiated through in `order` where given, not the attacker's own."""
+        attacker = self.attacker
+        persistent, spec = self.persistent, attacker.spec
+        self.persistent = False
+        if order is not None:
+            attacker.spec = dataclasses.replace(spec, order=order)
         try:
             yield
         finally:
-            self.persistent = persistent
+            self.persistent, attacker.spec = persistent, spec
 
     def _key(self, concepts: Sequence[int | None]) -> str | None:
         if not self.persistent or None in concepts:
