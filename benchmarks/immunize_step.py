@@ -19,6 +19,7 @@ over peak memory at the smallest N, and how many batches at one set of weights w
         [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu]
         [--mixed-precision no|bf16] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--kept-gradients F] [--fused-batches F]
+        [--retain-order attacker|first-order]
         [--json benchmarks/results/immunize_step.json]
 
 With `--immunize-config FILE` (an immunize YAML such as configs/attackers-lora.yaml: its `attackers:` list, e.g. the
@@ -101,7 +102,7 @@ def _immunizer(args: argparse.Namespace, components, specs, concepts):
         order="first-order" if args.child == "mima-1st" else "second-order",
         caption_bank="toy" if args.model == "toy" else "generic",
         gradient_checkpointing=args.gradient_checkpointing, **_terms(args),
-        **{name: value for name in ("hvp", "kept_gradients", "fused_batches")
+        **{name: value for name in ("hvp", "kept_gradients", "fused_batches", "retain_order")
            if (value := getattr(args, name)) is not None},
     )
     immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
@@ -278,6 +279,7 @@ def _run_child(args: argparse.Namespace, model_dir: str, method: str, n: int) ->
                *(["--with-prior"] if args.with_prior else []), *(["--hvp", args.hvp] if args.hvp else []),
                *(["--kept-gradients", str(args.kept_gradients)] if args.kept_gradients is not None else []),
                *(["--fused-batches", str(args.fused_batches)] if args.fused_batches is not None else []),
+               *(["--retain-order", args.retain_order] if args.retain_order else []),
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -307,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fused-batches", type=float, help="batches at one set of weights go through the UNet "
                         "together while their graph fits in this many times the UNet's parameters (default: "
                         "ImmunizeConfig's; 0: one at a time)")
+    parser.add_argument("--retain-order", choices=["attacker", "first-order"], help="the retain term's gradient "
+                        "through its attack or in first order (default: ImmunizeConfig's; with --with-prior)")
     parser.add_argument("--immunize-config",
                         help="immunize YAML (attackers, upper_params, ...) or 'defaults': print its step time and "
                              "peak memory over the baseline's")

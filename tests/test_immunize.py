@@ -34,7 +34,8 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     code = main([
         "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
         "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--setting", setting,
-        "--fused-batches", "0" if setting == "relearn" else "1000",
+        *(["--fused-batches", "0"] if setting == "relearn" else ["--fused-batches", "1000", "--retain-order",
+                                                                 "first-order"]),
     ])
     assert code == 0, capsys.readouterr().err
     before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
@@ -45,6 +46,7 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     record = json.loads((out / "immunization.json").read_text())
     assert record["config"]["setting"] == setting and len(record["log"]) == 2
     assert (record["batches_per_call"] > 1) == (setting == "personalize")  # --fused-batches 0 / 1000
+    assert record["config"]["retain_order"] == ("attacker" if setting == "relearn" else "first-order")
     assert {"upper/stripes", "upper/star", "lower/stripes", "lower/star", "prior"} <= set(record["log"][0])
     assert record["versions"]["torch"] == torch.__version__ and record["elapsed_s"] > 0
     assert not (out / "checkpoint").exists()

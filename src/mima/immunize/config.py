@@ -188,8 +188,8 @@ class ImmunizeConfig(Config):
         default="attacker",
         metadata={"help": "whether the retain term's gradient goes through its simulated attack as the attacker's "
                           "order says ('attacker'), or not ('first-order': one forward and backward fewer per class "
-                          "batch, and no gradient kept for the product; measured cosine 0.98-0.999 with the second "
-                          "order's on the demo)"},
+                          "batch; on the demo its gradient's cosine with the second order's fell from 0.98-0.999 "
+                          "over the first 40 outer steps to a median 0.86, at worst -0.45, over the last 20)"},
     )
     retain_concepts: tuple[str, ...] = field(
         default=(),
