@@ -194,6 +194,7 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker", "retain_weight": 0.5}),
         ("mima", "second-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_order": "first-order"}),
         ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_order": "first-order"}),
+        ("mima", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_lr_scale": 3.0}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
@@ -518,6 +519,34 @@ def test_a_first_order_retain_term_skips_the_product_through_its_attack(tiny_com
     assert first_losses == losses
     assert attacker_calls - first_calls == steps * len(concepts)  # a product per step and class batch
     assert (through - first).norm() > 1e-3 * through.norm()  # the attack's steps depend on S^u
+
+
+def test_the_retain_terms_attack_steps_at_its_scaled_rate(tiny_components):
+    """`retain_lr_scale`: the retain term is the one an attacker at that multiple of the rate would give (same
+    draws), while the targets' copies keep the attacker's own rate."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+
+    def retain(lr: float, scale: float):
+        config = ImmunizeConfig(caption_bank="toy", attackers=({**LORA, "lr": lr},), prior_weight=0.0,
+                                retain_weight=0.5, retain_prompt="class", retain_lr_scale=scale)
+        immunizer = immunizers.get("mima")(config)
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        base = {name: p.detach() for name, p in immunizer.base_parameters().items()}
+        [(_, (losses, grads))] = immunizer.preservation_gradients(base, batches, torch.Generator().manual_seed(1))
+        assert immunizer.attacker.lr == lr  # restored for the copies
+        return losses, grads
+
+    scaled_losses, scaled = retain(0.5, 3.0)
+    losses, grads = retain(1.5, 1.0)
+    assert scaled_losses == losses and scaled.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(scaled[name], grad, rtol=1e-12, atol=0)
+    assert retain(0.5, 1.0)[0] != losses  # the rate changes the term
 
 
 def test_graph_bytes_count_what_a_backward_keeps_and_not_the_weights():

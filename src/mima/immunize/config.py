@@ -191,6 +191,12 @@ class ImmunizeConfig(Config):
                           "batch; on the demo its gradient's cosine with the second order's fell from 0.98-0.999 "
                           "over the first 40 outer steps to a median 0.86, at worst -0.45, over the last 20)"},
     )
+    retain_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "the retain term's simulated attack steps at this multiple of the attacker's rate: a "
+                          "larger step weighs more the part of its gradient that goes through the attack (second "
+                          "order), which keeps class images learnable"},
+    )
     retain_concepts: tuple[str, ...] = field(
         default=(),
         metadata={"help": "concepts (as --concepts takes them: toy:NAME, a concept file) whose images the retain term "
@@ -244,8 +250,8 @@ class ImmunizeConfig(Config):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0:
-            raise ConfigError("outer_lr, inner_lr and ridge must be positive")
+        if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0 or self.retain_lr_scale <= 0:
+            raise ConfigError("outer_lr, inner_lr, ridge and retain_lr_scale must be positive")
         for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")

@@ -88,18 +88,19 @@ class AttackerDistribution:
             self.carried[key] = {n: (p - base[n] if n in base else p).detach().clone() for n, p in phi.items()}
 
     @contextmanager
-    def afresh(self, order: Order | None = None) -> Iterator[None]:
-        """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name), and are
-        differentiated through in `order` where given, not the attacker's own."""
+    def afresh(self, order: Order | None = None, lr_scale: float = 1.0) -> Iterator[None]:
+        """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name), are
+        differentiated through in `order` where given, not the attacker's own, and step at `lr_scale` times its
+        rate."""
         attacker = self.attacker
-        persistent, spec = self.persistent, attacker.spec
-        self.persistent = False
+        persistent, spec, lr = self.persistent, attacker.spec, attacker.lr
+        self.persistent, attacker.lr = False, lr * lr_scale
         if order is not None:
             attacker.spec = dataclasses.replace(spec, order=order)
         try:
             yield
         finally:
-            self.persistent, attacker.spec = persistent, spec
+            self.persistent, attacker.spec, attacker.lr = persistent, spec, lr
 
     def _key(self, concepts: Sequence[int | None]) -> str | None:
         if not self.persistent or None in concepts:

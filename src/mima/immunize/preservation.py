@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 
-from mima.functional import Order, Params, add_grads, without_conflict
+from mima.functional import Params, add_grads, without_conflict
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.class_batches import class_batches, retain_batches
 from mima.models.encoding import Batch
@@ -41,13 +42,15 @@ class PreservationTerms(Immunizer):
             pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
                                    self.retained, generator)
             lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
-            with self.distribution.afresh(self.retain_order()):
+            with self.retain_attack():
                 term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
             yield "retain", term
 
-    def retain_order(self) -> Order | None:
-        """The order the retain term's attack is differentiated in: the attacker's own (None) or first."""
-        return "first-order" if self.config.retain_order == "first-order" else None
+    def retain_attack(self) -> AbstractContextManager[None]:
+        """Where the retain term's simulated attack runs: afresh, in first order with `retain_order: first-order`, at
+        `retain_lr_scale` times the attacker's rate."""
+        order = "first-order" if self.config.retain_order == "first-order" else None
+        return self.distribution.afresh(order, self.config.retain_lr_scale)
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -85,7 +88,7 @@ class PreservationTerms(Immunizer):
         if not pairs:
             return torch.zeros(())
         lowers, _, concepts = zip(*pairs, strict=True)
-        with self.distribution.afresh(self.retain_order()):
+        with self.retain_attack():
             trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
             torch.stack([self.conditioned_loss(self.adapted_weights(base, phi), {**base, **phi}, upper, generator,
