@@ -193,9 +193,9 @@ class ImmunizeConfig(Config):
     )
     retain_lr_scale: float = field(
         default=1.0,
-        metadata={"help": "the retain term's simulated attack steps at this multiple of the attacker's rate: a "
-                          "larger step weighs more the part of its gradient that goes through the attack (second "
-                          "order), which keeps class images learnable"},
+        metadata={"help": "the retain term's simulated attack steps at this multiple of the attacker's rate, which "
+                          "weighs more the part of its gradient that goes through the attack (at 3 the toy study "
+                          "found the non-target no more learnable under a new word)"},
     )
     retain_concepts: tuple[str, ...] = field(
         default=(),
