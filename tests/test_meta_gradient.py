@@ -487,6 +487,23 @@ def test_fused_batches_go_through_the_unet_together_and_change_nothing(tiny_comp
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-7, atol=1e-11)
 
 
+def _retain_term(components, **overrides):
+    """The retain term alone (losses, gradient on S^u, the immunizer) of MIMA on two random concepts with class
+    images, under the LoRA attacker unless `overrides` say otherwise."""
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    config = ImmunizeConfig(**{"caption_bank": "toy", "attackers": (LORA,), "prior_weight": 0.0, "retain_weight": 0.5,
+                               "retain_prompt": "class", **overrides})
+    immunizer = immunizers.get("mima")(config)
+    immunizer.prepare(components, specs, concepts)
+    g = torch.Generator().manual_seed(SEED)
+    batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+    base = {name: p.detach() for name, p in immunizer.base_parameters().items()}
+    [(name, (losses, grads))] = immunizer.preservation_gradients(base, batches, torch.Generator().manual_seed(1))
+    assert name == "retain"
+    return losses, grads, immunizer
+
+
 @pytest.mark.parametrize("attacker", [{"kind": "full", "lr": 0.5}, LORA])
 def test_a_first_order_retain_term_skips_the_product_through_its_attack(tiny_components, attacker):
     """`retain_order: first-order`: the retain term's attack and upper losses are the same (same draws, same
@@ -494,30 +511,19 @@ def test_a_first_order_retain_term_skips_the_product_through_its_attack(tiny_com
     one UNet call per class batch and inner step."""
     components = copy.deepcopy(tiny_components)
     components.unet.double()
-    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
-    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     calls = []
     components.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
 
     def retain(order: str):
-        config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="finite-difference", attackers=(attacker,),
-                                prior_weight=0.0, retain_weight=0.5, retain_prompt="class", retain_order=order,
-                                fused_batches=0.0)
-        immunizer = immunizers.get("mima")(config)
-        immunizer.prepare(components, specs, concepts)
-        g = torch.Generator().manual_seed(SEED)
-        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
-        base = {name: p.detach() for name, p in immunizer.base_parameters().items()}
         calls.clear()
-        [(name, (losses, grads))] = immunizer.preservation_gradients(base, batches, torch.Generator().manual_seed(1))
-        flat = torch.cat([grads[n].flatten() for n in sorted(immunizer.upper_names)])
-        return losses, flat, len(calls)
+        losses, grads, immunizer = _retain_term(components, inner_lr=0.5, hvp="finite-difference",
+                                                attackers=(attacker,), retain_order=order, fused_batches=0.0)
+        return losses, torch.cat([grads[n].flatten() for n in sorted(immunizer.upper_names)]), len(calls)
 
     losses, through, attacker_calls = retain("attacker")
     first_losses, first, first_calls = retain("first-order")
-    steps = attacker.get("steps", 1)
     assert first_losses == losses
-    assert attacker_calls - first_calls == steps * len(concepts)  # a product per step and class batch
+    assert attacker_calls - first_calls == attacker.get("steps", 1) * 2  # a product per step and class batch
     assert (through - first).norm() > 1e-3 * through.norm()  # the attack's steps depend on S^u
 
 
@@ -526,18 +532,9 @@ def test_the_retain_terms_attack_steps_at_its_scaled_rate(tiny_components):
     draws), while the targets' copies keep the attacker's own rate."""
     components = copy.deepcopy(tiny_components)
     components.unet.double()
-    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
-    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
 
     def retain(lr: float, scale: float):
-        config = ImmunizeConfig(caption_bank="toy", attackers=({**LORA, "lr": lr},), prior_weight=0.0,
-                                retain_weight=0.5, retain_prompt="class", retain_lr_scale=scale)
-        immunizer = immunizers.get("mima")(config)
-        immunizer.prepare(components, specs, concepts)
-        g = torch.Generator().manual_seed(SEED)
-        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
-        base = {name: p.detach() for name, p in immunizer.base_parameters().items()}
-        [(_, (losses, grads))] = immunizer.preservation_gradients(base, batches, torch.Generator().manual_seed(1))
+        losses, grads, immunizer = _retain_term(components, attackers=({**LORA, "lr": lr},), retain_lr_scale=scale)
         assert immunizer.attacker.lr == lr  # restored for the copies
         return losses, grads
 
