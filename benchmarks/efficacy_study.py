@@ -195,20 +195,28 @@ def summarize(results: dict) -> dict:
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "sgr_sd": {},
-                                      "non_target_sgr_sd": {}, "non_target_judge": {}, "target_judge": {},
-                                      "losses": []})
-                        row["msgr"].append(metrics["msgr"])
-                        if method in record.get("immunization_losses", {}):
-                            row["losses"].append(record["immunization_losses"][method])
-                        for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
-                            for concept, value in metrics[sgr_key].items():
-                                row[sgr_key].setdefault(concept, []).append(value)
-                                spread = metrics.get(f"{sgr_key}_sd", {}).get(concept)  # over attack seeds
-                                row[f"{sgr_key}_sd"].setdefault(concept, []).append(spread)
-                                rates = _judge_rate_before_attack(record, method, concept)
-                                if encoder == "toy-judge" and rates is not None:
-                                    row[judge_key].setdefault(concept, []).append(rates)
+                                      "non_target_sgr_sd": {}, "between_runs": {}, "non_target_judge": {},
+                                      "target_judge": {}, "losses": []})
+                        _add_seed(row, record, method, encoder, metrics)
     return table
+
+
+def _add_seed(row: dict, record: dict, method: str, encoder: str, metrics: dict) -> None:
+    """One seed's numbers of one (method, attack, encoder) into its row of the table."""
+    row["msgr"].append(metrics["msgr"])
+    if method in record.get("immunization_losses", {}):
+        row["losses"].append(record["immunization_losses"][method])
+    for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
+        for concept, value in metrics[sgr_key].items():
+            row[sgr_key].setdefault(concept, []).append(value)
+            spread = metrics.get(f"{sgr_key}_sd", {}).get(concept)  # over attack seeds
+            row[f"{sgr_key}_sd"].setdefault(concept, []).append(spread)
+            rates = _judge_rate_before_attack(record, method, concept)
+            if encoder == "toy-judge" and rates is not None:
+                row[judge_key].setdefault(concept, []).append(rates)
+    for concept, value in metrics.get("between_runs", {}).items():
+        if value is not None:
+            row["between_runs"].setdefault(concept, []).append(value)
 
 
 def _fmt(values: list[float], spreads: list[float | None] | None = None) -> str:
@@ -217,6 +225,12 @@ def _fmt(values: list[float], spreads: list[float | None] | None = None) -> str:
     each = [f"{v:.1f}" + ("" if sd is None else f" ±{sd:.1f}")
             for v, sd in zip(values, spreads or [None] * len(values), strict=True)]
     return each[0] if len(values) == 1 else f"{mean(values):.1f} ({', '.join(each)})"
+
+
+def _between(row: dict, concept: str) -> str:
+    """The non-target's |SGR| between two un-immunized runs (`between_runs`), when it has several attack seeds."""
+    values = row.get("between_runs", {}).get(concept)
+    return f" [between runs {_fmt(values)}]" if values else ""
 
 
 def _rates(by_concept: dict) -> str:
@@ -300,7 +314,7 @@ def worst_case_lines(table: dict) -> list[str]:
 def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> None:
     lines = [*worst_case_lines(table), ""]
     lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR (± sd over attack seeds) |"
-             " non-target SGR |"
+             " non-target SGR [|SGR| between two un-immunized runs] |"
              " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
              "|" + "---|" * 11]
@@ -310,7 +324,7 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
                 for encoder, row in by_encoder.items():
                     targets = ", ".join(f"{c} {_fmt(v, row['sgr_sd'].get(c))}" for c, v in row["sgr"].items())
                     worst = min(mean(v) for v in row["sgr"].values())
-                    others = ", ".join(f"{c} {_fmt(v, row['non_target_sgr_sd'].get(c))}"
+                    others = ", ".join(f"{c} {_fmt(v, row['non_target_sgr_sd'].get(c))}" + _between(row, c)
                                        for c, v in row["non_target_sgr"].items())
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
                                  f"{worst:.1f} | {targets} | {others} | {_rates(row['non_target_judge'])} | "

@@ -253,3 +253,28 @@ def test_summary_gives_the_spread_over_seeds_of_msgr_and_each_sgr():
 
     summary = {"mima": {"lora": {"toy-judge": row, "efficientnet-lite0": one}}}
     assert [cells[3] for cells in _table(summary)[1:]] == ["30.0 ± 10.0", "20.0"]  # the report's MSGR column
+
+
+def test_between_runs_is_the_non_target_sgr_of_the_un_immunized_model_against_itself():
+    from mima.evaluate.benchmark_report import _table
+    from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate
+    from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation
+    from mima.evaluate.summary import summarize
+
+    def evaluation(waves_without: list[float]) -> Evaluation:
+        waves = ConceptResult("lora", False, [0, 5, 10], waves_without, [0.1, 0.5, 0.9], [0.0, 0.0, 0.0], 0.0)
+        metrics = {MSGR.name: 0.0, MRSGR.name: 0.0, AttackSuccessRate.name: 0.5}
+        return Evaluation({}, {}, ["waves"], {"toy-judge": EncoderResult({"waves": waves}, metrics)})
+
+    def between(*runs: list[float]) -> float | None:
+        by_seed = {100 * i: evaluation(run) for i, run in enumerate(runs)}
+        return summarize({"mima": {"lora": by_seed}}, [], ["waves"])["mima"]["lora"]["toy-judge"].between_runs["waves"]
+
+    # (0.5 - 0.4) / 0.5 = (1.0 - 0.8) / 1.0 = 20 % one way, (0.4 - 0.5) / 0.4 = (0.8 - 1.0) / 0.8 = -25 % the other
+    assert between([0.1, 0.4, 0.8], [0.1, 0.5, 1.0]) == pytest.approx(22.5)
+    assert between([0.3, 0.4, 0.8], [0.1, 0.4, 0.8]) == pytest.approx(0.0)  # step 0 is not counted
+    assert between([0.1, 0.4, 0.8]) is None  # one run: no spread to measure
+    row = summarize({"mima": {"lora": {0: evaluation([0.1, 0.4, 0.8]), 1: evaluation([0.1, 0.5, 1.0])}}}, [],
+                    ["waves"])["mima"]["lora"]["toy-judge"]
+    assert row.to_json()["between_runs"] == {"waves": pytest.approx(22.5)}
+    assert _table({"mima": {"lora": {"toy-judge": row}}})[1][6] == "22.5"  # the report's column beside |SGR|

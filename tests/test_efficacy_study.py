@@ -167,14 +167,17 @@ def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp
 
 def test_summary_shows_each_seeds_spread_over_attack_seeds(study, tmp_path):
     seeds = {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}
-    seeds[0]["summary"]["mima"]["lora"]["toy-judge"].update(sgr_sd={"stripes": 4.3}, non_target_sgr_sd={"waves": 2.0})
+    seeds[0]["summary"]["mima"]["lora"]["toy-judge"].update(sgr_sd={"stripes": 4.3}, non_target_sgr_sd={"waves": 2.0},
+                                                            between_runs={"waves": 7.4})
     table = study.summarize({"defaults": seeds})
     assert table["defaults"]["mima"]["lora"]["toy-judge"]["sgr_sd"] == {"stripes": [4.3, None]}  # seed 1: one attack
     study.write_summary(table, tmp_path)
     line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| mima | lora |" in line)
-    assert "| stripes 20.0 (10.0 ±4.3, 30.0) | waves 1.0 (1.0 ±2.0, 1.0) |" in line
+    assert "| stripes 20.0 (10.0 ±4.3, 30.0) | waves 1.0 (1.0 ±2.0, 1.0) [between runs 7.4] |" in line
     study.write_summary(study.summarize({"defaults": {0: seeds[0]}}), tmp_path)
-    assert "| stripes 10.0 ±4.3 | waves 1.0 ±2.0 |" in (tmp_path / "summary.md").read_text()
+    assert "| stripes 10.0 ±4.3 | waves 1.0 ±2.0 [between runs 7.4] |" in (tmp_path / "summary.md").read_text()
+    study.write_summary(study.summarize({"defaults": {1: seeds[1]}}), tmp_path)
+    assert "| waves 1.0 |" in (tmp_path / "summary.md").read_text()  # one attack run: nothing to compare
 
 
 def test_the_summary_starts_with_the_worst_case_over_attacks(study, tmp_path):

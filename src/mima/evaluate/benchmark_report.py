@@ -75,13 +75,15 @@ def _embed(path: Path) -> str:
 
 
 def _table(summary: Summary) -> list[list[str]]:
-    rows = [["method", "attack", "encoder", "MSGR %", "MRSGR %", "mean non-target |SGR| %"]]
+    rows = [["method", "attack", "encoder", "MSGR %", "MRSGR %", "mean non-target |SGR| %",
+             "the same between two un-immunized runs %"]]
     for method, by_attack in summary.items():
         for attack, by_encoder in by_attack.items():
             for encoder, row in by_encoder.items():
                 non_target = mean(abs(v) for v in row.non_target_sgr.values() if v is not None)
                 msgr = _percent(row.msgr) + ("" if row.msgr_sd is None else f" ± {row.msgr_sd:.1f}")
-                rows.append([method, attack, encoder, msgr, _percent(row.mrsgr), _percent(non_target)])
+                rows.append([method, attack, encoder, msgr, _percent(row.mrsgr), _percent(non_target),
+                             _percent(mean(row.between_runs.values()))])
     return rows
 
 
@@ -164,7 +166,9 @@ def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_tab
     worst_legend = ("Worst case over attacks: per model and encoder, the attack the immunization slows least (the "
                     "lowest MSGR, seed means), then every attack's MSGR.")
     legend = ("MSGR / MRSGR: higher = stronger immunization (± the standard deviation over seeds, when there are "
-              "several); non-target |SGR|: near 0 = other concepts stay learnable (definitions: docs/metrics.md).")
+              "several); non-target |SGR|: near 0 = other concepts stay learnable; beside it, the same between two "
+              "seeds' runs of the un-immunized model: a gap below it is within the attack's own spread "
+              "(definitions: docs/metrics.md).")
     before_legend = ("Each model's own samples of each concept's prompt, before any attack step: similarity to the "
                      "references (judge's rate). Non-targets should match `none`; targets should be low.")
     if before_table is None:

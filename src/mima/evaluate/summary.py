@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, Condition
+from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, Condition, sgr
 from mima.evaluate.results import ConceptResult, Evaluation
 
 UNIMMUNIZED = "none"
@@ -44,7 +45,8 @@ class SummaryRow:
     """One (method, attack, encoder), averaged over seeds: MSGR and MRSGR (percent), each concept's mean SGR over
     t >= 1 (percent), and the attack-success rate on the immunized model at the last step (fraction); with several
     seeds, the standard deviations over them of MSGR and of each SGR (one attack run moves an SGR by several points:
-    docs/efficacy.md)."""
+    docs/efficacy.md), and each non-target's `between_runs`: its mean |SGR| (percent) between two attack runs of the
+    un-immunized model, what a model that learns exactly as that one does would score."""
 
     msgr: float | None
     mrsgr: float | None
@@ -54,11 +56,13 @@ class SummaryRow:
     msgr_sd: float | None = None
     sgr_sd: dict[str, float | None] = field(default_factory=dict)
     non_target_sgr_sd: dict[str, float | None] = field(default_factory=dict)
+    between_runs: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"msgr": self.msgr, "mrsgr": self.mrsgr, "sgr": self.sgr, "non_target_sgr": self.non_target_sgr,
                 "attack_success_rate_with": self.attack_success_rate_with, "msgr_sd": self.msgr_sd,
-                "sgr_sd": self.sgr_sd, "non_target_sgr_sd": self.non_target_sgr_sd}
+                "sgr_sd": self.sgr_sd, "non_target_sgr_sd": self.non_target_sgr_sd,
+                "between_runs": self.between_runs}
 
 
 Summary = dict[str, dict[str, dict[str, SummaryRow]]]
@@ -85,8 +89,17 @@ def summarize(evaluations: Evaluations, targets: list[str], non_targets: list[st
                     msgr_sd=stdev(msgrs),
                     sgr_sd={name: stdev(sgrs[name]) for name in targets},
                     non_target_sgr_sd={name: stdev(sgrs[name]) for name in non_targets},
+                    between_runs={name: _between_runs([r.concepts[name] for r in results]) for name in non_targets},
                 )
     return summary
+
+
+def _between_runs(runs: list[ConceptResult]) -> float | None:
+    """The mean |SGR| (percent, t >= 1) over ordered pairs of distinct attack runs (seeds) of the un-immunized model,
+    one run in the role of the immunized one: the resolution of a non-target's SGR; None with one run."""
+    gaps = [mean(sgr(b, a) for a, b in zip(first.s_without[1:], second.s_without[1:], strict=True))
+            for first, second in itertools.permutations(runs, 2)]
+    return _as_percent(mean(abs(gap) for gap in gaps if gap is not None))
 
 
 def _as_percent(fraction: float | None) -> float | None:
