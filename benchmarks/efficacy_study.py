@@ -229,7 +229,7 @@ def _fmt(values: list[float], spreads: list[float | None] | None = None) -> str:
 
 def _between(row: dict, concept: str) -> str:
     """The non-target's |SGR| between two un-immunized runs (`between_runs`), when it has several attack seeds."""
-    values = row.get("between_runs", {}).get(concept)
+    values = row["between_runs"].get(concept)
     return f" [between runs {_fmt(values)}]" if values else ""
 
 
