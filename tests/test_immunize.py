@@ -17,6 +17,7 @@ from mima.immunize import trainer as trainer_module
 from mima.utils.io import load_tensors
 
 FAST = dict(steps=2, save_every=1, n_images=4, n_class_images=2, batch_size=2, caption_bank="toy")
+WITHOUT_KEYS_VALUES = ("--upper-params", "*transformer_blocks*", "!*attn2.to_k.*", "!*attn2.to_v.*")
 
 
 def _unet_weights(model_dir):
@@ -35,7 +36,7 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
         "immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
         "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--setting", setting,
         *(["--fused-batches", "0"] if setting == "relearn" else ["--fused-batches", "1000", "--retain-order",
-                                                                 "first-order"]),
+                                                                 "first-order", *WITHOUT_KEYS_VALUES]),
     ])
     assert code == 0, capsys.readouterr().err
     before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
@@ -43,6 +44,8 @@ def test_cli_immunize_changes_only_upper_parameters_and_reloads(tiny_model_dir, 
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(".transformer_blocks." in name for name in changed)  # S^u
     assert any(".ff." in name for name in changed)  # the ascent moved S^u beyond the erased K/V
+    keys_values = {name for name in changed if ".attn2.to_k." in name or ".attn2.to_v." in name}
+    assert bool(keys_values) == (setting == "relearn")  # personalize leaves them out of S^u: nothing moves them
     record = json.loads((out / "immunization.json").read_text())
     assert record["config"]["setting"] == setting and len(record["log"]) == 2
     assert (record["batches_per_call"] > 1) == (setting == "personalize")  # --fused-batches 0 / 1000

@@ -169,9 +169,11 @@ class ImmunizeConfig(Config):
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(
         default=("*transformer_blocks*",),
-        metadata={"help": "S^u: UNet parameter name globs (default: every transformer block; '*attn2.*': the "
-                          "cross-attention only, a quarter of the parameters the ascent trains on SDXL, measured to "
-                          "protect less)"},
+        metadata={"help": "S^u: UNet parameter name globs, a '!' glob leaves out what it matches (default: every "
+                          "transformer block; '*attn2.*': the cross-attention only, a quarter of the parameters the "
+                          "ascent trains on SDXL, measured to protect less; configs/upper-without-keys-values.yaml: "
+                          "all but the cross-attention's keys and values, measured to keep other concepts learnable "
+                          "under a new word but to protect less against LoRA)"},
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(

@@ -41,9 +41,13 @@ def attention_projection_names(unet: torch.nn.Module) -> list[str]:
 
 
 def select_parameters(names: Iterable[str], patterns: Iterable[str], *, what: str) -> list[str]:
-    """The names matching any glob pattern (fnmatch, e.g. `*attn2.*`); an empty selection is a ConfigError."""
+    """The names matching any glob pattern (fnmatch, e.g. `*attn2.*`) and no pattern prefixed by '!' (e.g.
+    `!*attn2.to_k.*` leaves the cross-attention keys out); an empty selection is a ConfigError."""
     patterns = list(patterns)
-    selected = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+    excluded = [p[1:] for p in patterns if p.startswith("!")]
+    included = [p for p in patterns if not p.startswith("!")]
+    selected = [n for n in names if any(fnmatchcase(n, p) for p in included)
+                and not any(fnmatchcase(n, p) for p in excluded)]
     if not selected:
         raise ConfigError(f"the {what} patterns {patterns} match no UNet parameter")
     return selected
