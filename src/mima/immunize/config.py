@@ -173,7 +173,7 @@ class ImmunizeConfig(Config):
                           "transformer block; '*attn2.*': the cross-attention only, a quarter of the parameters the "
                           "ascent trains on SDXL, measured to protect less; configs/upper-without-keys-values.yaml: "
                           "all but the cross-attention's keys and values, measured to keep other concepts learnable "
-                          "under Textual Inversion but to protect less against LoRA)"},
+                          "under Textual Inversion but to protect less against LoRA and DreamBooth)"},
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(
