@@ -113,15 +113,48 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, interrupted_at):
-    full = _run(tiny_model_dir, tmp_path / "full", steps=4, save_every=2)
+    settings = dict(steps=4, save_every=2, upper_lr_scales=("*attn2.to_k.*=0.25",))  # two AdamW groups to restore
+    full = _run(tiny_model_dir, tmp_path / "full", **settings)
     with interrupted_at(trainer_module._Loop, 2), pytest.raises(KeyboardInterrupt):
-        _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
+        _run(tiny_model_dir, tmp_path / "cut", **settings)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "progress.json").read_text())["step"] == 2
     with pytest.raises(ConfigError, match="--resume"):
-        _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2)
-    resumed = _run(tiny_model_dir, tmp_path / "cut", steps=4, save_every=2, resume=True)
+        _run(tiny_model_dir, tmp_path / "cut", **settings)
+    resumed = _run(tiny_model_dir, tmp_path / "cut", resume=True, **settings)
     expected, actual = _unet_weights(full), _unet_weights(resumed)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_upper_lr_scales_set_each_parameters_rate(tiny_model_dir, tmp_path, capsys):
+    """AdamW's first step moves each weight by its rate times g / (|g| + eps): the largest change of each S^u weight
+    is its rate, outer_lr times the scale of the last glob that matches it (personalize: no erasure moves them)."""
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
+                 "--setting", "personalize", "--steps", "1", "--n-images", "4", "--n-class-images", "2",
+                 "--batch-size", "2", "--outer-lr", "1e-3",
+                 "--upper-lr-scales", "*attn2.*=3", "*attn2.to_k.*=0.25", "*attn1.to_q.*=2"])
+    assert code == 0, capsys.readouterr().err
+    before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
+    moved = {name: (after[name] - before[name]).abs().max().item() for name in before if ".transformer_blocks." in name
+             and name.endswith(".weight") and ".norm" not in name}
+    expected = {name: 1e-3 * (0.25 if ".attn2.to_k." in name else 3 if ".attn2." in name
+                              else 2 if ".attn1.to_q." in name else 1) for name in moved}
+    assert moved == pytest.approx(expected, rel=1e-3)
+    assert json.loads((out / "immunization.json").read_text())["config"]["upper_lr_scales"][1] == "*attn2.to_k.*=0.25"
+
+
+@pytest.mark.parametrize("entry, message", [("*attn2.to_k.*", "GLOB=SCALE"), ("*attn2.to_k.*=0", "GLOB=SCALE"),
+                                            ("*to_kk.*=0.5", "matches no upper-level")])
+def test_bad_upper_lr_scales_are_a_one_line_error_before_class_images(tiny_model_dir, tmp_path, capsys, entry,
+                                                                       message):
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
+                 "--n-images", "4", "--upper-lr-scales", entry])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("mima:")] == [
+        next(line for line in err.splitlines() if message in line)]
+    assert not list(out.glob("data/*class*"))
 
 
 def test_nan_objective_is_a_one_line_error_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
 from mima.attacks.config import CONCEPT_PROMPT, FRESH_TOKEN_PROMPT
@@ -175,6 +176,12 @@ class ImmunizeConfig(Config):
                           "all but the cross-attention's keys and values, measured to keep other concepts learnable "
                           "under Textual Inversion but to protect less against LoRA and DreamBooth)"},
     )
+    upper_lr_scales: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "GLOB=SCALE entries: the S^u parameters a glob matches take SCALE times outer_lr (the last "
+                          "matching entry wins; others 1), e.g. '*attn2.to_k.*=0.3' '*attn2.to_v.*=0.3' to move the "
+                          "cross-attention's keys and values less than the rest"},
+    )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(
         default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
@@ -258,6 +265,8 @@ class ImmunizeConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
+        for entry in self.upper_lr_scales:
+            _parse_rate_scale(entry)
         for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
@@ -348,10 +357,32 @@ class ImmunizeConfig(Config):
              "prompt": spec.prompt or kind.default_prompt}
             for given, spec, kind in zip(self.attackers, specs, kinds, strict=True)))
 
+    def upper_rate_scales(self, upper_names: Sequence[str]) -> dict[str, float]:
+        """Each S^u parameter's multiple of outer_lr (`upper_lr_scales`); a glob matching none of them is a
+        ConfigError, since a misspelt one would silently change nothing."""
+        parsed = [_parse_rate_scale(entry) for entry in self.upper_lr_scales]
+        for glob, _ in parsed:
+            if not any(fnmatchcase(name, glob) for name in upper_names):
+                raise ConfigError(f"the upper_lr_scales glob {glob!r} matches no upper-level (S^u) parameter")
+        return {name: next((scale for glob, scale in reversed(parsed) if fnmatchcase(name, glob)), 1.0)
+                for name in upper_names}
+
     @property
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
         return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+
+
+def _parse_rate_scale(entry: str) -> tuple[str, float]:
+    """A `GLOB=SCALE` entry of `upper_lr_scales` as (glob, scale); a malformed one or a scale <= 0 is a ConfigError."""
+    glob, sep, scale = entry.rpartition("=")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not sep or not glob or not 0 < value < math.inf:
+        raise ConfigError(f"upper_lr_scales entries are GLOB=SCALE with a positive SCALE, got {entry!r}")
+    return glob, value
 
 
 def _attacker_mapping(entry: object) -> Mapping:

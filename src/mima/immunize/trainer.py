@@ -24,7 +24,7 @@ from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets
 from mima.models.components import Components
-from mima.models.cross_attention import key_value_parameter_names
+from mima.models.cross_attention import key_value_parameter_names, select_parameters
 from mima.models.encoding import EncodedConcept, encode_concept
 from mima.sampling import ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
@@ -68,7 +68,7 @@ class ImmunizationRun:
             specs, retained = self._materialized(self.specs), self._materialized(retained, len(self.specs))
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
-        key_value_parameter_names(components.unet)  # no cross-attention: fail early
+        _check_parameter_globs(components.unet, config)  # before class images and the erasure
         if config.uses_class_images:  # the main process generates them; the others then find them on disk
             if shard.is_main:
                 specs = self._with_class_images(components, specs, placement)
@@ -144,6 +144,14 @@ def _check_processes(processes: int, concepts: int, config: ImmunizeConfig) -> N
         raise ConfigError("persistent_attacker runs in one process; launch without torchrun/accelerate")
 
 
+def _check_parameter_globs(unet: torch.nn.Module, config: ImmunizeConfig) -> None:
+    """A UNet without cross-attention, or S^l / S^u / upper_lr_scales globs that select nothing: a ConfigError."""
+    key_value_parameter_names(unet)
+    names = [name for name, _ in unet.named_parameters()]
+    select_parameters(names, config.lower_params, what="lower-level (S^l)")
+    config.upper_rate_scales(select_parameters(names, config.upper_params, what="upper-level (S^u)"))
+
+
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:
     return {"name": spec.name, "prompts": list(spec.prompts), "images": str(spec.images),
             "class_prompt": spec.class_prompt, "class_images": str(spec.class_images),
@@ -162,8 +170,10 @@ class _Loop(TrainingLoop):
             checkpoint_dir=checkpoint_dir, desc=f"immunize ({config.method})", loss_name="objective",
             step_name="outer step", show_progress=immunizer.shard.is_main,
         )
-        super().__init__(params, torch.optim.AdamW(params.values(), lr=config.outer_lr, weight_decay=0.0), settings,
-                         placement)
+        scales = config.upper_rate_scales(list(params))
+        groups = [{"params": [params[name] for name in params if scales[name] == scale], "lr": config.outer_lr * scale}
+                  for scale in dict.fromkeys(scales.values())]
+        super().__init__(params, torch.optim.AdamW(groups, lr=config.outer_lr, weight_decay=0.0), settings, placement)
 
     def run(self, resume: bool) -> list[dict[str, float]]:
         if resume and has_checkpoint(self.settings.checkpoint_dir):  # what the immunizer carries across steps
