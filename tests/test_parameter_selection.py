@@ -1,4 +1,5 @@
-"""Selection of UNet parameters by name pattern (S^l, S^u): globs include, a '!' glob leaves names out."""
+"""Selection of UNet parameters by name pattern (S^l, S^u): globs include, a '!' glob leaves names out, GLOB=SCALE sets
+rates."""
 
 from __future__ import annotations
 
@@ -36,3 +37,23 @@ def test_the_shipped_config_without_keys_and_values_selects_every_other_transfor
     selected = select_parameters(names, config.upper_params, what="upper-level (S^u)")
     blocks = select_parameters(names, ["*transformer_blocks*"], what="upper-level (S^u)")
     assert set(selected) < set(blocks) and set(blocks) - set(selected) == set(key_value_parameter_names(unet))
+
+
+def test_the_half_rate_config_halves_exactly_the_keys_and_values_rate():
+    unet = Components.from_pretrained(toy_model_dir()).unet
+    names = [name for name, _ in unet.named_parameters()]
+    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / "keys-values-half-rate.yaml")
+    scales = config.upper_rate_scales(select_parameters(names, config.upper_params, what="upper-level (S^u)"))
+    assert {name for name, scale in scales.items() if scale == 0.5} == set(key_value_parameter_names(unet))
+    assert set(scales.values()) == {0.5, 1.0}
+
+
+def test_the_last_matching_rate_scale_wins_and_bad_entries_are_config_errors():
+    config = ImmunizeConfig(upper_lr_scales=("*attn2.*=3", "*attn2.to_k.*=0.25"))
+    assert config.upper_rate_scales(NAMES) == {NAMES[0]: 1.0, NAMES[1]: 3.0, NAMES[2]: 0.25, NAMES[3]: 3.0,
+                                               NAMES[4]: 1.0, NAMES[5]: 1.0}
+    for entry in ("*attn2.*", "*attn2.*=-1", "=2", "*attn2.*=inf", "*attn2.*=x"):
+        with pytest.raises(ConfigError, match="GLOB=SCALE"):
+            ImmunizeConfig(upper_lr_scales=(entry,))
+    with pytest.raises(ConfigError, match="matches no upper-level"):
+        config.with_overrides(upper_lr_scales=("*to_kk*=2",)).upper_rate_scales(NAMES)
