@@ -179,8 +179,9 @@ class ImmunizeConfig(Config):
     upper_lr_scales: tuple[str, ...] = field(
         default=(),
         metadata={"help": "GLOB=SCALE entries: the S^u parameters a glob matches take SCALE times outer_lr (the last "
-                          "matching entry wins; others 1), e.g. '*attn2.to_k.*=0.3' '*attn2.to_v.*=0.3' to move the "
-                          "cross-attention's keys and values less than the rest"},
+                          "matching entry wins; others 1); configs/keys-values-half-rate.yaml moves the "
+                          "cross-attention's keys and values at 0.5x, measured between the default and leaving them "
+                          "out of S^u"},
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     retain_weight: float = field(
