@@ -151,9 +151,9 @@ def test_bad_upper_lr_scales_are_a_one_line_error_before_class_images(tiny_model
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
                  "--n-images", "4", "--upper-lr-scales", entry])
     err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("mima:")]
     assert code == 2 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("mima:")] == [
-        next(line for line in err.splitlines() if message in line)]
+    assert len(error_lines) == 1 and message in error_lines[0]
     assert not list(out.glob("data/*class*"))
 
 
