@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from torch.func import functional_call
 
 from gradient_checks import assert_gradients_equal_the_objectives
@@ -211,3 +212,44 @@ def test_the_alternating_schedule_is_refused_under_several_processes(tiny_model_
     with pytest.raises(ConfigError, match="persistent_attacker runs in one process"):
         _run(tiny_model_dir, tmp_path / "run", persistent_attacker=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_attackers_upper_skip_holds_those_weights_and_their_optimizer_state(tiny_model_dir, tmp_path,
+                                                                               interrupted_at):
+    """The keys skipped by attacker 0 take an AdamW step only at the outer steps that drew attacker 1, every other
+    S^u weight at each step; with attacker 0 alone they keep their values bit for bit (personalize: no erasure)."""
+    from mima.immunize import trainer as trainer_module
+    from mima.utils.io import load_torch_state
+
+    skip_keys = {"kind": "lora", "upper_skip": ["*attn2.to_k.*"]}
+    settings = dict(steps=4, save_every=3, setting="personalize", attackers=(skip_keys, {"kind": "lora"}))
+    with interrupted_at(trainer_module._Loop, 3), pytest.raises(KeyboardInterrupt):
+        _run(tiny_model_dir, tmp_path / "two", **settings)
+    checkpoint = tmp_path / "two" / "checkpoint"
+    drawn = [row["attacker"] for row in json.loads((checkpoint / "progress.json").read_text())["log"]]
+    assert sorted(set(drawn)) == [0, 1]  # this seed draws both in three steps
+    upper = [name for name, _ in UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").named_parameters()
+             if ".transformer_blocks." in name]
+    state = load_torch_state(checkpoint / "optimizer.pt")["state"]
+    assert {name: int(state[i]["step"]) for i, name in enumerate(upper)} == {
+        name: drawn.count(1) if ".attn2.to_k." in name else 3 for name in upper}
+
+    alone = _run(tiny_model_dir, tmp_path / "one", **{**settings, "attackers": (skip_keys,)})
+    before, after = _unet_weights(tiny_model_dir), _unet_weights(alone)
+    moved = {name for name in upper if not torch.equal(before[name], after[name])}
+    assert moved == {name for name in upper if ".attn2.to_k." not in name}
+
+
+@pytest.mark.parametrize("skip, message", [(["*to_kk.*"], "match no UNet parameter"),
+                                           (["*transformer_blocks*"], "holds every S^u weight")])
+def test_a_bad_upper_skip_is_a_one_line_error_before_class_images(tiny_model_dir, tmp_path, capsys, skip, message):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(json.dumps({"attackers": [{"kind": "lora"}, {"kind": "lora", "upper_skip": skip}]}))
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
+                 "--config", str(settings), "--n-images", "4"])
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("mima:")]
+    assert code == 2 and "Traceback" not in err
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert not list(out.glob("data/*class*"))

@@ -56,7 +56,8 @@ class TrainingLoop:
         raise NotImplementedError(f"{type(self).__name__} defines neither `loss` nor `gradients`")
 
     def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
-        """The minimised value, its gradient for each of `params` (loss-scaled under fp16) and extra values to log.
+        """The minimised value, its gradient for each of `params` this step moves (loss-scaled under fp16; one left
+        out keeps its value and optimizer state) and extra values to log.
 
         By default `loss` under autocast, differentiated outside it. autograd.grad rather than backward: only the
         trained parameters get gradients, not the graph's other leaves (the simulated attacker's copies)."""
@@ -106,8 +107,8 @@ class TrainingLoop:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on this step's generator; returns the values to log."""
         value, grads, logs = self.gradients(step_generator(self.settings.seed, self.step))
-        for name, param in self.params.items():
-            param.grad = grads[name].to(param.dtype)
+        for name, grad in grads.items():
+            self.params[name].grad = grad.to(self.params[name].dtype)
         self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.grad_clip)

@@ -69,6 +69,10 @@ class AttackerSpec(Config):
                           "one included) and its gradients averaged, as tamper-resistant training does"},
     )
 
+    upper_skip: tuple[str, ...] = field(default=(), metadata={
+        "help": "globs of S^u weights that the outer steps drawing this attacker leave as they are, optimizer state "
+                "included (e.g. the keys and values under a fresh-token attacker); empty: none"})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prompt not in (None, CONCEPT_PROMPT, FRESH_TOKEN_PROMPT, DESCRIPTION_PROMPT):
@@ -114,16 +118,15 @@ class ImmunizeConfig(Config):
                   "absent": 0.0},  # records from before the field: unclipped
     )
     order: Literal["second-order", "first-order"] = field(
-        default="second-order", metadata={"help": "differentiate through the inner step, or detach it"}
-    )
+        default="second-order", metadata={"help": "differentiate through the inner step, or detach it"})
     attackers: tuple[dict | str, ...] = field(
         default=DEFAULT_ATTACKERS,
         metadata={"help": "the distribution of simulated attackers each outer step samples one from (by weight): "
                           "kinds (`--attackers full lora`) or mappings of AttackerSpec fields (kind, lr, steps, "
-                          "clip, rank, prompt, tokens, optimizer, weight, order, trajectory_points); what an entry "
-                          "leaves out comes from inner_lr, inner_steps, inner_clip and order; empty: one 'full' "
-                          "attacker; default: LoRA under the concept's prompt and LoRA under a rare token drawn per "
-                          "outer step (docs/efficacy.md)",
+                          "clip, rank, prompt, tokens, optimizer, weight, order, trajectory_points, upper_skip); "
+                          "what an entry leaves out comes from inner_lr, inner_steps, inner_clip and order; empty: "
+                          "one 'full' attacker; default: LoRA under the concept's prompt and LoRA under a rare token "
+                          "drawn per outer step (docs/efficacy.md)",
                   "absent": ()},
     )
     hvp: Literal["exact", "finite-difference"] = field(

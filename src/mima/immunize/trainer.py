@@ -149,7 +149,22 @@ def _check_parameter_globs(unet: torch.nn.Module, config: ImmunizeConfig) -> Non
     key_value_parameter_names(unet)
     names = [name for name, _ in unet.named_parameters()]
     select_parameters(names, config.lower_params, what="lower-level (S^l)")
-    config.upper_rate_scales(select_parameters(names, config.upper_params, what="upper-level (S^u)"))
+    upper_names = select_parameters(names, config.upper_params, what="upper-level (S^u)")
+    config.upper_rate_scales(upper_names)
+    _skipped_per_attacker(config, upper_names)
+
+
+def _skipped_per_attacker(config: ImmunizeConfig, upper_names: list[str]) -> list[frozenset[str]]:
+    """For each simulated attacker, the S^u weights that the outer steps drawing it leave alone
+    (`AttackerSpec.upper_skip`); a skip that selects none of S^u, or all of it, is a ConfigError."""
+    skipped = []
+    for spec in config.attacker_specs():
+        what = f"upper_skip of simulated attacker '{spec.kind}' (within S^u)"
+        names = select_parameters(upper_names, spec.upper_skip, what=what) if spec.upper_skip else []
+        if len(names) == len(upper_names):
+            raise ConfigError(f"the {what} holds every S^u weight; its outer steps would move nothing")
+        skipped.append(frozenset(names))
+    return skipped
 
 
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:
@@ -171,6 +186,7 @@ class _Loop(TrainingLoop):
             step_name="outer step", show_progress=immunizer.shard.is_main,
         )
         scales = config.upper_rate_scales(list(params))
+        self.skipped = _skipped_per_attacker(config, list(params))
         groups = [{"params": [params[name] for name in params if scales[name] == scale], "lr": config.outer_lr * scale}
                   for scale in dict.fromkeys(scales.values())]
         super().__init__(params, torch.optim.AdamW(groups, lr=config.outer_lr, weight_decay=0.0), settings, placement)
@@ -182,12 +198,13 @@ class _Loop(TrainingLoop):
 
     def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
         """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`),
-        with this step's simulated attacker (`Immunizer.begin_step`, logged)."""
+        with this step's simulated attacker (`Immunizer.begin_step`, logged), less the weights it skips."""
         chosen = self.immunizer.begin_step(self.step)
         with self.placement.autocast():
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
-        return objective, grads, {**chosen, **logs}
+        skipped = self.skipped[int(chosen.get("attacker", 0))]
+        return objective, {name: g for name, g in grads.items() if name not in skipped}, {**chosen, **logs}
 
     def save_checkpoint(self) -> None:
         """The main process alone writes (S^u and the optimizer state are the same on every process)."""
