@@ -57,3 +57,20 @@ def test_the_last_matching_rate_scale_wins_and_bad_entries_are_config_errors():
             ImmunizeConfig(upper_lr_scales=(entry,))
     with pytest.raises(ConfigError, match="matches no upper-level"):
         config.with_overrides(upper_lr_scales=("*to_kk*=2",)).upper_rate_scales(NAMES)
+
+
+def test_an_attackers_upper_skip_names_unet_weights_and_skips_those_in_s_u():
+    """Skipping the keys and values where S^u leaves them out skips nothing; a glob naming no UNet weight, or a skip
+    holding all of S^u, is a ConfigError."""
+    from mima.immunize.trainer import _skipped_per_attacker
+
+    skip_keys_values = {"kind": "lora", "upper_skip": ["*attn2.to_k.*", "*attn2.to_v.*"]}
+    config = ImmunizeConfig(attackers=({"kind": "lora"}, skip_keys_values))
+    assert _skipped_per_attacker(config, NAMES, NAMES[:5]) == [frozenset(), frozenset(NAMES[2:4])]
+    without = select_parameters(NAMES, ["*transformer_blocks*", "!*attn2.to_k.*", "!*attn2.to_v.*"], what="S^u")
+    assert _skipped_per_attacker(config, NAMES, without) == [frozenset(), frozenset()]
+    with pytest.raises(ConfigError, match="match no UNet parameter"):
+        _skipped_per_attacker(config.with_overrides(attackers=({"kind": "lora", "upper_skip": ["*to_kk*"]},)),
+                              NAMES, NAMES)
+    with pytest.raises(ConfigError, match="holds every S\\^u weight"):
+        _skipped_per_attacker(config, NAMES, NAMES[2:4])

@@ -68,7 +68,7 @@ class ImmunizationRun:
             specs, retained = self._materialized(self.specs), self._materialized(retained, len(self.specs))
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
-        _check_parameter_globs(components.unet, config)  # before class images and the erasure
+        skipped = _check_parameter_globs(components.unet, config)  # before class images and the erasure
         if config.uses_class_images:  # the main process generates them; the others then find them on disk
             if shard.is_main:
                 specs = self._with_class_images(components, specs, placement)
@@ -87,7 +87,7 @@ class ImmunizationRun:
                   file=sys.stderr)
         log: list[dict[str, float]] = []
         if immunizer.iterative:
-            log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint", placement).run(resume)
+            log = _Loop(immunizer, encoded, config, self.out_dir / "checkpoint", placement, skipped).run(resume)
         if not shard.is_main:
             shard.barrier()  # until the main process has written the model and the record
             return self.out_dir / "model"
@@ -144,26 +144,28 @@ def _check_processes(processes: int, concepts: int, config: ImmunizeConfig) -> N
         raise ConfigError("persistent_attacker runs in one process; launch without torchrun/accelerate")
 
 
-def _check_parameter_globs(unet: torch.nn.Module, config: ImmunizeConfig) -> None:
-    """A UNet without cross-attention, or S^l / S^u / upper_lr_scales globs that select nothing: a ConfigError."""
+def _check_parameter_globs(unet: torch.nn.Module, config: ImmunizeConfig) -> list[frozenset[str]]:
+    """A UNet without cross-attention, or S^l / S^u / upper_lr_scales / upper_skip globs that select nothing: a
+    ConfigError. Returns what each simulated attacker's steps skip (`_skipped_per_attacker`)."""
     key_value_parameter_names(unet)
     names = [name for name, _ in unet.named_parameters()]
     select_parameters(names, config.lower_params, what="lower-level (S^l)")
     upper_names = select_parameters(names, config.upper_params, what="upper-level (S^u)")
     config.upper_rate_scales(upper_names)
-    _skipped_per_attacker(config, upper_names)
+    return _skipped_per_attacker(config, names, upper_names)
 
 
-def _skipped_per_attacker(config: ImmunizeConfig, upper_names: list[str]) -> list[frozenset[str]]:
+def _skipped_per_attacker(config: ImmunizeConfig, names: list[str], upper_names: list[str]) -> list[frozenset[str]]:
     """For each simulated attacker, the S^u weights that the outer steps drawing it leave alone
-    (`AttackerSpec.upper_skip`); a skip that selects none of S^u, or all of it, is a ConfigError."""
+    (`AttackerSpec.upper_skip`). Its globs must name UNet weights (a misspelling is a ConfigError) but may miss S^u:
+    the default's keys and values are then simply not there to skip; skipping all of S^u is a ConfigError."""
     skipped = []
     for spec in config.attacker_specs():
-        what = f"upper_skip of simulated attacker '{spec.kind}' (within S^u)"
-        names = select_parameters(upper_names, spec.upper_skip, what=what) if spec.upper_skip else []
-        if len(names) == len(upper_names):
+        what = f"upper_skip of simulated attacker '{spec.kind}'"
+        held = set(select_parameters(names, spec.upper_skip, what=what)) if spec.upper_skip else set()
+        if held >= set(upper_names):
             raise ConfigError(f"the {what} holds every S^u weight; its outer steps would move nothing")
-        skipped.append(frozenset(names))
+        skipped.append(frozenset(held.intersection(upper_names)))
     return skipped
 
 
@@ -177,8 +179,8 @@ class _Loop(TrainingLoop):
     """Outer optimisation of S^u with AdamW: each step's objective is the immunizer's on fresh concept batches."""
 
     def __init__(self, immunizer: Immunizer, encoded: list[EncodedConcept], config: ImmunizeConfig,
-                 checkpoint_dir: Path, placement: Placement) -> None:
-        self.immunizer, self.encoded, self.config = immunizer, encoded, config
+                 checkpoint_dir: Path, placement: Placement, skipped: list[frozenset[str]]) -> None:
+        self.immunizer, self.encoded, self.config, self.skipped = immunizer, encoded, config, skipped
         params = immunizer.trainable_parameters()
         settings = LoopSettings(
             steps=config.steps, save_every=config.save_every, seed=config.seed, grad_clip=config.grad_clip,
@@ -186,7 +188,6 @@ class _Loop(TrainingLoop):
             step_name="outer step", show_progress=immunizer.shard.is_main,
         )
         scales = config.upper_rate_scales(list(params))
-        self.skipped = _skipped_per_attacker(config, list(params))
         groups = [{"params": [params[name] for name in params if scales[name] == scale], "lr": config.outer_lr * scale}
                   for scale in dict.fromkeys(scales.values())]
         super().__init__(params, torch.optim.AdamW(groups, lr=config.outer_lr, weight_decay=0.0), settings, placement)
