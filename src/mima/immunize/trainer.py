@@ -204,7 +204,7 @@ class _Loop(TrainingLoop):
         with self.placement.autocast():
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
-        skipped = self.skipped[int(chosen.get("attacker", 0))]
+        skipped = self.skipped[int(chosen["attacker"])] if "attacker" in chosen else frozenset()
         return objective, {name: g for name, g in grads.items() if name not in skipped}, {**chosen, **logs}
 
     def save_checkpoint(self) -> None:
