@@ -3,6 +3,7 @@ rates."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,19 @@ def test_the_half_rate_config_halves_exactly_the_keys_and_values_rate():
     scales = config.upper_rate_scales(select_parameters(names, config.upper_params, what="upper-level (S^u)"))
     assert {name for name, scale in scales.items() if scale == 0.5} == set(key_value_parameter_names(unet))
     assert set(scales.values()) == {0.5, 1.0}
+
+
+def test_the_fresh_token_config_skips_exactly_the_keys_and_values_on_the_fresh_token_steps():
+    from mima.immunize.config import DEFAULT_ATTACKERS
+    from mima.immunize.trainer import _skipped_per_attacker
+
+    unet = Components.from_pretrained(toy_model_dir()).unet
+    names = [name for name, _ in unet.named_parameters()]
+    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / "keys-values-off-fresh-token-steps.yaml")
+    upper = select_parameters(names, config.upper_params, what="upper-level (S^u)")
+    assert _skipped_per_attacker(config, names, upper) == [frozenset(), frozenset(key_value_parameter_names(unet))]
+    specs, defaults = config.attacker_specs(), ImmunizeConfig(attackers=DEFAULT_ATTACKERS).attacker_specs()
+    assert [dataclasses.replace(spec, upper_skip=()) for spec in specs] == defaults  # otherwise the shipped ones
 
 
 def test_the_last_matching_rate_scale_wins_and_bad_entries_are_config_errors():
