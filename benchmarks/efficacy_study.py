@@ -14,9 +14,10 @@ the immunized models). Everything resumes like `mima benchmark`.
 
 Writes OUT/summary.md and OUT/summary.json: first, per variant, method and encoder, the worst case over the
 attacks (the lowest seed-mean MSGR and its attack, then every attack's); then per variant, method, attack and
-encoder, the mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and the
-toy judge's rates before any attack (immunized vs base model) on the non-targets (do they stay?) and on the targets
-(do they stay erased?). A study's `attacks:` may name variants (`mima.attacks.variants`), e.g. a stronger or a
+encoder, the mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and what the
+encoder sees before any attack (immunized vs base model; the toy judge's rate, another encoder's similarity S) on
+the non-targets (do they stay? the judge also counts a sample of the right colours drawn as noise) and on the
+targets (do they stay erased?). A study's `attacks:` may name variants (`mima.attacks.variants`), e.g. a stronger or a
 fresh-token LoRA beside the plain one.
 With a `tradeoff` list of variants in the study, OUT/tradeoff.png plots MIMA's MSGR against the non-target's
 |SGR| and judge rate before attack, one point per listed variant.
@@ -38,6 +39,7 @@ from mima.executors import LocalExecutor
 from mima.utils.io import atomic_write_text
 
 REFERENCE = "none"
+JUDGE = "toy-judge"  # a classifier of the toy concepts: its rate of a concept, where other encoders give S
 ATTACK_SEED_STRIDE = 100  # attack seeds of immunization seed k: k, k + 100, ...
 
 
@@ -177,16 +179,17 @@ def collect(study: dict, out: Path) -> dict:
     return results
 
 
-def _judge_rate_before_attack(record: dict, method: str, concept: str) -> tuple[float, float] | None:
-    """(immunized, base) toy-judge rate of the concept's own prompt before any attack step (the report's
-    `before_attack`, absent when every attack of the benchmark rewrites the prompt)."""
+def _before_attack(record: dict, method: str, encoder: str, concept: str) -> tuple[float, float] | None:
+    """(immunized, base) before any attack step (the report's `before_attack`, absent when every attack of the
+    benchmark rewrites the prompt): the toy judge's rate of the concept, another encoder's similarity S."""
     models = record.get("before_attack", {}).get("models", {})
-    rates = [models.get(m, {}).get("toy-judge", {}).get(concept, {}).get("success_rate") for m in (method, "none")]
-    return None if None in rates else (rates[0], rates[1])
+    key = "success_rate" if encoder == JUDGE else "similarity"
+    values = [models.get(m, {}).get(encoder, {}).get(concept, {}).get(key) for m in (method, "none")]
+    return None if None in values else (values[0], values[1])
 
 
 def summarize(results: dict) -> dict:
-    """Per variant, method, attack and encoder: seed means of MSGR, per-target SGR, non-target SGR and judge rate."""
+    """Per variant, method, attack and encoder: seed means of MSGR, SGRs and values before attack."""
     table: dict = {}
     for variant, by_seed in results.items():
         for record in by_seed.values():
@@ -195,8 +198,8 @@ def summarize(results: dict) -> dict:
                     for encoder, metrics in by_encoder.items():
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "sgr_sd": {},
-                                      "non_target_sgr_sd": {}, "between_runs": {}, "non_target_judge": {},
-                                      "target_judge": {}, "losses": []})
+                                      "non_target_sgr_sd": {}, "between_runs": {}, "non_target_before": {},
+                                      "target_before": {}, "losses": []})
                         _add_seed(row, record, method, encoder, metrics)
     return table
 
@@ -206,14 +209,14 @@ def _add_seed(row: dict, record: dict, method: str, encoder: str, metrics: dict)
     row["msgr"].append(metrics["msgr"])
     if method in record.get("immunization_losses", {}):
         row["losses"].append(record["immunization_losses"][method])
-    for sgr_key, judge_key in (("sgr", "target_judge"), ("non_target_sgr", "non_target_judge")):
+    for sgr_key, before_key in (("sgr", "target_before"), ("non_target_sgr", "non_target_before")):
         for concept, value in metrics[sgr_key].items():
             row[sgr_key].setdefault(concept, []).append(value)
             spread = metrics.get(f"{sgr_key}_sd", {}).get(concept)  # over attack seeds
             row[f"{sgr_key}_sd"].setdefault(concept, []).append(spread)
-            rates = _judge_rate_before_attack(record, method, concept)
-            if encoder == "toy-judge" and rates is not None:
-                row[judge_key].setdefault(concept, []).append(rates)
+            before = _before_attack(record, method, encoder, concept)
+            if before is not None:
+                row[before_key].setdefault(concept, []).append(before)
     for concept, value in metrics.get("between_runs", {}).items():
         if value is not None:
             row["between_runs"].setdefault(concept, []).append(value)
@@ -233,10 +236,12 @@ def _between(row: dict, concept: str) -> str:
     return f" [between runs {_fmt(values)}]" if values else ""
 
 
-def _rates(by_concept: dict) -> str:
-    """Judge rates before attack as "concept immunized / base", per seed when there are several."""
+def _before(by_concept: dict, judge: bool) -> str:
+    """Values before attack as "concept immunized / base", per seed when there are several: the judge's rates in %,
+    similarities as they are."""
     def pair(values: list) -> str:
-        return " / ".join(f"{100 * mean(v[i] for v in values):.0f}" for i in (0, 1))
+        return " / ".join(f"{100 * mean(v[i] for v in values):.0f}" if judge else f"{mean(v[i] for v in values):.2f}"
+                          for i in (0, 1))
 
     return ", ".join(f"{c} {pair(v)}" + (f" ({'; '.join(pair([x]) for x in v)})" if len(v) > 1 else "")
                      for c, v in by_concept.items())
@@ -263,8 +268,9 @@ def tradeoff_points(table: dict, variants: list[str], method: str = "mima") -> d
         for encoder, row in by_encoder.items():
             point[f"msgr/{encoder}"] = mean(row["msgr"])
             point[f"non_target_sgr/{encoder}"] = max(abs(mean(v)) for v in row["non_target_sgr"].values())
-            if row["non_target_judge"]:
-                point["non_target_judge_before"] = 100 * min(r[0] for v in row["non_target_judge"].values() for r in v)
+            rates = row["non_target_before"] if encoder == JUDGE else {}
+            if rates:
+                point["non_target_judge_before"] = 100 * min(r[0] for v in rates.values() for r in v)
         points[variant] = point
     return points
 
@@ -278,7 +284,7 @@ def plot_tradeoff(points: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = (("msgr/efficientnet-lite0", "non_target_sgr/efficientnet-lite0", "non-target |SGR| % (efficientnet)", 5),
-              ("msgr/toy-judge", "non_target_judge_before", "non-target judge rate before attack %, lowest seed", 90))
+              (f"msgr/{JUDGE}", "non_target_judge_before", "non-target judge rate before attack %, lowest seed", 90))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, (x_key, y_key, y_label, bar) in zip(axes, panels, strict=True):
         for i, (variant, point) in enumerate(points.items()):
@@ -315,7 +321,7 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
     lines = [*worst_case_lines(table), ""]
     lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR (± sd over attack seeds) |"
              " non-target SGR [|SGR| between two un-immunized runs] |"
-             " non-target judge rate before attack (immunized / base) | targets' judge rate before attack |"
+             " non-target before attack (immunized / base: judge rate %, else S) | targets' before attack |"
              " upper loss, first -> last outer step (last retain loss) |",
              "|" + "---|" * 11]
     for variant, by_method in table.items():
@@ -326,9 +332,10 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
                     worst = min(mean(v) for v in row["sgr"].values())
                     others = ", ".join(f"{c} {_fmt(v, row['non_target_sgr_sd'].get(c))}" + _between(row, c)
                                        for c, v in row["non_target_sgr"].items())
+                    before = [_before(row[key], encoder == JUDGE) for key in ("non_target_before", "target_before")]
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
-                                 f"{worst:.1f} | {targets} | {others} | {_rates(row['non_target_judge'])} | "
-                                 f"{_rates(row['target_judge'])} | {_losses(row['losses'])} |")
+                                 f"{worst:.1f} | {targets} | {others} | {before[0]} | {before[1]} | "
+                                 f"{_losses(row['losses'])} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     plot_summary(table, out / "summary.png")

@@ -142,26 +142,35 @@ def test_attack_seeds_attack_each_model_several_times_and_keep_the_first_seed(st
 
 
 def _metrics(msgr: float, stripes_sgr: float, rate_before: float, waves_before: float = 0.9) -> dict:
-    """A benchmark's metrics.json, cut down to what the study summary reads."""
-    def judge(stripes: float, waves: float) -> dict:
-        return {"toy-judge": {"stripes": {"success_rate": stripes}, "waves": {"success_rate": waves}}}
+    """A benchmark's metrics.json, cut down to what the study summary reads: the judge's rates before attack, and
+    efficientnet's similarities (here a tenth of the rates, waves noise-like on the immunized model: 0.3)."""
+    def before(stripes: float, waves: float, waves_similarity: float) -> dict:
+        return {"toy-judge": {"stripes": {"success_rate": stripes, "similarity": 0.5},
+                              "waves": {"success_rate": waves, "similarity": 0.5}},
+                "efficientnet-lite0": {"stripes": {"success_rate": None, "similarity": stripes / 10},
+                                       "waves": {"success_rate": None, "similarity": waves_similarity}}}
 
-    return {"summary": {"mima": {"lora": {"toy-judge": {
-                "msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}}}},
-            "before_attack": {"attack": "lora",
-                              "models": {"mima": judge(rate_before, waves_before), "none": judge(0.0, 1.0)}}}
+    row = {"msgr": msgr, "sgr": {"stripes": stripes_sgr}, "non_target_sgr": {"waves": 1.0}}
+    return {"summary": {"mima": {"lora": {"toy-judge": row, "efficientnet-lite0": dict(row)}}},
+            "before_attack": {"attack": "lora", "models": {"mima": before(rate_before, waves_before, 0.3),
+                                                           "none": before(0.0, 1.0, 0.8)}}}
 
 
-def test_summary_averages_seeds_and_reports_judge_rates_before_attack(study, tmp_path):
+def test_summary_averages_seeds_and_reports_what_each_encoder_sees_before_attack(study, tmp_path):
     table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}})
     row = table["defaults"]["mima"]["lora"]["toy-judge"]
     assert row["msgr"] == [20.0, 30.0] and row["sgr"] == {"stripes": [10.0, 30.0]}
-    assert row["target_judge"] == {"stripes": [(0.0, 0.0), (0.5, 0.0)]}
-    assert row["non_target_judge"] == {"waves": [(0.9, 1.0), (0.9, 1.0)]}
+    assert row["target_before"] == {"stripes": [(0.0, 0.0), (0.5, 0.0)]}
+    assert row["non_target_before"] == {"waves": [(0.9, 1.0), (0.9, 1.0)]}
+    assert table["defaults"]["mima"]["lora"]["efficientnet-lite0"]["non_target_before"] == {"waves": [(0.3, 0.8)] * 2}
     study.write_summary(table, tmp_path)
-    line = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| mima | lora |" in line)
-    assert "| 25.0 (20.0, 30.0) | 20.0 |" in line  # the mean MSGR, per seed, and the weakest target's mean SGR
-    assert "waves 90 / 100" in line and "stripes 25 / 0 (0 / 0; 50 / 0)" in line
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    judge, efficientnet = (next(x for x in lines if f"| mima | lora | {e} |" in x)
+                           for e in ("toy-judge", "efficientnet-lite0"))
+    assert "| 25.0 (20.0, 30.0) | 20.0 |" in judge  # the mean MSGR, per seed, and the weakest target's mean SGR
+    assert "| waves 90 / 100 (90 / 100; 90 / 100) | stripes 25 / 0 (0 / 0; 50 / 0) |" in judge
+    assert "| waves 0.30 / 0.80 (0.30 / 0.80; 0.30 / 0.80) | stripes 0.03 / 0.00 (0.00 / 0.00; 0.05 / 0.00) |" in (
+        efficientnet)
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
@@ -195,6 +204,8 @@ def test_tradeoff_points_pair_protection_with_the_non_targets_worst_case(study, 
     table = study.summarize({"defaults": {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5, 0.6)}})
     points = study.tradeoff_points(table, ["defaults", "not-run"])
     assert points == {"defaults": pytest.approx({"msgr/toy-judge": 25.0, "non_target_sgr/toy-judge": 1.0,
+                                                 "msgr/efficientnet-lite0": 25.0,
+                                                 "non_target_sgr/efficientnet-lite0": 1.0,
                                                  "non_target_judge_before": 60.0})}  # the worse seed, not the mean
     study.write_summary(table, tmp_path, tradeoff=["defaults"])
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
