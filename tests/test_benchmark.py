@@ -11,7 +11,7 @@ from mima.cli import main
 from mima.data.image_folder import read_image_folder
 
 
-def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capfd):
+def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_model_dir, tmp_path, capfd, monkeypatch):
     """Attacks first run as two parallel jobs (only the parent draws a progress bar); a serial re-run of one piece
     reproduces it exactly."""
     config = {
@@ -55,9 +55,18 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     runs.append(shared / "metadata.csv")
     assert len(runs) == 7  # 2 models (none, mima) x 2 concepts attacked, the 2 models and the class images
     written = [r.stat().st_mtime_ns for r in runs]
+    capfd.readouterr()
+    monkeypatch.setattr("mima.evaluate.summary.DRAWN_SHARE", 2.0)  # every non-target now counts as damaged
     assert main(["benchmark", "--config", str(path), "--out", str(out)]) == 0
     assert [r.stat().st_mtime_ns for r in runs] == written
     rerun = json.loads((report / "metrics.json").read_text())
+    drawn = before["models"]["mima"]["toy-judge"]["star"]["similarity"]
+    reference = before["models"]["none"]["toy-judge"]["star"]["similarity"]
+    warning = (f"mima draws the non-target star less faithfully than none before any attack: similarity {drawn:.2f} "
+               f"against {reference:.2f} (toy-judge)")
+    assert rerun["warnings"] == [warning] and record["warnings"] == []
+    assert f"mima: warning: {warning}\n" in capfd.readouterr().out
+    assert f"**Warning:** {warning}." in (report / "report.md").read_text()
     assert rerun["summary"]["mima"]["lora"]["toy-judge"] == summary
     assert rerun["timings_s"]["recorded by the pieces"] == recorded  # the pieces' own times survive a resumed run
     config["immunize"]["save_every"] = 7  # a checkpoint period decides nothing: still reused
@@ -221,6 +230,21 @@ def test_before_attack_skips_attacks_that_rewrite_the_prompt():
     waves = before.models["mima"]["toy-judge"]["waves"]
     assert abs(waves.similarity - 0.65) < 1e-12 and abs(waves.success_rate - 0.625) < 1e-12
     assert before.models["none"]["toy-judge"]["waves"] == Drawing(similarity=0.8, success_rate=1.0)
+
+
+def test_a_non_target_drawn_under_most_of_the_reference_similarity_is_flagged_whatever_the_judge_says():
+    from mima.evaluate.summary import DRAWN_SHARE, BeforeAttack, Drawing
+
+    def drawings(waves: float, stripes: float) -> dict:
+        return {"efficientnet-lite0": {"waves": Drawing(waves, None), "stripes": Drawing(stripes, None)},
+                "toy-judge": {"waves": Drawing(0.99, 1.0), "stripes": Drawing(0.5, 0.0)}}
+
+    reference = 0.82
+    before = BeforeAttack("lora", {"none": drawings(reference, 0.4), "mima": drawings(0.29, 0.1),
+                                   "imma": drawings(DRAWN_SHARE * reference + 0.01, 0.1)})
+    assert before.damaged(["waves"]) == ["mima draws the non-target waves less faithfully than none before any "
+                                         "attack: similarity 0.29 against 0.82 (efficientnet-lite0)"]
+    assert before.damaged([]) == []  # targets drawn less are the point of the immunization
 
 
 def test_summary_gives_the_spread_over_seeds_of_msgr_and_each_sgr():

@@ -132,7 +132,9 @@ def write_benchmark_report(
     plain = [v.name for v in config.attack_variants() if not v.rewrites_prompts(config.attack)]
     before = before_attack(evaluations, plain, concepts)
     worst = worst_cases(summary)
+    warnings = before.damaged(non_targets) if before else []
     record = {
+        "warnings": warnings,
         "worst_case": {method: {encoder: case.to_json() for encoder, case in by_encoder.items()}
                        for method, by_encoder in worst.items()},
         "summary": {method: {attack: {encoder: row.to_json() for encoder, row in by_encoder.items()}
@@ -143,7 +145,9 @@ def write_benchmark_report(
     atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     before_table = _before_attack_table(before, concepts, non_targets) if before else None
     tables = (_worst_case_table(worst, attacks), _table(summary))
-    _write_documents(tables, before_table, figures, grids, list(runs), timings, out_dir)
+    _write_documents(tables, (before_table, warnings), figures, grids, list(runs), timings, out_dir)
+    for warning in warnings:
+        print(f"mima: warning: {warning}")
     return out_dir
 
 
@@ -158,11 +162,13 @@ def _html_table(rows: list[list[str]], table_id: str) -> str:
     return f"<table id='{table_id}'>{cells}</table>"
 
 
-def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_table: list[list[str]] | None,
-                     figures: list[Path], grids: list[Path], methods: list[str], timings: dict[str, dict[str, float]],
-                     out_dir: Path) -> None:
-    """`tables`: the worst case over attacks, then the main table (every method, attack and encoder)."""
+def _write_documents(tables: tuple[list[list[str]], list[list[str]]],
+                     before: tuple[list[list[str]] | None, list[str]], figures: list[Path], grids: list[Path],
+                     methods: list[str], timings: dict[str, dict[str, float]], out_dir: Path) -> None:
+    """`tables`: the worst case over attacks, then the main table (every method, attack and encoder); `before`: the
+    table before any attack and its warnings (`BeforeAttack.damaged`)."""
     worst_table, table = tables
+    before_table, warnings = before
     worst_legend = ("Worst case over attacks: per model and encoder, the attack the immunization slows least (the "
                     "lowest MSGR, seed means), then every attack's MSGR.")
     legend = ("MSGR / MRSGR: higher = stronger immunization (± the standard deviation over seeds, when there are "
@@ -179,7 +185,7 @@ def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_tab
         for kind, phases in timings.items())
     md = ["# mima benchmark report", "", worst_legend, "", *_markdown_table(worst_table), "", legend, "",
           *_markdown_table(table), "", time_line, "",
-          "## Before any attack", "", before_legend, ""]
+          "## Before any attack", "", *(f"**Warning:** {w}." for w in warnings), "", before_legend, ""]
     md += _markdown_table(before_table) if before_table else []
     md += ["", "## Similarity vs attack steps"]
     md += [f"![{f.stem}]({f.relative_to(out_dir)})" for f in figures]
@@ -191,7 +197,8 @@ def _write_documents(tables: tuple[list[list[str]], list[list[str]]], before_tab
             "td,th{border:1px solid #999;padding:4px 8px}</style></head><body>",
             "<h1>mima benchmark report</h1>", f"<p>{worst_legend}</p>", _html_table(worst_table, "worst-case"),
             f"<p>{legend}</p>", _html_table(table, "summary"),
-            f"<p>{time_line}</p>", "<h2>Before any attack</h2>", f"<p>{before_legend}</p>",
+            f"<p>{time_line}</p>", "<h2>Before any attack</h2>",
+            *(f"<p class='warning'><b>Warning:</b> {w}.</p>" for w in warnings), f"<p>{before_legend}</p>",
             _html_table(before_table, "before-attack") if before_table else "", "<h2>Similarity vs attack steps</h2>",
             *(_embed(f) for f in figures), f"<h2>Last-checkpoint samples (rows: {', '.join(methods)})</h2>",
             *(f"<h3>{g.stem}</h3>{_embed(g)}" for g in grids), "</body></html>"]

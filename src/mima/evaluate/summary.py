@@ -18,6 +18,9 @@ from mima.evaluate.metrics import MRSGR, MSGR, AttackSuccessRate, Condition, sgr
 from mima.evaluate.results import ConceptResult, Evaluation
 
 UNIMMUNIZED = "none"
+# A non-target drawn before any attack with less than this share of the un-immunized model's similarity is flagged:
+# on the toy demo's non-target the shipped defaults keep 0.83-0.85 of it on seeds 0 and 1 and 0.35 on seed 2.
+DRAWN_SHARE = 0.8
 
 Evaluations = dict[str, dict[str, dict[int, Evaluation]]]
 """A benchmark's evaluations: method -> attack -> seed -> [`Evaluation`] against the un-immunized model."""
@@ -148,6 +151,18 @@ class BeforeAttack:
 
     attack: str
     models: dict[str, dict[str, dict[str, Drawing]]]
+
+    def damaged(self, non_targets: list[str]) -> list[str]:
+        """One line per (model, encoder, non-target) whose similarity falls under `DRAWN_SHARE` of the un-immunized
+        model's: a model that no longer draws a concept it should keep. A classifier's rate can miss it, since it
+        names the closest concept it knows (noise in a concept's colours included)."""
+        reference = self.models[UNIMMUNIZED]
+        return [f"{model} draws the non-target {concept} less faithfully than {UNIMMUNIZED} before any attack: "
+                f"similarity {own:.2f} against {base:.2f} ({encoder})"
+                for model, by_encoder in self.models.items() if model != UNIMMUNIZED
+                for encoder, by_concept in by_encoder.items() for concept in non_targets
+                if (own := by_concept[concept].similarity) is not None
+                and (base := reference[encoder][concept].similarity) and own < DRAWN_SHARE * base]
 
     def to_json(self) -> dict[str, Any]:
         models = {model: {encoder: {concept: {"similarity": d.similarity, "success_rate": d.success_rate}
