@@ -7,6 +7,7 @@ or edits weights takes `copy.deepcopy(tiny_components)` (or copies `tiny_model_d
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def tiny_components(tmp_path_factory: pytest.TempPathFactory):
 def tiny_model_dir(tiny_components, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_components` saved as a diffusers pipeline folder (read-only by convention)."""
     return tiny_components.save_pretrained(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """A loader of the scripts under benchmarks/ (not a package) as modules: `benchmark_script("efficacy_study")`."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -1,24 +1,17 @@
 """benchmarks/drawn_before_attack.py tells a model that draws a concept from one that draws noise in its colours."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mima.models.components import Components
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "drawn_before_attack.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("drawn_before_attack", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(benchmark_script):
+    return benchmark_script("drawn_before_attack")
 
 
 def test_noise_in_the_cross_attention_outputs_shows_in_the_similarity(script, tmp_path, monkeypatch):

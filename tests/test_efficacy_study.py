@@ -1,6 +1,5 @@
 """benchmarks/efficacy_study.py reuses a finished model or attack only where every setting that decides it matches."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +11,10 @@ from mima.benchmark import Benchmark, BenchmarkConfig
 from mima.data.concepts import load_concepts
 from mima.immunize.config import ImmunizeConfig
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy_study.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("efficacy_study", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(benchmark_script):
+    return benchmark_script("efficacy_study")
 
 
 BASE = {"targets": ["toy:stripes"], "non_targets": ["toy:waves"], "methods": ["mima"], "attacks": ["lora"],
