@@ -12,8 +12,8 @@ from mima.cli import main
 from mima.data.concepts import toy_concept_spec
 from mima.errors import ConfigError
 from mima.immunize import ImmunizeConfig, immunizers
+from mima.immunize.attacker_spec import AttackerSpec
 from mima.immunize.attackers import simulated_attackers
-from mima.immunize.config import AttackerSpec
 from mima.losses import diffusion_loss
 from mima.models.encoding import Batch
 

@@ -12,8 +12,8 @@ from gradient_checks import assert_finite_differences_close, assert_gradients_eq
 from mima import functional
 from mima.data.concepts import toy_concept_spec
 from mima.immunize import ImmunizeConfig, bilevel, immunizers
+from mima.immunize.attacker_spec import DEFAULT_ATTACKERS
 from mima.immunize.class_batches import retain_batches
-from mima.immunize.config import DEFAULT_ATTACKERS
 from mima.losses import diffusion_loss
 from mima.models.cross_attention import differentiable_attention, key_value_parameter_names
 from mima.models.encoding import EncodedConcept, EncodedImages

@@ -50,7 +50,7 @@ def test_the_half_rate_config_halves_exactly_the_keys_and_values_rate():
 
 
 def test_the_fresh_token_config_skips_exactly_the_keys_and_values_on_the_fresh_token_steps():
-    from mima.immunize.config import DEFAULT_ATTACKERS
+    from mima.immunize.attacker_spec import DEFAULT_ATTACKERS
     from mima.immunize.trainer import _skipped_per_attacker
 
     unet = Components.from_pretrained(toy_model_dir()).unet

@@ -27,7 +27,7 @@ from mima.attacks.prompts import RARE_TOKEN, caption
 from mima.data.concepts import ConceptSpec
 from mima.errors import ConfigError
 from mima.functional import Params
-from mima.immunize.config import DESCRIPTION_PROMPT, AttackerSpec
+from mima.immunize.attacker_spec import DESCRIPTION_PROMPT, AttackerSpec
 from mima.models.components import Components
 from mima.models.encoding import Batch
 from mima.registry import Registry
