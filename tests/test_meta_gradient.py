@@ -195,11 +195,13 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_order": "first-order"}),
         ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_order": "first-order"}),
         ("mima", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_lr_scale": 3.0}),
+        ("mima", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "bank_prior_weight": 0.4}),
+        ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5, "bank_prior_weight": 0.4}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
     """`gradients` (one concept's double-backward graph at a time) gives the value and gradient of `objective`
-    (every concept's graph at once), with the prior, anchor and retain terms too."""
+    (every concept's graph at once), with the prior, anchor, retain and bank prior terms too."""
     components = copy.deepcopy(tiny_components)
     components.unet.double()
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
@@ -207,8 +209,10 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy", hvp="exact",
                             **{"prior_weight": 0.0, "retain_weight": 0.0, "attackers": (), "retain_prompt": "class",
                                **overrides})
+    bank = _random_images("a painting in rings style", components, torch.Generator().manual_seed(5))
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
+    immunizer.bank = bank
 
     def batches():
         g = torch.Generator().manual_seed(SEED)
@@ -217,6 +221,7 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     objective, _ = assert_gradients_equal_the_objectives(immunizer, batches, SEED + 1)
     all_at_once = immunizers.get(method)(config.with_overrides(concept_by_concept=False))
     all_at_once.prepare(components, specs, concepts)
+    all_at_once.bank = bank
     assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 

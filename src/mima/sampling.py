@@ -83,3 +83,12 @@ def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Pa
         images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
         write_image_folder(images, [spec.class_prompt] * n_images, folder)
     return replace(spec, class_images=folder)
+
+
+def ensure_bank_images(components: Components, captions: list[str], folder: Path, n_images: int) -> Path:
+    """Generate `n_images` images with the base model once, under captions spread evenly over `captions`, into
+    `folder` (each with its caption in the folder's metadata); a folder already written is reused."""
+    if not (folder / "metadata.csv").is_file():
+        prompts = [captions[i * len(captions) // n_images] for i in range(n_images)]
+        write_image_folder(sample_images(components, prompts, seed=1), prompts, folder)
+    return folder

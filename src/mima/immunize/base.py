@@ -10,7 +10,7 @@ import torch
 from mima.data.concepts import ConceptSpec
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
-from mima.models.encoding import Batch, EncodedConcept
+from mima.models.encoding import Batch, EncodedConcept, EncodedImages
 from mima.registry import Registry
 from mima.utils.distributed import Shard
 
@@ -31,6 +31,7 @@ class Immunizer(ABC):
         self.config = config
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
         self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
+        self.bank: EncodedImages | None = None  # the bank prior's images, encoded (the trainer sets them)
         self.fused = 1  # batches at one set of weights per UNet call (`BilevelImmunizer.fuse_batches`)
 
     @classmethod

@@ -387,9 +387,9 @@ class BilevelImmunizer(PreservationTerms):
                 upper[name] = upper.get(name, 0.0) + loss / len(points)
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
         terms = []
-        for name, term in (("prior", self.prior_loss), ("anchor", self.anchor_loss), ("retain", self.retain_loss)):
+        for name in ("prior", "anchor", "retain", "bank_prior"):  # as `preservation_gradients` yields them
             if (weight := getattr(self.config, f"{name}_weight")) > 0:
-                value = term(base, batches, generator)
+                value = getattr(self, f"{name}_loss")(base, batches, generator)
                 terms.append(weight * value)
                 logs[name] = value.item()
         return -torch.stack(list(upper.values())).mean(), terms, logs

@@ -103,6 +103,15 @@ class ImmunizeConfig(Config):
                           "out of S^u"},
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
+    bank_prior_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the bank prior: the released model keeps denoising images the original model "
+                          "drew for bank_prior_captions' prompts that name no target (one batch per outer step), so "
+                          "that it keeps drawing what the user did not name (0: off)"},
+    )
+    bank_prior_captions: str = field(
+        default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
+    n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, its captions in turn"})
     retain_weight: float = field(
         default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )
@@ -175,7 +184,7 @@ class ImmunizeConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "save_every")
+        positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "n_bank_images", "save_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -187,7 +196,7 @@ class ImmunizeConfig(Config):
         self.attacker_specs()  # each a valid AttackerSpec
         for entry in self.upper_lr_scales:
             _parse_rate_scale(entry)
-        for name in ("prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
+        for name in ("prior_weight", "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.retain_concepts and self.retain_weight == 0:
@@ -213,8 +222,9 @@ class ImmunizeConfig(Config):
         immunizers.get(self.method)
         for spec in self.attacker_specs():
             simulated_attackers.get(spec.kind).check_spec(spec)
-        if self.caption_bank != "auto":
-            load_caption_bank(self.caption_bank)
+        for bank in (self.caption_bank, self.bank_prior_captions):
+            if bank not in ("auto", ""):
+                load_caption_bank(bank)
 
     def check_concepts(self, specs: Sequence[ConceptSpec]) -> None:
         """Every concept has what the simulated attackers' prompts need (descriptions for `description`), and their

@@ -1,4 +1,4 @@
-"""The preservation terms of the bi-level objective (prior, anchor, retain): their losses as one expression
+"""The preservation terms of the bi-level objective (prior, anchor, retain, bank prior): their losses as one expression
 (`objective`) and their gradients (concept by concept), and how the ascent's gradient meets theirs."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from mima.models.encoding import Batch
 class PreservationTerms(Immunizer):
     """What keeps the immunized model useful while the ascent protects: the released model still denoises class
     images (prior), erased targets stay erased (anchor), other concepts stay learnable after a simulated attack
-    (retain). Uses the bi-level machinery of `BilevelImmunizer`, its one subclass."""
+    (retain), what no term names stays drawn (bank prior). Uses the bi-level machinery of `BilevelImmunizer`, its
+    one subclass."""
 
     def combined(self, ascent: Params, terms: list[Params]) -> Params:
         """The step's gradient: the ascent's plus each weighted preservation term's, in that order, or with
@@ -31,7 +32,8 @@ class PreservationTerms(Immunizer):
     def preservation_gradients(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> Iterator[tuple[str, tuple[list[float], Params]]]:
-        """The prior, anchor and retain terms that are on (weight > 0): name, (losses, gradient of their mean)."""
+        """The prior, anchor, retain and bank prior terms that are on (weight > 0): name, (losses, gradient of their
+        mean)."""
         classes, wrt = class_batches(batches, self.class_of).values(), self.upper_names
         if self.config.prior_weight > 0:
             yield "prior", self._mean_or_zero(base, [upper for _, upper in classes], generator, wrt)
@@ -45,6 +47,8 @@ class PreservationTerms(Immunizer):
             with self.retain_attack():
                 term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
             yield "retain", term
+        if self.config.bank_prior_weight > 0:
+            yield "bank_prior", self._mean_or_zero(base, self.bank_batches(batches, generator), generator, wrt)
 
     def retain_attack(self) -> AbstractContextManager[None]:
         """Where the retain term's simulated attack runs: afresh, in first order with `retain_order: first-order`, at
@@ -74,6 +78,22 @@ class PreservationTerms(Immunizer):
         """
         uppers = [up for _, up in batches.values() if up.prior is not None]
         return self._mean_loss(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator)
+
+    def bank_prior_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
+        """What the user did not name stays drawn: the released model keeps denoising the images the original model
+        drew for caption-bank prompts that name no target (`data/bank-prior/`).
+
+        The prior term keeps only the class prompt; without this one the ascent was measured to break a concept
+        no term names (docs/efficacy.md, "The non-target broken before any attack").
+        """
+        return self._mean_loss(base, self.bank_batches(batches, generator), generator)
+
+    def bank_batches(self, batches: ConceptBatches, generator: torch.Generator) -> list[Batch]:
+        """One batch of the bank prior's images, as large as a concept's."""
+        if self.bank is None:
+            raise ValueError("bank_prior_weight > 0 needs the bank prior's images (`Immunizer.bank`)")
+        size = next(iter(batches.values()))[0].latents.shape[0]
+        return [Batch(*self.bank.sample(size, generator)[:2])]
 
     def _mean_loss(self, base: Params, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
         """The released model's mean loss on `batches`."""

@@ -1,7 +1,7 @@
 """The immunization run: validate, prepare data, (erase,) run the chosen method with checkpoints, export.
 
 Output folder: `model/` (a diffusers pipeline), `immunization.json`, `checkpoint/` (while running), `data/`
-(materialized toy concepts and generated class images).
+(materialized toy concepts, generated class images and the bank prior's images).
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 
+from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.errors import ConfigError
 from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
-from mima.immunize.erase import erase_targets
+from mima.immunize.erase import erase_targets, preserved_captions
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names, select_parameters
-from mima.models.encoding import EncodedConcept, encode_concept
-from mima.sampling import ensure_class_images
+from mima.models.encoding import EncodedConcept, encode_concept, encode_folder
+from mima.sampling import ensure_bank_images, ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
 from mima.utils.checkpoint import has_checkpoint, load_state, save_checkpoint
 from mima.utils.device import Placement, resolve_placement, start_peak_memory
@@ -69,17 +70,18 @@ class ImmunizationRun:
         print(f"immunize: {placement.describe()}", file=sys.stderr)
         components = Components.from_pretrained(self.model).to(placement.device)
         skipped = _check_parameter_globs(components.unet, config)  # before class images and the erasure
-        if config.uses_class_images:  # the main process generates them; the others then find them on disk
-            if shard.is_main:
-                specs = self._with_class_images(components, specs, placement)
-            shard.barrier()
-            if not shard.is_main:
-                specs = self._with_class_images(components, specs, placement)
+        if shard.is_main:  # the main process draws the images; the others then find them on disk
+            specs = self._with_drawn_images(components, specs, placement)
+        shard.barrier()
+        if not shard.is_main:
+            specs = self._with_drawn_images(components, specs, placement)
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
         immunizer.shard = shard
         immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
+        if config.bank_prior_weight > 0:
+            immunizer.bank = encode_folder(components, self._bank_images(components, specs, placement), "")
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         if immunizer.fused > 1:
@@ -128,13 +130,26 @@ class ImmunizationRun:
             validate_images(spec)
         return specs
 
-    def _with_class_images(
+    def _with_drawn_images(
         self, components: Components, specs: list[ConceptSpec], placement: Placement
     ) -> list[ConceptSpec]:
-        """`specs` with their class images, generated with the base model into `data/` where missing."""
+        """`specs` with their class images where the objective takes them, generated with the base model into
+        `data/` where missing, as the bank prior's images (`_bank_images`)."""
         size = self.config.n_class_images
+        if self.config.uses_class_images:
+            with placement.autocast():
+                specs = [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
+        if self.config.bank_prior_weight > 0:
+            self._bank_images(components, specs, placement)
+        return specs
+
+    def _bank_images(self, components: Components, specs: list[ConceptSpec], placement: Placement) -> Path:
+        """The bank prior's images (`data/bank-prior/`), generated with the base model where missing, under the
+        captions of `bank_prior_captions` (else `caption_bank`) that name no target."""
+        config = self.config
+        captions = preserved_captions(specs, load_caption_bank(config.bank_prior_captions or config.caption_bank))
         with placement.autocast():
-            return [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
+            return ensure_bank_images(components, captions, self.out_dir / "data" / "bank-prior", config.n_bank_images)
 
 
 def _check_processes(processes: int, concepts: int, config: ImmunizeConfig) -> None:

@@ -1,0 +1,67 @@
+"""The bank prior: images the original model drew for caption-bank prompts that name no target, which the released
+model must keep denoising. Its gradient is checked with the other terms' in tests/test_meta_gradient.py."""
+
+import csv
+import json
+
+import torch
+
+from mima.cli import main
+from mima.data.captions import load_caption_bank
+from mima.data.image_folder import read_image_folder
+from mima.models.encoding import Batch, EncodedImages
+from test_immunize import _assert_term_adds_its_weighted_log, _prepared_on_stripes
+
+
+def test_the_bank_prior_is_the_released_models_loss_on_one_batch_of_bank_images(tiny_components):
+    from mima.immunize import ImmunizeConfig
+
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
+    immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
+    size = immunizer.unet.config.sample_size
+    latents = torch.randn(5, 4, size, size, generator=torch.Generator().manual_seed(3))
+    hidden = tiny_components.encode_prompts(["a painting in rings style"] * 5).detach()
+    immunizer.bank = EncodedImages(latents, 0.1 * torch.ones_like(latents), hidden)
+
+    base, batch_size = immunizer.base_parameters(), next(iter(batches.values()))[0].latents.shape[0]
+    g = torch.Generator().manual_seed(1)
+    by_hand = immunizer.loss(base, Batch(*immunizer.bank.sample(batch_size, g)[:2]), g)
+    torch.testing.assert_close(immunizer.bank_prior_loss(base, batches, torch.Generator().manual_seed(1)), by_hand)
+    _assert_term_adds_its_weighted_log(immunizer, batches, "bank_prior", 2.0)
+
+
+def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_target(tiny_model_dir, tmp_path, capsys):
+    """`--bank-prior-weight`: the original model draws `--n-bank-images` images into data/bank-prior/, under captions
+    spread over the bank, none naming a target; the term is logged; a misspelt caption file fails in one line before
+    any image is drawn, and leaves the finished run as it was."""
+    out = tmp_path / "run"
+    args = ["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:dots", "--out", str(out),
+            "--steps", "1", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",
+            "--attackers", "lora", "--bank-prior-weight", "1", "--n-bank-images", "6"]
+    assert main(args) == 0, capsys.readouterr().err
+    images, captions = read_image_folder(out / "data" / "bank-prior")
+    assert len(images) == 6 and len(set(captions)) == 6
+    assert not any("stripes" in caption or "dots" in caption for caption in captions)
+    assert set(captions) < set(load_caption_bank("toy"))
+    record = json.loads((out / "immunization.json").read_text())
+    assert record["log"][0]["bank_prior"] > 0 and record["config"]["n_bank_images"] == 6
+
+    capsys.readouterr()
+    missing = tmp_path / "missing.txt"
+    code = main([*args[:-4], "--out", str(tmp_path / "other"), "--bank-prior-weight", "1",
+                 "--bank-prior-captions", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mima: error:") and str(missing) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other" / "data").exists()
+
+
+def test_the_bank_prior_reads_its_own_caption_file(tiny_model_dir, tmp_path, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a painting in rings style\na painting in stripes style\n")
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
+                 "--steps", "1", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--attackers",
+                 "lora", "--bank-prior-weight", "0.5", "--n-bank-images", "3", "--bank-prior-captions", str(captions)])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "data" / "bank-prior" / "metadata.csv", newline="") as f:
+        assert [row["prompt"] for row in csv.DictReader(f)] == ["a painting in rings style"] * 3
