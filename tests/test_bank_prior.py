@@ -33,7 +33,7 @@ def test_the_bank_prior_is_the_released_models_loss_on_one_batch_of_bank_images(
 def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_target(tiny_model_dir, tmp_path, capsys):
     """`--bank-prior-weight`: the original model draws `--n-bank-images` images into data/bank-prior/, under captions
     spread over the bank, none naming a target; the term is logged; a misspelt caption file fails in one line before
-    any image is drawn, and leaves the finished run as it was."""
+    any image is drawn, writing nothing."""
     out = tmp_path / "run"
     args = ["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:dots", "--out", str(out),
             "--steps", "1", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",

@@ -111,7 +111,7 @@ class ImmunizeConfig(Config):
     )
     bank_prior_captions: str = field(
         default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
-    n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, its captions in turn"})
+    n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, spread over its captions"})
     retain_weight: float = field(
         default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )

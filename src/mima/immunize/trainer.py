@@ -71,17 +71,17 @@ class ImmunizationRun:
         components = Components.from_pretrained(self.model).to(placement.device)
         skipped = _check_parameter_globs(components.unet, config)  # before class images and the erasure
         if shard.is_main:  # the main process draws the images; the others then find them on disk
-            specs = self._with_drawn_images(components, specs, placement)
+            specs, bank = self._with_drawn_images(components, specs, placement)
         shard.barrier()
         if not shard.is_main:
-            specs = self._with_drawn_images(components, specs, placement)
+            specs, bank = self._with_drawn_images(components, specs, placement)
         if config.setting == "relearn":
             erase_targets(components, specs, config)
         immunizer = immunizers.get(config.method)(config)
         immunizer.shard = shard
         immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
-        if config.bank_prior_weight > 0:
-            immunizer.bank = encode_folder(components, self._bank_images(components, specs, placement), "")
+        if bank is not None:
+            immunizer.bank = encode_folder(components, bank, "")
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         if immunizer.fused > 1:
@@ -132,16 +132,15 @@ class ImmunizationRun:
 
     def _with_drawn_images(
         self, components: Components, specs: list[ConceptSpec], placement: Placement
-    ) -> list[ConceptSpec]:
+    ) -> tuple[list[ConceptSpec], Path | None]:
         """`specs` with their class images where the objective takes them, generated with the base model into
-        `data/` where missing, as the bank prior's images (`_bank_images`)."""
+        `data/` where missing, as the bank prior's images (`_bank_images`), and the bank prior's folder (None: off)."""
         size = self.config.n_class_images
         if self.config.uses_class_images:
             with placement.autocast():
                 specs = [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
-        if self.config.bank_prior_weight > 0:
-            self._bank_images(components, specs, placement)
-        return specs
+        bank = self._bank_images(components, specs, placement) if self.config.bank_prior_weight > 0 else None
+        return specs, bank
 
     def _bank_images(self, components: Components, specs: list[ConceptSpec], placement: Placement) -> Path:
         """The bank prior's images (`data/bank-prior/`), generated with the base model where missing, under the
