@@ -97,6 +97,12 @@ def _benchmark(tmp: Path, **fields) -> list[str]:
     return ["benchmark", "--config", str(_file(tmp, "bench.yaml", yaml.safe_dump(config))), "--out", str(out)]
 
 
+def _references(tmp: Path, *concepts: str) -> Path:
+    for concept in concepts:
+        (tmp / "references" / concept).mkdir(parents=True)
+    return tmp / "references"
+
+
 def _read_only(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`--out` on a read-only file system (simulated: the tests run as any user, root included)."""
     out, original = tmp / "ro" / "out", os.mkdir
@@ -225,6 +231,12 @@ FAILS = {
         lambda t, m, i, p: _benchmark(t, model=str(_no_weights(m, t, p)), attacks=[
             "lora", {"name": "fresh", "method": "lora", "prompt": "fresh-token", "token": "star"}]), "common word"),
     "benchmark-nan": (lambda t, m, i, p: _benchmark(t, immunize={"outer_lr": float("nan")}), "finite"),
+    "benchmark-bystander-also-a-target": (lambda t, m, i, p: _benchmark(t, bystanders=["toy:stripes"]),
+                                          "duplicate concept name"),
+    "benchmark-misspelt-bystander": (lambda t, m, i, p: _benchmark(t, bystanders=["toy:ringz"]), "did you mean"),
+    "benchmark-bystander-without-references": (
+        lambda t, m, i, p: _benchmark(t, bystanders=["toy:rings"], references=str(_references(t, "stripes"))),
+        "has no folder for rings"),
     "sweep-misspelt-method": (
         lambda t, m, i, p: ["attack-sweep", "--model", str(m), "--concept", "toy:donut", "--methods", "lora", "lroa",
                             "--budgets", "1", "--out", str(t / "sweep")], "did you mean 'lora'"),

@@ -16,7 +16,7 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     reproduces it exactly."""
     config = {
         "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": ["toy:star"], "methods": ["mima"],
-        "attacks": ["lora"], "encoders": ["toy-judge"],
+        "bystanders": ["toy:rings"], "attacks": ["lora"], "encoders": ["toy-judge"],
         "immunize": {"steps": 1, "n_images": 4, "n_class_images": 2, "batch_size": 2},
         "attack": {"steps": 2, "save_every": 1, "eval_images": 2, "sampling_steps": 2, "n_images": 4},
     }
@@ -34,7 +34,7 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     assert set(summary) >= {"msgr", "mrsgr", "sgr", "non_target_sgr"}
     assert set(summary["sgr"]) == {"stripes"} and set(summary["non_target_sgr"]) == {"star"}
     html = (report / "report.html").read_text()
-    assert "<table id='summary'>" in html and html.count("data:image/png;base64,") == 3
+    assert "<table id='summary'>" in html and html.count("data:image/png;base64,") == 4  # a figure, 3 grids
     record = json.loads((report / "metrics.json").read_text())
     before = record["before_attack"]
     assert before["attack"] == "lora" and set(before["models"]) == {"none", "mima"}
@@ -43,17 +43,20 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
                                                             "success_rate": star["asr_with"][0]}
     assert before["models"]["none"]["toy-judge"]["star"]["similarity"] == star["s_without"][0]
     assert "<table id='before-attack'>" in html and "star (non-target)" in (report / "report.md").read_text()
+    assert "rings (bystander)" in (report / "report.md").read_text()
+    assert (report / "grids/before-attack-rings.png").is_file()
+    _assert_bystanders_are_drawn_as_step_0_and_scored(out, config, before)
     recorded = record["timings_s"]["recorded by the pieces"]
     elapsed = [json.loads((out / f"models/{m}/immunization.json").read_text())["elapsed_s"] for m in ("none", "mima")]
-    assert recorded["immunization"] == sum(elapsed) and recorded["attacks"] > 0
+    assert recorded["immunization"] == sum(elapsed) and recorded["attacks"] > 0 and recorded["bystanders"] > 0
     shared = out / "class-images" / "class-a-painting"  # drawn once, read by both models' immunizations
     assert len(read_image_folder(shared)[0]) == 2 and not list(out.glob("models/*/data/class-*"))
     for method in ("none", "mima"):
         concept = json.loads((out / f"models/{method}/immunization.json").read_text())["concepts"][0]
         assert concept["class_images"] == str(shared)
     runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
-    runs.append(shared / "metadata.csv")
-    assert len(runs) == 7  # 2 models (none, mima) x 2 concepts attacked, the 2 models and the class images
+    runs += [shared / "metadata.csv", *sorted(out.glob("bystanders/*/rings/seed0/drawing.json"))]
+    assert len(runs) == 9  # 2 models (none, mima) x 2 concepts attacked, the 2 models, the class images, 2 bystanders
     written = [r.stat().st_mtime_ns for r in runs]
     capfd.readouterr()
     monkeypatch.setattr("mima.evaluate.summary.DRAWN_SHARE", 2.0)  # every non-target now counts as damaged
@@ -62,8 +65,9 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     rerun = json.loads((report / "metrics.json").read_text())
     drawn = before["models"]["mima"]["toy-judge"]["star"]["similarity"]
     reference = before["models"]["none"]["toy-judge"]["star"]["similarity"]
-    warning = (f"mima draws the non-target star less faithfully than none before any attack: similarity {drawn:.2f} "
-               f"against {reference:.2f} (toy-judge)")
+    rings = [rerun["before_attack"]["models"][m]["toy-judge"]["rings"]["similarity"] for m in ("mima", "none")]
+    warning = (f"mima draws 2 concept(s) it should keep under 2 of none's similarity before any attack (toy-judge): "
+               f"star (non-target) {drawn:.2f} against {reference:.2f}, rings {rings[0]:.2f} against {rings[1]:.2f}")
     assert rerun["warnings"] == [warning] and record["warnings"] == []
     assert f"mima: warning: {warning}\n" in capfd.readouterr().out
     assert f"**Warning:** {warning}." in (report / "report.md").read_text()
@@ -230,6 +234,11 @@ def test_before_attack_skips_attacks_that_rewrite_the_prompt():
     waves = before.models["mima"]["toy-judge"]["waves"]
     assert abs(waves.similarity - 0.65) < 1e-12 and abs(waves.success_rate - 0.625) < 1e-12
     assert before.models["none"]["toy-judge"]["waves"] == Drawing(similarity=0.8, success_rate=1.0)
+    rings = {model: {"toy-judge": {"rings": Drawing(0.9, 1.0)}} for model in ("none", "mima")}
+    assert before_attack(evaluations, ["lora"], ["waves"], rings).models["mima"]["toy-judge"] == {
+        "waves": waves, "rings": Drawing(0.9, 1.0)}
+    alone = before_attack(evaluations, [], ["waves"], rings)  # bystanders only: no attack keeps the prompts
+    assert alone.attack is None and alone.models == rings
 
 
 def test_a_non_target_drawn_under_most_of_the_reference_similarity_is_flagged_whatever_the_judge_says():
@@ -242,9 +251,12 @@ def test_a_non_target_drawn_under_most_of_the_reference_similarity_is_flagged_wh
     reference = 0.82
     before = BeforeAttack("lora", {"none": drawings(reference, 0.4), "mima": drawings(0.29, 0.1),
                                    "imma": drawings(DRAWN_SHARE * reference + 0.01, 0.1)})
-    assert before.damaged(["waves"]) == ["mima draws the non-target waves less faithfully than none before any "
-                                         "attack: similarity 0.29 against 0.82 (efficientnet-lite0)"]
+    assert before.damaged(["waves"]) == ["mima draws 1 concept(s) it should keep under 0.8 of none's similarity "
+                                         "before any attack (efficientnet-lite0): waves (non-target) 0.29 against "
+                                         "0.82"]
     assert before.damaged([]) == []  # targets drawn less are the point of the immunization
+    assert before.damaged([], ["waves"]) == ["mima draws 1 concept(s) it should keep under 0.8 of none's similarity "
+                                             "before any attack (efficientnet-lite0): waves 0.29 against 0.82"]
 
 
 def test_summary_gives_the_spread_over_seeds_of_msgr_and_each_sgr():
@@ -302,3 +314,44 @@ def test_between_runs_is_the_non_target_sgr_of_the_un_immunized_model_against_it
                     ["waves"])["mima"]["lora"]["toy-judge"]
     assert row.to_json()["between_runs"] == {"waves": pytest.approx(22.5)}
     assert _table({"mima": {"lora": {"toy-judge": row}}})[1][6] == "22.5"  # the report's column beside |SGR|
+
+
+def _assert_bystanders_are_drawn_as_step_0_and_scored(out, config, before):
+    """A bystander's samples are the images an attack run's step 0 would draw of it, and the report scores them."""
+    from mima.attacks import AttackConfig
+    from mima.benchmark.pieces import BystanderPiece
+    from mima.data.concepts import toy_concept_spec
+    from mima.evaluate.encoders import get_encoder
+    from mima.evaluate.evaluate import drawing
+
+    attack = out / "attacks/none/lora/star/seed0"
+    recorded = AttackConfig.from_dict(json.loads((attack / "attack.json").read_text())["config"])
+    piece = BystanderPiece("none", out / "models/none/model", toy_concept_spec("star"), recorded, out / "star-drawn")
+    piece.run()
+    drawn, step_0 = (read_image_folder(folder) for folder in (piece.out / "samples", attack / "samples/step_0"))
+    assert drawn[1] == step_0[1] and len(drawn[0]) == config["attack"]["eval_images"]
+    assert [np.asarray(i).tolist() for i in drawn[0]] == [np.asarray(i).tolist() for i in step_0[0]]
+    judge = get_encoder("toy-judge")
+    for model in ("none", "mima"):
+        rings = drawing([out / f"bystanders/{model}/rings/seed0/samples"], out / "report/references/rings", judge,
+                        "rings")
+        assert before["models"][model]["toy-judge"]["rings"] == {"similarity": rings.similarity,
+                                                                 "success_rate": rings.success_rate}
+        assert rings.success_rate is not None
+
+
+def test_bystander_samples_drawn_with_other_settings_are_refused_not_reused(tmp_path):
+    from mima.attacks import AttackConfig
+    from mima.benchmark.pieces import BystanderPiece
+    from mima.data.concepts import toy_concept_spec
+    from mima.errors import ConfigError
+
+    piece = BystanderPiece("mima", tmp_path / "model", toy_concept_spec("rings"), AttackConfig(eval_images=2),
+                           tmp_path / "rings")
+    assert not piece.finished()
+    piece.out.mkdir()
+    (piece.out / "drawing.json").write_text(json.dumps({**piece.settings(), "sampling_steps": 10}))
+    with pytest.raises(ConfigError, match="sampling_steps: 10 -> 25"):
+        piece.finished()
+    (piece.out / "drawing.json").write_text(json.dumps(piece.settings()))
+    assert piece.finished()

@@ -29,6 +29,7 @@ from mima.training import LoopSettings, TrainingLoop
 from mima.utils.device import (
     Placement,
     native_precision,
+    resolve_device,
     resolve_placement,
     seed_everything,
     start_peak_memory,
@@ -66,11 +67,7 @@ class AttackRun:
         config = self.config
         placement = resolve_placement(self.device, config.mixed_precision)
         start_peak_memory(placement.device)  # the record's peak is this run's, in a reused worker too
-        sampling_precision = config.sampling_precision or config.mixed_precision
-        if sampling_precision == "auto":
-            sampling_precision = native_precision(placement.device)
-        sampling = resolve_placement(self.device, sampling_precision,
-                                     flag="--sampling-precision" if config.sampling_precision else "--mixed-precision")
+        sampling = sampling_placement(config, self.device)
         self.check()
         claim_run_folder(self.out_dir, ATTACK, self.run_settings(), resume=resume, overwrite=overwrite,
                          differences=self.differences)
@@ -118,6 +115,30 @@ def _eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
     return list(config.eval_prompts or concept.prompts[:1])
 
 
+def sampling_placement(config: AttackConfig, device: str) -> Placement:
+    """Where and in which precision the evaluation samples of a run with `config` are drawn."""
+    precision = config.sampling_precision or config.mixed_precision
+    if precision == "auto":
+        precision = native_precision(resolve_device(device))
+    return resolve_placement(device, precision,
+                             flag="--sampling-precision" if config.sampling_precision else "--mixed-precision")
+
+
+def eval_prompts(concept: ConceptSpec, config: AttackConfig) -> list[str]:
+    """One prompt per evaluation image of `concept`, before any prompt rewriting of the attack's."""
+    prompts = _eval_prompts(concept, config)
+    return [prompts[i % len(prompts)] for i in range(config.eval_images)]
+
+
+def draw_samples(components: Components, prompts: list[str], config: AttackConfig, sampling: Placement,
+                 folder: Path) -> None:
+    """Draw an evaluation image per prompt, as at each checkpoint of an attack run, into the image folder `folder`."""
+    with sampling.autocast():
+        images = sample_images(components, prompts, seed=config.seed, steps=config.sampling_steps,
+                               guidance_scale=config.guidance_scale)
+    write_image_folder(images, prompts, folder)
+
+
 class _Loop(TrainingLoop):
     """Fine-tuning with AdamW on the attack's trainable parameters; evaluation samples at every checkpoint, drawn
     under the `sampling` placement's precision."""
@@ -149,14 +170,8 @@ class _Loop(TrainingLoop):
 
     def sample_prompts(self) -> list[str]:
         """The prompts of the evaluation samples: the evaluation prompts captioned as the training images are."""
-        prompts = _eval_prompts(self.concept, self.config)
-        return [self.attack.prompt(prompts[i % len(prompts)]) for i in range(self.config.eval_images)]
+        return [self.attack.prompt(prompt) for prompt in eval_prompts(self.concept, self.config)]
 
     def at_checkpoint(self) -> None:
-        prompts = self.sample_prompts()
-        with self.sampling.autocast():
-            images = sample_images(
-                self.components, prompts, seed=self.config.seed, steps=self.config.sampling_steps,
-                guidance_scale=self.config.guidance_scale,
-            )
-        write_image_folder(images, prompts, self.out_dir / "samples" / f"step_{self.step}")
+        draw_samples(self.components, self.sample_prompts(), self.config, self.sampling,
+                     self.out_dir / "samples" / f"step_{self.step}")

@@ -28,6 +28,7 @@ from mima.evaluate.encoders import ImageEncoder, get_encoder
 from mima.evaluate.metrics import CONDITIONS, CurveSet, SimilarityCurve, metrics, relative_gap, sgr, similarity
 from mima.evaluate.report import plot_curves, save_comparison_grid, slug
 from mima.evaluate.results import ConceptResult, EncoderResult, Evaluation, RunPair
+from mima.evaluate.summary import Drawing, mean
 from mima.toy import world as toy_world
 from mima.utils.device import resolve_device
 from mima.utils.io import atomic_write_text
@@ -285,14 +286,29 @@ def _run_curves(
     encoder: ImageEncoder, run: AttackRunInfo, steps: list[int], reference: torch.Tensor, concept: str
 ) -> tuple[SimilarityCurve, SimilarityCurve | None]:
     """S(samples at each step, R) and, for a classifier that knows `concept`, the attack-success rate."""
-    values, rates = [], []
     with FeatureCache(run.path, encoder) as cache:
-        for step in steps:
-            feats, labels = cache.encode(read_image_folder(run.samples(step))[0])
-            values.append(similarity(feats, reference))
-            rates.append(encoder.success_rate(labels, concept) if labels is not None else None)
+        values, rates = zip(*(_score(cache, run.samples(step), reference, concept) for step in steps), strict=True)
     known = all(rate is not None for rate in rates)
-    return SimilarityCurve(steps, values), SimilarityCurve(steps, rates) if known else None
+    return SimilarityCurve(steps, list(values)), SimilarityCurve(steps, list(rates)) if known else None
+
+
+def _score(cache: FeatureCache, folder: Path, reference: torch.Tensor, concept: str) -> tuple[float, float | None]:
+    """S(the samples in `folder`, R) and, for a classifier that knows `concept`, the share it recognises."""
+    feats, labels = cache.encode(read_image_folder(folder)[0])
+    rate = cache.encoder.success_rate(labels, concept) if labels is not None else None
+    return similarity(feats, reference), rate
+
+
+def drawing(folders: Sequence[PathLike], references: PathLike, encoder: ImageEncoder, concept: str) -> Drawing:
+    """What image folders of one concept's samples show (one folder per seed, seed means): similarity to the images
+    of `references` and, where `encoder` knows `concept`, the share it recognises. Features cached as
+    [`evaluate_runs`] caches them."""
+    reference = _reference_features(encoder, references)
+    scores = []
+    for folder in folders:
+        with FeatureCache(folder, encoder) as cache:
+            scores.append(_score(cache, Path(folder), reference, concept))
+    return Drawing(mean(s for s, _ in scores), mean(r for _, r in scores))
 
 
 def _concept_result(

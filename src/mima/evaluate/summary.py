@@ -145,24 +145,37 @@ class Drawing:
     success_rate: float | None
 
 
+Drawings = dict[str, dict[str, dict[str, Drawing]]]
+"""What each model draws before any attack: model -> encoder -> concept -> [`Drawing`]."""
+
+
 @dataclass(frozen=True)
 class BeforeAttack:
-    """Each model's own samples of each concept, read from step 0 of `attack`: model -> encoder -> concept."""
+    """Each model's own samples of each concept, model -> encoder -> concept: the attacked concepts' read from step 0
+    of `attack` (None when no attack keeps the prompts), the bystanders' drawn without an attack."""
 
-    attack: str
-    models: dict[str, dict[str, dict[str, Drawing]]]
+    attack: str | None
+    models: Drawings
 
-    def damaged(self, non_targets: list[str]) -> list[str]:
-        """One line per (model, encoder, non-target) whose similarity falls under `DRAWN_SHARE` of the un-immunized
-        model's: a model that no longer draws a concept it should keep. A classifier's rate can miss it, since it
-        names the closest concept it knows (noise in a concept's colours included)."""
+    def damaged(self, non_targets: list[str], bystanders: list[str] | None = None) -> list[str]:
+        """One line per (model, encoder) naming each non-target and bystander whose similarity falls under
+        `DRAWN_SHARE` of the un-immunized model's: concepts a model no longer draws that it should keep. A
+        classifier's rate can miss it, since it names the closest concept it knows (noise in a concept's colours
+        included)."""
         reference = self.models[UNIMMUNIZED]
-        return [f"{model} draws the non-target {concept} less faithfully than {UNIMMUNIZED} before any attack: "
-                f"similarity {own:.2f} against {base:.2f} ({encoder})"
-                for model, by_encoder in self.models.items() if model != UNIMMUNIZED
-                for encoder, by_concept in by_encoder.items() for concept in non_targets
-                if (own := by_concept[concept].similarity) is not None
-                and (base := reference[encoder][concept].similarity) and own < DRAWN_SHARE * base]
+        labels = {concept: " (non-target)" for concept in non_targets} | dict.fromkeys(bystanders or (), "")
+        lines = []
+        for model, by_encoder in self.models.items():
+            if model == UNIMMUNIZED:
+                continue
+            for encoder, by_concept in by_encoder.items():
+                damaged = [f"{concept}{label} {own:.2f} against {base:.2f}" for concept, label in labels.items()
+                           if concept in by_concept and (own := by_concept[concept].similarity) is not None
+                           and (base := reference[encoder][concept].similarity) and own < DRAWN_SHARE * base]
+                if damaged:
+                    lines.append(f"{model} draws {len(damaged)} concept(s) it should keep under {DRAWN_SHARE:g} of "
+                                 f"{UNIMMUNIZED}'s similarity before any attack ({encoder}): {', '.join(damaged)}")
+        return lines
 
     def to_json(self) -> dict[str, Any]:
         models = {model: {encoder: {concept: {"similarity": d.similarity, "success_rate": d.success_rate}
@@ -172,23 +185,27 @@ class BeforeAttack:
         return {"attack": self.attack, "models": models}
 
 
-def before_attack(evaluations: Evaluations, plain: list[str], concepts: list[str]) -> BeforeAttack | None:
+def before_attack(evaluations: Evaluations, plain: list[str], concepts: list[str],
+                  bystanders: Drawings | None = None) -> BeforeAttack | None:
     """Each model's own samples of each concept's prompt before any attack step (seed means).
 
-    Read from step 0 of the first of the `plain` attacks, those that keep the concept's prompts as they are (a token
-    method's step 0 draws its new token, a fresh-token or fixed-text run its own prompt); None when there is none.
+    The attacked `concepts` are read from step 0 of the first of the `plain` attacks, those that keep the concept's
+    prompts as they are (a token method's step 0 draws its new token, a fresh-token or fixed-text run its own
+    prompt); the `bystanders` come drawn (model -> encoder -> concept). None when there is neither.
     """
-    if not plain:
-        return None
-    models: dict[str, dict[str, dict[str, Drawing]]] = {}
-    for method, by_attack in evaluations.items():
+    models: Drawings = {}
+    attacked = evaluations.items() if plain else ()
+    for method, by_attack in attacked:
         runs = list(by_attack[plain[0]].values())
         for encoder in runs[0].encoders:
             for concept in concepts:
                 results = [e.encoders[encoder].concepts[concept] for e in runs]
                 for model, side in ((UNIMMUNIZED, "without"), (method, "with")):
                     models.setdefault(model, {}).setdefault(encoder, {})[concept] = _drawing(results, side)
-    return BeforeAttack(plain[0], models)
+    for model, by_encoder in (bystanders or {}).items():
+        for encoder, by_concept in by_encoder.items():
+            models.setdefault(model, {}).setdefault(encoder, {}).update(by_concept)
+    return BeforeAttack(plain[0] if plain else None, models) if models else None
 
 
 def _drawing(results: list[ConceptResult], side: Condition) -> Drawing:

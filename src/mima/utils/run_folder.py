@@ -51,6 +51,7 @@ _FEATURE_CACHE = ".feature_cache"  # what evaluating a folder of images adds to 
 IMMUNIZATION = RunLayout("mima immunize", "immunization.json", ("model", "data", "checkpoint", "immunization.json"))
 ATTACK = RunLayout("mima attack", "attack.json",
                    ("export", "samples", "data", "checkpoint", "attack.json", _FEATURE_CACHE))
+BYSTANDER = RunLayout("mima benchmark", "drawing.json", ("samples", "drawing.json"), None)
 TOY_IMAGES = RunLayout("mima toy images", "metadata.csv",
                        ("[0-9][0-9][0-9][0-9][0-9].png", "metadata.csv", _FEATURE_CACHE), None)
 

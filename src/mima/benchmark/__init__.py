@@ -4,11 +4,13 @@ Layout of the output folder:
     class-images/<class>/       class images the targets lack, drawn once with the base model for every method
     models/<method>/            `mima immunize` output per method ("none": the base, erased in relearn)
     attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
+    bystanders/<method>/<concept>/seed<k>/          samples/ of a concept drawn but never attacked, drawing.json
     report/                     metrics.json, report.md, report.html, plots, grids
 A suite (a YAML listing several benchmarks under `suite:`) runs part P into OUT/P with that layout.
-A finished piece (a model with immunization.json, an attack with attack.json, the evaluation of an attack with its
-feature caches) is never redone. The pieces of a phase run on an executor (`mima.executors`): here, in a local
-process pool or as Ray tasks on a cluster whose nodes share the output folder.
+A finished piece (a model with immunization.json, an attack with attack.json, a bystander's samples with
+drawing.json, the evaluation of an attack with its feature caches) is never redone. The pieces of a phase run on an
+executor (`mima.executors`): here, in a local process pool or as Ray tasks on a cluster whose nodes share the output
+folder.
 """
 
 from __future__ import annotations
@@ -19,21 +21,20 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mima.attacks.variants import AttackVariant, parse_variants
+from mima.benchmark.pieces import AttackPiece, BystanderPiece, ClassImagesPiece, EvaluationPiece, ImmunizationPiece
 from mima.config import Config
 from mima.errors import ConfigError
 from mima.executors import Executor, LocalExecutor
-from mima.utils.run_folder import ATTACK, IMMUNIZATION, RunLayout, finished_run
 
 if TYPE_CHECKING:
-    from mima.attacks import AttackConfig, AttackRun
+    from mima.attacks import AttackConfig
     from mima.data.concepts import ConceptSpec
-    from mima.evaluate.summary import Evaluations
-    from mima.immunize import ImmunizationRun
+    from mima.evaluate.summary import Drawings, Evaluations
 
 PRESETS = ("toy-demo", "toy-demo-quick", "toy-full")
 
@@ -46,6 +47,8 @@ class BenchmarkConfig(Config):
     setting: str = field(default="relearn", metadata={"help": "relearn (erase first) or personalize"})
     targets: tuple[str, ...] = field(default=("toy:stripes", "toy:checker", "toy:dots"), metadata={"help": "protect"})
     non_targets: tuple[str, ...] = field(default=("toy:waves",), metadata={"help": "must stay learnable"})
+    bystanders: tuple[str, ...] = field(default=(), metadata={
+        "help": "must stay drawn: sampled from every model before any attack, never attacked"})
     methods: tuple[str, ...] = field(default=("imma", "imma-joint", "mima"), metadata={"help": "immunizers"})
     attacks: tuple[str | dict, ...] = field(default=("lora",), metadata={
         "help": "adaptation methods, or named variants ({name, method, lr_scale, steps_scale, AttackConfig fields})"})
@@ -98,110 +101,13 @@ def load_preset(name: str) -> dict[str, BenchmarkConfig]:
     return load_benchmarks(str(resources.files("mima") / "assets" / "presets" / f"{name}.yaml"))
 
 
-class _Piece:
-    """One finished-or-not run of a benchmark: the run, its settings resolved when it was built, and its record."""
-
-    runner: ImmunizationRun | AttackRun
-    layout: ClassVar[RunLayout]
-
-    @property
-    def out(self) -> Path:
-        return self.runner.out_dir
-
-    @property
-    def config(self) -> Config:
-        """The settings the run uses (every default applied)."""
-        return self.runner.config
-
-    def finished(self) -> bool:
-        """Whether the run exists; `ConfigError` if it was made with other settings than this piece's."""
-        return finished_run(self.out, self.layout, self.runner.differences)
-
-    def run(self) -> None:
-        from mima.utils.checkpoint import has_checkpoint
-
-        self.runner.run(resume=has_checkpoint(self.out / "checkpoint"))
-
-
-@dataclass(frozen=True)
-class ImmunizationPiece(_Piece):
-    """One immunization of a benchmark; resumes its own checkpoint."""
-
-    runner: ImmunizationRun
-    layout: ClassVar[RunLayout] = IMMUNIZATION
-
-
-@dataclass(frozen=True)
-class AttackPiece(_Piece):
-    """One attack run of a benchmark; resumes its own checkpoint."""
-
-    runner: AttackRun
-    layout: ClassVar[RunLayout] = ATTACK
-
-
-@dataclass(frozen=True)
-class ClassImagesPiece:
-    """The class images of the targets that lack them, drawn with the base model once into the folders that every
-    immunization of the benchmark reads (each would otherwise draw the same images for itself)."""
-
-    model: str
-    specs: tuple[ConceptSpec, ...]
-    n_images: int
-    mixed_precision: str
-    device: str = "auto"
-
-    def finished(self) -> bool:
-        """Whether every spec's class-image folder exists (the test `ensure_class_images` makes)."""
-        return all(spec.class_images.exists() for spec in self.specs)
-
-    def run(self) -> None:
-        from mima.models.components import Components
-        from mima.sampling import ensure_class_images
-        from mima.utils.device import resolve_placement
-
-        placement = resolve_placement(self.device, self.mixed_precision, loss_scaling=False)
-        components = Components.from_pretrained(self.model).to(placement.device)
-        with placement.autocast():
-            for spec in self.specs:
-                ensure_class_images(components, spec, spec.class_images.parent, self.n_images)
-
-
-@dataclass(frozen=True)
-class EvaluationPiece:
-    """The features of one attack run's samples under every encoder, cached next to them (see `FeatureCache`), so
-    that the report encodes nothing but the references."""
-
-    run_dir: Path
-    encoders: tuple[str, ...]
-    device: str = "auto"
-
-    def finished(self) -> bool:
-        """Whether every encoder's feature cache of the run exists."""
-        from mima.evaluate.cache import cache_file
-        from mima.evaluate.encoders import spec_cache_id
-
-        return all(cache_file(self.run_dir, spec_cache_id(spec)).is_file() for spec in self.encoders)
-
-    def run(self) -> None:
-        from mima.data.image_folder import read_image_folder
-        from mima.evaluate.cache import FeatureCache
-        from mima.evaluate.encoders import get_encoder
-        from mima.evaluate.evaluate import read_attack_run
-        from mima.utils.device import resolve_device
-
-        run = read_attack_run(self.run_dir)
-        for spec in self.encoders:
-            with FeatureCache(run.path, get_encoder(spec, resolve_device(self.device))) as cache:
-                for step in run.steps:
-                    cache.encode(read_image_folder(run.samples(step))[0])
-
-
 @dataclass(frozen=True)
 class BenchmarkPlan:
     """Every piece of one benchmark, with its settings resolved and checked."""
 
     targets: list[ConceptSpec]
     non_targets: list[ConceptSpec]
+    bystanders: list[ConceptSpec]
     immunizations: list[ImmunizationPiece]
     class_images: ClassImagesPiece | None = None
 
@@ -222,9 +128,11 @@ class Benchmark:
         from mima.data.concepts import load_concepts
         from mima.evaluate.encoders import encoders
 
-        targets = load_concepts(list(self.config.targets))
-        non_targets = load_concepts(list(self.config.non_targets)) if self.config.non_targets else []
-        load_concepts(list(self.config.targets + self.config.non_targets))  # names unique across both lists
+        config = self.config
+        targets = load_concepts(list(config.targets))
+        non_targets, bystanders = (load_concepts(list(names)) if names else []
+                                   for names in (config.non_targets, config.bystanders))
+        names = [c.name for c in load_concepts(list(config.targets + config.non_targets + config.bystanders))]
         immunizations = self.immunization_pieces(targets)
         for piece in immunizations:
             piece.config.check_names()
@@ -232,9 +140,11 @@ class Benchmark:
         self._check_attacks(targets + non_targets)
         for spec in self.config.encoders:
             encoders.get(spec.partition(":")[0])
-        if self.config.references != "toy" and not Path(self.config.references).is_dir():
-            raise ConfigError(f"references '{self.config.references}' is neither 'toy' nor a folder")
-        return BenchmarkPlan(targets, non_targets, immunizations, self.class_images_piece(immunizations))
+        if config.references != "toy" and not Path(config.references).is_dir():
+            raise ConfigError(f"references '{config.references}' is neither 'toy' nor a folder")
+        if missing := [n for n in names if config.references != "toy" and not Path(config.references, n).is_dir()]:
+            raise ConfigError(f"references '{config.references}' has no folder for {', '.join(missing)}")
+        return BenchmarkPlan(targets, non_targets, bystanders, immunizations, self.class_images_piece(immunizations))
 
     def run(self, plan: BenchmarkPlan | None = None) -> Path:
         """Run what is not finished yet, then evaluate and report; `plan` (default: [`~Benchmark.plan`]) is checked
@@ -249,15 +159,18 @@ class Benchmark:
         models = {piece.config.method: piece.out / "model" for piece in plan.immunizations}
         attacks, runs = self._attack_pieces(models, plan.targets + plan.non_targets)
         self._timed("attacks", self.executor.run, [piece for piece in attacks if not piece.finished()], "attacks")
+        bystanders = self._bystander_pieces(models, plan.bystanders)
+        self._timed("evaluation", self.executor.run, [p for p in bystanders if not p.finished()], "bystanders")
         self._timed("evaluation", self._encode_all, runs)
-        return self._timed("evaluation", self._report, runs, plan.targets, plan.non_targets)
+        return self._timed("evaluation", self._report, runs, plan, bystanders)
 
     def recorded_seconds(self, runs: dict) -> dict[str, float]:
         """Compute time every finished piece recorded (`elapsed_s`), whichever process or earlier run made it."""
         models = [self.out_dir / "models" / m / "immunization.json" for m in runs]
         attacks = [path / "attack.json" for by_key in runs.values() for path in by_key.values()]
+        bystanders = sorted(self.out_dir.glob("bystanders/*/*/seed*/drawing.json"))
         return {phase: sum(json.loads(p.read_text()).get("elapsed_s", 0.0) for p in records)
-                for phase, records in (("immunization", models), ("attacks", attacks))}
+                for phase, records in (("immunization", models), ("attacks", attacks), ("bystanders", bystanders))}
 
     def _timed(self, phase: str, function, *args):
         started = time.time()
@@ -308,6 +221,15 @@ class Benchmark:
                         pieces.append(AttackPiece(AttackRun(str(model_dir), concept, config, out, self.device)))
         return pieces, runs
 
+    def _bystander_pieces(self, models: dict[str, Path], bystanders: list[ConceptSpec]) -> list[BystanderPiece]:
+        """Each model's samples of each bystander per seed, drawn as step 0 of the first attack that keeps the
+        concept's prompts (else of the first attack) would draw them."""
+        variants = self.config.attack_variants()
+        variant = next((v for v in variants if not v.rewrites_prompts(self.config.attack)), variants[0])
+        return [BystanderPiece(method, model_dir, concept, self._attack_config(variant, seed),
+                               self.out_dir / "bystanders" / method / concept.name / f"seed{seed}", self.device)
+                for method, model_dir in models.items() for concept in bystanders for seed in self.config.seeds]
+
     def _check_attacks(self, concepts: list[ConceptSpec]) -> None:
         """Every variant's name, prompt and token on every concept, read with the base model's tokenizers (the
         attack pieces themselves are built once their models exist)."""
@@ -335,25 +257,49 @@ class Benchmark:
                   for by_key in runs.values() for path in by_key.values()]
         self.executor.run([piece for piece in pieces if not piece.finished()], "evaluations")
 
-    def _report(self, runs: dict, targets: list, non_targets: list) -> Path:
+    def _report(self, runs: dict, plan: BenchmarkPlan, bystanders: list[BystanderPiece]) -> Path:
         from mima.evaluate.benchmark_report import write_benchmark_report
+        from mima.evaluate.evaluate import write_toy_references
 
-        target_names, non_target_names = [c.name for c in targets], [c.name for c in non_targets]
-        evaluations = self._evaluate(runs, target_names, non_target_names)
+        targets, non_targets = [c.name for c in plan.targets], [c.name for c in plan.non_targets]
+        concepts = targets + non_targets + [c.name for c in plan.bystanders]
+        out = self.out_dir / "report"
+        references = (write_toy_references(concepts, out / "references") if self.config.references == "toy"
+                      else {c: Path(self.config.references) / c for c in concepts})
+        evaluations = self._evaluate(runs, targets, non_targets, references)
+        samples: dict[str, dict[str, list[Path]]] = {}
+        for piece in bystanders:
+            samples.setdefault(piece.concept.name, {}).setdefault(piece.method, []).append(piece.out / "samples")
         timings = {"this run": self.timings, "recorded by the pieces": self.recorded_seconds(runs)}
         return write_benchmark_report(
-            evaluations, runs, targets=target_names, non_targets=non_target_names, config=self.config,
-            timings=timings, out_dir=self.out_dir / "report",
+            evaluations, runs, targets=targets, non_targets=non_targets, config=self.config, timings=timings,
+            out_dir=out, bystanders={c: {m: folders[0] for m, folders in by_model.items()}
+                                     for c, by_model in samples.items()},
+            drawn=self._drawn(samples, references),
         )
 
-    def _evaluate(self, runs: dict, targets: list[str], non_targets: list[str]) -> Evaluations:
+    def _drawn(self, samples: dict[str, dict[str, list[Path]]], references: dict[str, Path]) -> Drawings:
+        """What each model's samples of each bystander show (seed means), model -> encoder -> concept."""
+        from mima.evaluate.encoders import get_encoder
+        from mima.evaluate.evaluate import drawing
+        from mima.utils.device import resolve_device
+
+        drawn: Drawings = {}
+        for spec in self.config.encoders:
+            encoder = get_encoder(spec, resolve_device(self.device))
+            for concept, by_model in samples.items():
+                for model, folders in by_model.items():
+                    drawn.setdefault(model, {}).setdefault(spec, {})[concept] = drawing(
+                        folders, references[concept], encoder, concept)
+        return drawn
+
+    def _evaluate(self, runs: dict, targets: list[str], non_targets: list[str],
+                  references: dict[str, Path]) -> Evaluations:
         """Every (method, attack, seed) against the un-immunized runs, each also written to its own folder."""
-        from mima.evaluate.evaluate import evaluate_runs, write_evaluation, write_toy_references
+        from mima.evaluate.evaluate import evaluate_runs, write_evaluation
         from mima.evaluate.summary import UNIMMUNIZED
 
         out, concepts = self.out_dir / "report", targets + non_targets
-        references = (write_toy_references(concepts, out / "references") if self.config.references == "toy"
-                      else {c: Path(self.config.references) / c for c in concepts})
         evaluations: Evaluations = {}
         for method in self.config.methods:
             for attack in self.config.attack_names():
