@@ -30,6 +30,37 @@ def test_the_bank_prior_is_the_released_models_loss_on_one_batch_of_bank_images(
     _assert_term_adds_its_weighted_log(immunizer, batches, "bank_prior", 2.0)
 
 
+def test_the_distilled_bank_prior_is_the_gap_to_the_original_models_prediction(tiny_components):
+    """`bank_prior_target: original`: zero at the original weights; away from them, the MSE between the released
+    and the original model's predictions under the noise and timesteps the denoising term would draw."""
+    from mima.functional import unet_call_with
+    from mima.immunize import ImmunizeConfig
+    from mima.losses import draw_noise
+
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy", bank_prior_weight=1.0,
+                            bank_prior_target="original")
+    immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
+    size = immunizer.unet.config.sample_size
+    latents = torch.randn(5, 4, size, size, generator=torch.Generator().manual_seed(3))
+    hidden = tiny_components.encode_prompts(["a painting in rings style"] * 5).detach()
+    immunizer.bank = EncodedImages(latents, 0.1 * torch.ones_like(latents), hidden)
+    base = immunizer.base_parameters()
+    immunizer.original = {name: base[name].detach().clone() for name in immunizer.upper_names}
+    assert immunizer.bank_prior_loss(base, batches, torch.Generator().manual_seed(1)).item() == 0.0
+
+    moved = {**base, **{n: base[n] + 0.05 * torch.randn(base[n].shape, generator=torch.Generator().manual_seed(4))
+                        for n in immunizer.upper_names}}
+    batch_size, g = next(iter(batches.values()))[0].latents.shape[0], torch.Generator().manual_seed(1)
+    bank = Batch(*immunizer.bank.sample(batch_size, g)[:2])
+    noise, timesteps = draw_noise(immunizer.scheduler, bank.latents, g)
+    noisy = immunizer.scheduler.add_noise(bank.latents, noise, timesteps)
+    predictions = [unet_call_with(immunizer.unet, params)(noisy, timesteps, bank.hidden) for params in (moved, base)]
+    by_hand = ((predictions[0] - predictions[1]) ** 2).mean()
+    distilled = immunizer.bank_prior_loss(moved, batches, torch.Generator().manual_seed(1))
+    assert distilled.item() > 0
+    torch.testing.assert_close(distilled, by_hand)
+
+
 def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_target(tiny_model_dir, tmp_path, capsys):
     """`--bank-prior-weight`: the original model draws `--n-bank-images` images into data/bank-prior/, under captions
     spread over the bank, none naming a target; the term is logged; a misspelt caption file fails in one line before

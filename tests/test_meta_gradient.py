@@ -197,6 +197,7 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_lr_scale": 3.0}),
         ("mima", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "bank_prior_weight": 0.4}),
         ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5, "bank_prior_weight": 0.4}),
+        ("mima", "second-order", {"bank_prior_weight": 0.4, "bank_prior_target": "original"}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
@@ -212,7 +213,10 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     bank = _random_images("a painting in rings style", components, torch.Generator().manual_seed(5))
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
-    immunizer.bank = bank
+    g = torch.Generator().manual_seed(6)  # a teacher the weights have moved away from, as after some outer steps
+    original = {name: p.detach() + 0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                for name, p in components.unet.named_parameters() if name in immunizer.upper_names}
+    immunizer.bank, immunizer.original = bank, original
 
     def batches():
         g = torch.Generator().manual_seed(SEED)
@@ -221,7 +225,7 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     objective, _ = assert_gradients_equal_the_objectives(immunizer, batches, SEED + 1)
     all_at_once = immunizers.get(method)(config.with_overrides(concept_by_concept=False))
     all_at_once.prepare(components, specs, concepts)
-    all_at_once.bank = bank
+    all_at_once.bank, all_at_once.original = bank, original
     assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 

@@ -90,6 +90,22 @@ def denoising_losses(
     return torch.stack([part.mean() for part in errors.split([batch[0].shape[0] for batch in batches])])
 
 
+def distillation_loss(
+    unet_call: UNetCall, teacher_call: UNetCall, scheduler: SchedulerMixin, latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The MSE between the predictions of `unet_call` and `teacher_call` on freshly noised `latents` (noise and
+    timesteps drawn as `diffusion_loss` draws them): the denoising loss with the teacher's prediction as target, the
+    same in expectation where the teacher predicts the mean noise, without the drawn noise's variance."""
+    noise, timesteps = draw_noise(scheduler, latents, generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        target = teacher_call(noisy, timesteps, encoder_hidden_states)
+    prediction = unet_call(noisy, timesteps, encoder_hidden_states)
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    return F.mse_loss(prediction.to(dtype), target.to(dtype))
+
+
 def unet_caller(unet: torch.nn.Module) -> UNetCall:
     """Adapt a diffusers UNet (or a peft-wrapped one) to the `UNetCall` signature."""
     return lambda noisy, t, hidden: unet(noisy, t, encoder_hidden_states=hidden).sample

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from mima.data.concepts import ConceptSpec
+from mima.functional import Params
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 from mima.models.encoding import Batch, EncodedConcept, EncodedImages
@@ -32,6 +33,7 @@ class Immunizer(ABC):
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
         self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
         self.bank: EncodedImages | None = None  # the bank prior's images, encoded (the trainer sets them)
+        self.original: Params = {}  # S^u before the first outer step, the bank prior's teacher (the trainer sets it)
         self.fused = 1  # batches at one set of weights per UNet call (`BilevelImmunizer.fuse_batches`)
 
     @classmethod

@@ -112,6 +112,13 @@ class ImmunizeConfig(Config):
     bank_prior_captions: str = field(
         default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
     n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, spread over its captions"})
+    bank_prior_target: Literal["noise", "original"] = field(
+        default="noise",
+        metadata={"help": "what the bank prior pulls the released model's prediction on its noised images toward: "
+                          "the drawn noise (a denoising loss), or 'original': the prediction of the model as the "
+                          "immunization found it, under the same noise (distillation: the same in expectation, "
+                          "without the drawn noise's variance)"},
+    )
     retain_weight: float = field(
         default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
     )

@@ -9,9 +9,10 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from mima.functional import Params, add_grads, without_conflict
+from mima.functional import Params, accumulate, add_grads, unet_call_with, without_conflict
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.class_batches import class_batches, retain_batches
+from mima.losses import distillation_loss, draw_noise
 from mima.models.encoding import Batch
 
 
@@ -47,7 +48,9 @@ class PreservationTerms(Immunizer):
             with self.retain_attack():
                 term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
             yield "retain", term
-        if self.config.bank_prior_weight > 0:
+        if self.config.bank_prior_weight > 0 and self.config.bank_prior_target == "original":
+            yield "bank_prior", self._distillation_gradient(base, self.bank_batches(batches, generator), generator)
+        elif self.config.bank_prior_weight > 0:
             yield "bank_prior", self._mean_or_zero(base, self.bank_batches(batches, generator), generator, wrt)
 
     def retain_attack(self) -> AbstractContextManager[None]:
@@ -84,9 +87,37 @@ class PreservationTerms(Immunizer):
         drew for caption-bank prompts that name no target (`data/bank-prior/`).
 
         The prior term keeps only the class prompt; without this one the ascent was measured to break a concept
-        no term names (docs/efficacy.md, "The non-target broken before any attack").
+        no term names (docs/efficacy.md, "The non-target broken before any attack"). With `bank_prior_target:
+        original` the target is the original model's prediction (`distillation_loss`).
         """
+        if self.config.bank_prior_target == "original":
+            return torch.stack([self._distillation_loss(base, batch, generator)
+                                for batch in self.bank_batches(batches, generator)]).mean()
         return self._mean_loss(base, self.bank_batches(batches, generator), generator)
+
+    def _distillation_loss(self, base: Params, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        teacher = unet_call_with(self.unet, {**base, **self.original})
+        return distillation_loss(unet_call_with(self.unet, base), teacher, self.scheduler, batch.latents,
+                                 batch.hidden, generator)
+
+    def _distillation_gradient(
+        self, base: Params, batches: list[Batch], generator: torch.Generator
+    ) -> tuple[list[float], Params]:
+        """The distillation losses of `batches` and the gradient of their mean on S^u, batch n on process n mod size
+        (every batch's noise drawn on every process), summed over the processes."""
+        leaves = {name: base[name].detach().requires_grad_() for name in self.upper_names}
+        losses, grads = [], {}
+        for index, batch in enumerate(batches):
+            if not self.shard.owns(index):
+                draw_noise(self.scheduler, batch.latents, generator)  # the draws every process makes
+                losses.append(0.0)
+                continue
+            loss = self._distillation_loss({**base, **leaves}, batch, generator)
+            losses.append(loss.item())
+            step = torch.autograd.grad(loss / len(batches), list(leaves.values()), allow_unused=True)
+            accumulate(grads, {n: g for n, g in zip(leaves, step, strict=True) if g is not None})
+        grads = {name: grads.get(name, torch.zeros_like(p)) for name, p in leaves.items()}
+        return self.shard.sum_floats(losses), self.shard.sum(grads)
 
     def bank_batches(self, batches: ConceptBatches, generator: torch.Generator) -> list[Batch]:
         """One batch of the bank prior's images, as large as a concept's."""

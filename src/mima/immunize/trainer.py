@@ -20,6 +20,7 @@ import torch
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec, materialize, validate_images
 from mima.errors import ConfigError
+from mima.functional import Params
 from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
@@ -84,6 +85,7 @@ class ImmunizationRun:
             immunizer.bank = encode_folder(components, bank, "")
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
+        immunizer.original = _original(components, immunizer)  # before a resumed run loads its weights
         if immunizer.fused > 1:
             print(f"immunize: up to {immunizer.fused} batches at one set of weights per UNet call (--fused-batches)",
                   file=sys.stderr)
@@ -149,6 +151,15 @@ class ImmunizationRun:
         captions = preserved_captions(specs, load_caption_bank(config.bank_prior_captions or config.caption_bank))
         with placement.autocast():
             return ensure_bank_images(components, captions, self.out_dir / "data" / "bank-prior", config.n_bank_images)
+
+
+def _original(components: Components, immunizer: Immunizer) -> Params:
+    """S^u as the immunization finds it, where the bank prior distils from it (`bank_prior_target: original`)."""
+    config = immunizer.config
+    if not immunizer.iterative or config.bank_prior_weight == 0 or config.bank_prior_target != "original":
+        return {}
+    upper = immunizer.upper_names
+    return {name: p.detach().clone() for name, p in components.unet.named_parameters() if name in upper}
 
 
 def _check_processes(processes: int, concepts: int, config: ImmunizeConfig) -> None:
