@@ -95,8 +95,9 @@ def distillation_loss(
     encoder_hidden_states: torch.Tensor, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The MSE between the predictions of `unet_call` and `teacher_call` on freshly noised `latents` (noise and
-    timesteps drawn as `diffusion_loss` draws them): the denoising loss with the teacher's prediction as target, the
-    same in expectation where the teacher predicts the mean noise, without the drawn noise's variance."""
+    timesteps drawn as `diffusion_loss` draws them): the denoising loss with the teacher's prediction as target. Where
+    the teacher predicts the mean noise given the noised latents, its gradient is the denoising loss's in expectation,
+    without the drawn noise's variance."""
     noise, timesteps = draw_noise(scheduler, latents, generator)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
