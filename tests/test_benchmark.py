@@ -322,7 +322,7 @@ def _assert_bystanders_are_drawn_as_step_0_and_scored(out, config, before):
     from mima.benchmark.pieces import BystanderPiece
     from mima.data.concepts import toy_concept_spec
     from mima.evaluate.encoders import get_encoder
-    from mima.evaluate.evaluate import drawing
+    from mima.evaluate.evaluate import drawings
 
     attack = out / "attacks/none/lora/star/seed0"
     recorded = AttackConfig.from_dict(json.loads((attack / "attack.json").read_text())["config"])
@@ -331,10 +331,9 @@ def _assert_bystanders_are_drawn_as_step_0_and_scored(out, config, before):
     drawn, step_0 = (read_image_folder(folder) for folder in (piece.out / "samples", attack / "samples/step_0"))
     assert drawn[1] == step_0[1] and len(drawn[0]) == config["attack"]["eval_images"]
     assert [np.asarray(i).tolist() for i in drawn[0]] == [np.asarray(i).tolist() for i in step_0[0]]
-    judge = get_encoder("toy-judge")
-    for model in ("none", "mima"):
-        rings = drawing([out / f"bystanders/{model}/rings/seed0/samples"], out / "report/references/rings", judge,
-                        "rings")
+    folders = {model: [out / f"bystanders/{model}/rings/seed0/samples"] for model in ("none", "mima")}
+    scored = drawings(folders, out / "report/references/rings", get_encoder("toy-judge"), "rings")
+    for model, rings in scored.items():
         assert before["models"][model]["toy-judge"]["rings"] == {"similarity": rings.similarity,
                                                                  "success_rate": rings.success_rate}
         assert rings.success_rate is not None

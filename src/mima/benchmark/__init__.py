@@ -130,8 +130,8 @@ class Benchmark:
 
         config = self.config
         targets = load_concepts(list(config.targets))
-        non_targets, bystanders = (load_concepts(list(names)) if names else []
-                                   for names in (config.non_targets, config.bystanders))
+        non_targets, bystanders = (load_concepts(list(listed)) if listed else []
+                                   for listed in (config.non_targets, config.bystanders))
         names = [c.name for c in load_concepts(list(config.targets + config.non_targets + config.bystanders))]
         immunizations = self.immunization_pieces(targets)
         for piece in immunizations:
@@ -281,16 +281,15 @@ class Benchmark:
     def _drawn(self, samples: dict[str, dict[str, list[Path]]], references: dict[str, Path]) -> Drawings:
         """What each model's samples of each bystander show (seed means), model -> encoder -> concept."""
         from mima.evaluate.encoders import get_encoder
-        from mima.evaluate.evaluate import drawing
+        from mima.evaluate.evaluate import drawings
         from mima.utils.device import resolve_device
 
         drawn: Drawings = {}
         for spec in self.config.encoders:
             encoder = get_encoder(spec, resolve_device(self.device))
             for concept, by_model in samples.items():
-                for model, folders in by_model.items():
-                    drawn.setdefault(model, {}).setdefault(spec, {})[concept] = drawing(
-                        folders, references[concept], encoder, concept)
+                for model, drawing in drawings(by_model, references[concept], encoder, concept).items():
+                    drawn.setdefault(model, {}).setdefault(spec, {})[concept] = drawing
         return drawn
 
     def _evaluate(self, runs: dict, targets: list[str], non_targets: list[str],

@@ -299,16 +299,21 @@ def _score(cache: FeatureCache, folder: Path, reference: torch.Tensor, concept: 
     return similarity(feats, reference), rate
 
 
-def drawing(folders: Sequence[PathLike], references: PathLike, encoder: ImageEncoder, concept: str) -> Drawing:
-    """What image folders of one concept's samples show (one folder per seed, seed means): similarity to the images
-    of `references` and, where `encoder` knows `concept`, the share it recognises. Features cached as
-    [`evaluate_runs`] caches them."""
+def drawings(
+    folders: Mapping[str, Sequence[PathLike]], references: PathLike, encoder: ImageEncoder, concept: str
+) -> dict[str, Drawing]:
+    """What each model's image folders of one concept's samples show (model -> one folder per seed; seed means):
+    similarity to the images of `references` (encoded once) and, where `encoder` knows `concept`, the share it
+    recognises. Features cached as [`evaluate_runs`] caches them."""
     reference = _reference_features(encoder, references)
-    scores = []
-    for folder in folders:
-        with FeatureCache(folder, encoder) as cache:
-            scores.append(_score(cache, Path(folder), reference, concept))
-    return Drawing(mean(s for s, _ in scores), mean(r for _, r in scores))
+    drawn = {}
+    for model, by_seed in folders.items():
+        scores = []
+        for folder in by_seed:
+            with FeatureCache(folder, encoder) as cache:
+                scores.append(_score(cache, Path(folder), reference, concept))
+        drawn[model] = Drawing(mean(s for s, _ in scores), mean(r for _, r in scores))
+    return drawn
 
 
 def _concept_result(
