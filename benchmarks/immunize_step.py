@@ -35,7 +35,8 @@ the peak memory of the two settings' steps and its ratio.
 `sd15-half-width` the same with SD 1.5's UNet at half its width (220M parameters), whose step memory on its small
 latents is mostly parameter-sized tensors.
 By default the objective is the core bi-level one (no class images); `--with-prior` adds class images so that
-the prior-preservation and retain terms, at their configured weights, are paid for too.
+the prior-preservation, retain and bank prior terms, at their configured weights, are paid for too (the bank
+prior's images: eight random latents under the first concept's class prompt).
 """
 
 from __future__ import annotations
@@ -80,21 +81,36 @@ def _specs(model: str, n: int) -> list:
 
 def _random_concepts(components, specs, with_prior: bool, g) -> list:
     """Eight random latents per concept (and per class, with the prior) under the concept's encoded prompt."""
+    from mima.models.encoding import EncodedConcept
+
+    return [EncodedConcept(s.name, _images(components, s.prompt, g),
+                           _images(components, s.class_prompt, g) if with_prior else None) for s in specs]
+
+
+def _images(components, prompt: str, g):
+    """Eight random latents under `prompt`, encoded."""
     import torch
 
-    from mima.models.encoding import EncodedConcept, EncodedImages
+    from mima.models.encoding import EncodedImages
 
     size = components.unet.config.sample_size
-
-    def images(prompt: str) -> EncodedImages:
-        latents = torch.randn(8, 4, size, size, generator=g)
-        hidden = components.encode_prompts([prompt] * 8).detach().cpu()
-        return EncodedImages(latents, torch.zeros_like(latents), hidden, [prompt] * 8)  # token attackers
-
-    return [EncodedConcept(s.name, images(s.prompt), images(s.class_prompt) if with_prior else None) for s in specs]
+    latents = torch.randn(8, 4, size, size, generator=g)
+    hidden = components.encode_prompts([prompt] * 8).detach().cpu()
+    return EncodedImages(latents, torch.zeros_like(latents), hidden, [prompt] * 8)  # token attackers
 
 
-def _immunizer(args: argparse.Namespace, components, specs, concepts):
+def _with_bank_prior(immunizer, components, caption: str, g, device) -> None:
+    """Where the settings turn the bank prior on, its images (random latents under `caption`) and, for the
+    distillation, its teacher, as the immunize trainer sets them."""
+    from mima.immunize.trainer import distillation_teacher
+
+    if immunizer.config.bank_prior_weight > 0:
+        bank = _images(components, caption, g)
+        immunizer.bank = type(bank)(bank.mean.to(device), bank.std.to(device), bank.hidden.to(device), bank.prompts)
+        immunizer.original = distillation_teacher(components, immunizer)
+
+
+def _immunizer(args: argparse.Namespace, components, specs, concepts, g, device):
     """The immunizer of `--methods` entry `args.child` (mima-2nd, mima-1st, imma-joint), prepared."""
     from mima.immunize import ImmunizeConfig, immunizers
 
@@ -107,6 +123,7 @@ def _immunizer(args: argparse.Namespace, components, specs, concepts):
     )
     immunizer = immunizers.get(args.child.removesuffix("-2nd").removesuffix("-1st"))(config)
     immunizer.prepare(components, specs, concepts)
+    _with_bank_prior(immunizer, components, specs[0].class_prompt, g, device)
     return immunizer
 
 
@@ -135,7 +152,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     if args.child == "finetune":
         step = _finetune_step(components, concepts[0], args.batch_size, g, to_device)
     else:
-        immunizer = _immunizer(args, components, specs, concepts)
+        immunizer = _immunizer(args, components, specs, concepts, g, device)
         for method in ("add", "merge", "pull_back"):
             time_calls(MergeInputs, method, merge_seconds, device)
         step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
@@ -167,6 +184,7 @@ def _distribution_cost(args: argparse.Namespace, components, specs, concepts, g,
     def immunizer_step(config):
         immunizer = immunizers.get(method.removesuffix("-2nd").removesuffix("-1st"))(config)
         immunizer.prepare(components, specs, concepts)
+        _with_bank_prior(immunizer, components, specs[0].class_prompt, g, resolve_device(args.device))
         outer_step = _outer_step(immunizer, concepts, args.batch_size, g, to_device)
 
         def step(index: int) -> None:
@@ -209,8 +227,9 @@ def _settings(path: str) -> dict:
 
 
 def _terms(args: argparse.Namespace) -> dict[str, float]:
-    """The prior and retain terms: at the configured weights with class images (`--with-prior`), else off."""
-    return {} if args.with_prior else {"prior_weight": 0.0, "retain_weight": 0.0}
+    """The preservation terms (prior, retain, bank prior): at the configured weights with class images
+    (`--with-prior`), else off."""
+    return {} if args.with_prior else {"prior_weight": 0.0, "retain_weight": 0.0, "bank_prior_weight": 0.0}
 
 
 def _print_distribution_costs(args: argparse.Namespace, model_dir: str) -> list[dict]:

@@ -85,7 +85,7 @@ class ImmunizationRun:
             immunizer.bank = encode_folder(components, bank, "")
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
-        immunizer.original = _original(components, immunizer)  # before a resumed run loads its weights
+        immunizer.original = distillation_teacher(components, immunizer)  # before a resumed run loads its weights
         if immunizer.fused > 1:
             print(f"immunize: up to {immunizer.fused} batches at one set of weights per UNet call (--fused-batches)",
                   file=sys.stderr)
@@ -153,7 +153,7 @@ class ImmunizationRun:
             return ensure_bank_images(components, captions, self.out_dir / "data" / "bank-prior", config.n_bank_images)
 
 
-def _original(components: Components, immunizer: Immunizer) -> Params:
+def distillation_teacher(components: Components, immunizer: Immunizer) -> Params:
     """S^u as the immunization finds it, where the bank prior distils from it (`bank_prior_target: original`)."""
     config = immunizer.config
     if not immunizer.iterative or config.bank_prior_weight == 0 or config.bank_prior_target != "original":
