@@ -79,7 +79,8 @@ def _prepared(tiny_components, method, **overrides):
     specs = [toy_concept_spec("stripes"), toy_concept_spec("dots")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(method=method, caption_bank="toy", upper_params=UPPER,
-                            **{"prior_weight": 0.0, "retain_weight": 0.0, "hvp": "exact", **overrides})
+                            **{"prior_weight": 0.0, "retain_weight": 0.0, "bank_prior_weight": 0.0, "hvp": "exact",
+                               **overrides})
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
 

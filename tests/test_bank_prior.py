@@ -16,7 +16,8 @@ from test_immunize import _assert_term_adds_its_weighted_log, _prepared_on_strip
 def test_the_bank_prior_is_the_released_models_loss_on_one_batch_of_bank_images(tiny_components):
     from mima.immunize import ImmunizeConfig
 
-    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0, caption_bank="toy",
+                            bank_prior_target="noise")  # switched on below
     immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
     size = immunizer.unet.config.sample_size
     latents = torch.randn(5, 4, size, size, generator=torch.Generator().manual_seed(3))
@@ -62,25 +63,31 @@ def test_the_distilled_bank_prior_is_the_gap_to_the_original_models_prediction(t
 
 
 def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_target(tiny_model_dir, tmp_path, capsys):
-    """`--bank-prior-weight`: the original model draws `--n-bank-images` images into data/bank-prior/, under captions
-    spread over the bank, none naming a target; the term is logged; a misspelt caption file fails in one line before
-    any image is drawn, writing nothing."""
+    """The bank prior is on by default, as a distillation: the original model draws `--n-bank-images` images into
+    data/bank-prior/, under captions spread over the bank, none naming a target; the term is logged, zero at the
+    first step (the teacher is the model as the immunization found it); `--bank-prior-weight 0` draws none; a
+    misspelt caption file fails in one line before any image is drawn, writing nothing."""
     out = tmp_path / "run"
     args = ["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:dots", "--out", str(out),
-            "--steps", "1", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",
-            "--attackers", "lora", "--bank-prior-weight", "1", "--n-bank-images", "6"]
+            "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",
+            "--attackers", "lora", "--n-bank-images", "6"]
     assert main(args) == 0, capsys.readouterr().err
     images, captions = read_image_folder(out / "data" / "bank-prior")
     assert len(images) == 6 and len(set(captions)) == 6
     assert not any("stripes" in caption or "dots" in caption for caption in captions)
     assert set(captions) < set(load_caption_bank("toy"))
     record = json.loads((out / "immunization.json").read_text())
-    assert record["log"][0]["bank_prior"] > 0 and record["config"]["n_bank_images"] == 6
+    assert record["config"]["bank_prior_weight"] == 5.0 and record["config"]["bank_prior_target"] == "original"
+    assert record["log"][0]["bank_prior"] == 0.0 < record["log"][1]["bank_prior"]
+
+    off = tmp_path / "off"
+    assert main([*args[:-2], "--out", str(off), "--bank-prior-weight", "0"]) == 0, capsys.readouterr().err
+    assert "bank_prior" not in json.loads((off / "immunization.json").read_text())["log"][0]
+    assert not (off / "data" / "bank-prior").exists()
 
     capsys.readouterr()
     missing = tmp_path / "missing.txt"
-    code = main([*args[:-4], "--out", str(tmp_path / "other"), "--bank-prior-weight", "1",
-                 "--bank-prior-captions", str(missing)])
+    code = main([*args, "--out", str(tmp_path / "other"), "--bank-prior-captions", str(missing)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mima: error:") and str(missing) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "other" / "data").exists()

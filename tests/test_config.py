@@ -155,6 +155,10 @@ def test_differences_against_a_record():
         ImmunizeConfig.from_record({**recorded, "retired": 1})
     assert ImmunizeConfig.from_record(recorded).inner_clip == 0.0
     assert ImmunizeConfig.from_dict(recorded).inner_clip == 1.0
+    del recorded["bank_prior_target"]  # from before the distillation: the bank prior was a denoising loss
+    assert ImmunizeConfig.from_record(recorded).bank_prior_target == "noise"
+    del recorded["bank_prior_weight"]  # from before the bank prior: off, whatever today's default
+    assert ImmunizeConfig.from_record(recorded).bank_prior_weight == 0.0 < ImmunizeConfig().bank_prior_weight
 
 
 def test_simulated_attackers_differ_only_in_what_ran():
@@ -169,7 +173,7 @@ def test_simulated_attackers_differ_only_in_what_ran():
 
 @pytest.mark.parametrize("name", ["immunize-toy", "attackers-full", "attackers-lora", "attackers-lora-wide",
                                   "attackers-mixed", "upper-without-keys-values",
-                                  "keys-values-half-rate", "keys-values-off-fresh-token-steps", "bank-prior"])
+                                  "keys-values-half-rate", "keys-values-off-fresh-token-steps"])
 def test_shipped_immunize_configs_load_and_name_what_exists(name):
     """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
     from pathlib import Path

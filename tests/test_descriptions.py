@@ -98,7 +98,8 @@ def described(tiny_components):
     concepts = [EncodedConcept(s.name, _images(components, [s.prompt] * 3, torch.Generator().manual_seed(i)), None)
                 for i, s in enumerate(specs)]
     config = ImmunizeConfig(method="mima", caption_bank="toy", attackers=(DESCRIBING_LORA,), prior_weight=0.0,
-                            retain_weight=0.0, upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"))
+                            retain_weight=0.0, bank_prior_weight=0.0,
+                            upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"))
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
     return components, specs, concepts, immunizer
@@ -155,7 +156,7 @@ def test_mima_merges_each_attacker_on_the_prompts_it_trains_under(described):
     the descriptions for the other (the Merge's rows are their token features)."""
     components, specs, concepts, _ = described
     config = ImmunizeConfig(method="mima", caption_bank="toy", prior_weight=0.0, retain_weight=0.0,
-                            attackers=({"kind": "lora"}, DESCRIBING_LORA))
+                            bank_prior_weight=0.0, attackers=({"kind": "lora"}, DESCRIBING_LORA))
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
     expected = [MergePlan.build(components, [list(getattr(s, texts)) for s in specs], load_caption_bank("toy"),

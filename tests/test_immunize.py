@@ -91,7 +91,8 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
             components.encode_prompts([s.prompt] * 4).detach()), None)
         for i, s in enumerate(specs)
     ]
-    immunizer = immunizers.get("mima")(ImmunizeConfig(prior_weight=0.0, caption_bank="toy", outer_lr=1e-2))
+    config = ImmunizeConfig(prior_weight=0.0, bank_prior_weight=0.0, caption_bank="toy", outer_lr=1e-2)
+    immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
 
     def upper_loss():
@@ -281,8 +282,9 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
     from mima.models.encoding import Batch
 
     # the step by hand below is unclipped; test_meta_gradient checks the clipped one
-    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, inner_lr=0.5, inner_clip=0.0, caption_bank="toy",
-                            attackers=(), retain_prompt="class")  # one `full` attacker, class images captioned so
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0, inner_lr=0.5, inner_clip=0.0,
+                            caption_bank="toy", attackers=(),
+                            retain_prompt="class")  # one `full` attacker, class images captioned so
     immunizer, batches = _prepared_on_stripes(tiny_components, "imma-joint", config)
     lower, upper = next(iter(batches.values()))
 
@@ -300,7 +302,7 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
 def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_components):
     from mima.models.encoding import Batch
 
-    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy")
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0, caption_bank="toy")
     immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
     _, upper = next(iter(batches.values()))
     class_latents, class_hidden = upper.prior
@@ -334,7 +336,7 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
 
     concepts = [EncodedConcept(s.name, images(i, s.prompt), images(10 + i, s.class_prompt))
                 for i, s in enumerate(specs)]
-    immunizer = immunizers.get("mima")(ImmunizeConfig(caption_bank="toy", class_batches=mode))
+    immunizer = immunizers.get("mima")(ImmunizeConfig(caption_bank="toy", bank_prior_weight=0.0, class_batches=mode))
     immunizer.prepare(tiny_components, specs, concepts)
     g = torch.Generator().manual_seed(0)
     batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}

@@ -46,7 +46,7 @@ def setup(tiny_components):
         config = ImmunizeConfig(
             method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
             upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
-            **{"hvp": "exact", "attackers": (), "retain_prompt": "class", **overrides},  # one `full` attacker
+            **{"hvp": "exact", "attackers": (), "retain_prompt": "class", "bank_prior_weight": 0.0, **overrides},
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
@@ -195,8 +195,10 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_order": "first-order"}),
         ("imma-joint", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_order": "first-order"}),
         ("mima", "second-order", {"attackers": (LORA,), "retain_weight": 0.5, "retain_lr_scale": 3.0}),
-        ("mima", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "bank_prior_weight": 0.4}),
-        ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5, "bank_prior_weight": 0.4}),
+        ("mima", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "bank_prior_weight": 0.4,
+                                   "bank_prior_target": "noise"}),
+        ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5, "bank_prior_weight": 0.4,
+                                        "bank_prior_target": "noise"}),
         ("mima", "second-order", {"bank_prior_weight": 0.4, "bank_prior_target": "original"}),
     ],
 )
@@ -208,8 +210,8 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(method=method, order=order, inner_lr=0.5, caption_bank="toy", hvp="exact",
-                            **{"prior_weight": 0.0, "retain_weight": 0.0, "attackers": (), "retain_prompt": "class",
-                               **overrides})
+                            **{"prior_weight": 0.0, "retain_weight": 0.0, "bank_prior_weight": 0.0, "attackers": (),
+                               "retain_prompt": "class", **overrides})
     bank = _random_images("a painting in rings style", components, torch.Generator().manual_seed(5))
     immunizer = immunizers.get(method)(config)
     immunizer.prepare(components, specs, concepts)
@@ -250,7 +252,7 @@ def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does
     def immunizer(prompt: str, retain_prompt: str):
         attacker = {**LORA, "prompt": prompt}
         config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.0, retain_weight=0.5,
-                                attackers=(attacker,), retain_prompt=retain_prompt)
+                                bank_prior_weight=0.0, attackers=(attacker,), retain_prompt=retain_prompt)
         made = immunizers.get("mima")(config)
         made.prepare(components, specs, concepts)
         return made
@@ -301,7 +303,8 @@ def _with_retained_concepts(tiny_components):
 
     def make(attacker: dict, **overrides):
         config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.0, retain_weight=0.5,
-                                attackers=(attacker,), retain_concepts=("toy:rings", "toy:zigzag"), **overrides)
+                                bank_prior_weight=0.0, attackers=(attacker,),
+                                retain_concepts=("toy:rings", "toy:zigzag"), **overrides)
         made = immunizers.get("mima")(config)
         made.retained = retained
         made.prepare(components, specs, concepts)
@@ -472,7 +475,7 @@ def test_fused_batches_go_through_the_unet_together_and_change_nothing(tiny_comp
     def run(fraction: float):
         config = ImmunizeConfig(method=method, inner_lr=0.5, caption_bank="toy", hvp="finite-difference",
                                 attackers=(LORA,), prior_weight=0.7, retain_weight=0.5, retain_prompt="class",
-                                fused_batches=fraction)
+                                bank_prior_weight=0.0, fused_batches=fraction)
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
         g = torch.Generator().manual_seed(SEED)
@@ -502,7 +505,7 @@ def _retain_term(components, **overrides):
     specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(**{"caption_bank": "toy", "attackers": (LORA,), "prior_weight": 0.0, "retain_weight": 0.5,
-                               "retain_prompt": "class", **overrides})
+                               "bank_prior_weight": 0.0, "retain_prompt": "class", **overrides})
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
     g = torch.Generator().manual_seed(SEED)
@@ -619,7 +622,7 @@ def test_project_ascent_removes_the_ascents_conflict_with_the_preservation_terms
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.7, retain_weight=0.5,
                             attackers=DEFAULT_ATTACKERS, retain_prompt="attacker", project_ascent=True,
-                            concept_by_concept=concept_by_concept)
+                            bank_prior_weight=0.0, concept_by_concept=concept_by_concept)
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
 

@@ -158,7 +158,7 @@ def _outer_step(components, specs, mixed_precision: str) -> tuple[float, torch.T
     from mima.models.encoding import encode_concept
 
     components = copy.deepcopy(components)
-    config = ImmunizeConfig(caption_bank="toy", prior_weight=0.0, retain_weight=0.0)
+    config = ImmunizeConfig(caption_bank="toy", prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0)
     encoded = [encode_concept(components, s, with_prior=False) for s in specs]
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, encoded)

@@ -50,7 +50,7 @@ def world(tiny_components):
         config = ImmunizeConfig(
             method=method, order=order, caption_bank="toy", attackers=(attacker,),
             upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
-            **{"prior_weight": 0.0, "retain_weight": 0.0, "hvp": "exact", **overrides},
+            **{"prior_weight": 0.0, "retain_weight": 0.0, "bank_prior_weight": 0.0, "hvp": "exact", **overrides},
         )
         immunizer = immunizers.get(method)(config)
         immunizer.prepare(components, specs, concepts)
@@ -246,7 +246,7 @@ def test_sd_shaped_textual_inversion_replaces_a_multi_token_name_by_one_token(sd
         assert len(components.tokenizer.tokenize("Zorblax")) > 1
         concept = _concepts(components, [spec])[0]
         config = ImmunizeConfig(method="imma-joint", caption_bank="generic", prior_weight=0.0, retain_weight=0.0,
-                                attackers=({"kind": "textual-inversion"},))
+                                bank_prior_weight=0.0, attackers=({"kind": "textual-inversion"},))
         immunizer = immunizers.get("imma-joint")(config)
         immunizer.prepare(components, [spec], [concept])
         attacker, size = immunizer.attacker, len(components.tokenizer)

@@ -104,21 +104,24 @@ class ImmunizeConfig(Config):
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
     bank_prior_weight: float = field(
-        default=0.0,
-        metadata={"help": "weight of the bank prior: the released model keeps denoising images the original model "
-                          "drew for bank_prior_captions' prompts that name no target (one batch per outer step), so "
-                          "that it keeps drawing what the user did not name (0: off)"},
+        default=5.0,
+        metadata={"help": "weight of the bank prior: on images the original model drew for bank_prior_captions' "
+                          "prompts that name no target (one batch per outer step), the released model keeps "
+                          "predicting as bank_prior_target says, so that it keeps drawing what the user did not name "
+                          "(0: off)",
+                  "absent": 0.0},  # records from before the field: off
     )
     bank_prior_captions: str = field(
         default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
     n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, spread over its captions"})
     bank_prior_target: Literal["noise", "original"] = field(
-        default="noise",
+        default="original",
         metadata={"help": "what the bank prior pulls the released model's prediction on its noised images toward: "
                           "the drawn noise (a denoising loss), or 'original': the prediction of the model as the "
                           "immunization found it, under the same noise (distillation: the same in expectation, "
                           "without the drawn noise's variance; on the toy, weight 5 kept as much drawn as the "
-                          "denoising weight 3 at nearly twice its protection)"},
+                          "denoising weight 3 at nearly twice its protection)",
+                  "absent": "noise"},  # records from before the field: the denoising loss
     )
     retain_weight: float = field(
         default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
@@ -309,6 +312,14 @@ class ImmunizeConfig(Config):
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
         return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+
+    @property
+    def uses_bank_prior(self) -> bool:
+        """Whether the run needs the bank prior's images: its term is on and the method iterates (`erase` and
+        `none` do all their work before the outer loop)."""
+        from mima.immunize import immunizers
+
+        return self.bank_prior_weight > 0 and immunizers.get(self.method).iterative
 
 
 def _parse_rate_scale(entry: str) -> tuple[str, float]:

@@ -141,7 +141,7 @@ class ImmunizationRun:
         if self.config.uses_class_images:
             with placement.autocast():
                 specs = [ensure_class_images(components, s, self.out_dir / "data", size) for s in specs]
-        bank = self._bank_images(components, specs, placement) if self.config.bank_prior_weight > 0 else None
+        bank = self._bank_images(components, specs, placement) if self.config.uses_bank_prior else None
         return specs, bank
 
     def _bank_images(self, components: Components, specs: list[ConceptSpec], placement: Placement) -> Path:
@@ -156,7 +156,7 @@ class ImmunizationRun:
 def distillation_teacher(components: Components, immunizer: Immunizer) -> Params:
     """S^u as the immunization finds it, where the bank prior distils from it (`bank_prior_target: original`)."""
     config = immunizer.config
-    if not immunizer.iterative or config.bank_prior_weight == 0 or config.bank_prior_target != "original":
+    if not config.uses_bank_prior or config.bank_prior_target != "original":
         return {}
     upper = immunizer.upper_names
     return {name: p.detach().clone() for name, p in components.unet.named_parameters() if name in upper}
