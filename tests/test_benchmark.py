@@ -17,7 +17,7 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     config = {
         "model": str(tiny_model_dir), "targets": ["toy:stripes"], "non_targets": ["toy:star"], "methods": ["mima"],
         "bystanders": ["toy:rings"], "attacks": ["lora"], "encoders": ["toy-judge"],
-        "immunize": {"steps": 1, "n_images": 4, "n_class_images": 2, "batch_size": 2},
+        "immunize": {"steps": 1, "n_images": 4, "n_class_images": 2, "batch_size": 2, "n_bank_images": 3},
         "attack": {"steps": 2, "save_every": 1, "eval_images": 2, "sampling_steps": 2, "n_images": 4},
     }
     path = tmp_path / "bench.yaml"
@@ -54,9 +54,12 @@ def test_benchmark_writes_a_complete_report_and_reruns_without_new_work(tiny_mod
     for method in ("none", "mima"):
         concept = json.loads((out / f"models/{method}/immunization.json").read_text())["concepts"][0]
         assert concept["class_images"] == str(shared)
+    bank = out / "bank-prior"  # the bank prior's images, drawn once for every immunization that takes it
+    assert len(read_image_folder(bank)[0]) == 3 and not list(out.glob("models/*/data/bank-prior"))
+    assert "bank_prior" in json.loads((out / "models/mima/immunization.json").read_text())["log"][0]
     runs = sorted(out.glob("attacks/*/lora/*/seed0/attack.json")) + sorted(out.glob("models/*/immunization.json"))
-    runs += [shared / "metadata.csv", *sorted(out.glob("bystanders/*/rings/seed0/drawing.json"))]
-    assert len(runs) == 9  # 2 models (none, mima) x 2 concepts attacked, the 2 models, the class images, 2 bystanders
+    runs += [shared / "metadata.csv", bank / "metadata.csv", *sorted(out.glob("bystanders/*/rings/*/drawing.json"))]
+    assert len(runs) == 10  # 2 models x 2 concepts attacked, the 2 models, class and bank images, 2 bystanders
     written = [r.stat().st_mtime_ns for r in runs]
     capfd.readouterr()
     monkeypatch.setattr("mima.evaluate.summary.DRAWN_SHARE", 2.0)  # every non-target now counts as damaged

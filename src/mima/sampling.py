@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from mima.data.concepts import ConceptSpec, class_folder_name
 from mima.data.image_folder import write_image_folder
@@ -29,10 +30,12 @@ def sample_images(
     guidance_scale: float = DEFAULT_GUIDANCE,
     batch_size: int | None = None,
     height: int | None = None,
+    desc: str | None = None,
 ) -> np.ndarray:
     """Generate one image per prompt with DDIM; image i's noise depends only on (seed, i), not on batching.
 
-    `batch_size` (default: chosen from the resolution, `images_per_call`) images go through the pipeline at a time.
+    `batch_size` (default: chosen from the resolution, `images_per_call`) images go through the pipeline at a time;
+    with `desc`, a progress bar counts the images.
     Returns uint8 (N, H, W, 3).
     """
     pipe = components.to_pipeline()
@@ -40,6 +43,8 @@ def sample_images(
     size = height or components.unet.config.sample_size * pipe.vae_scale_factor
     batch_size = batch_size or images_per_call(size)
     images = []
+    quiet = {} if desc else {"disable": True}  # unset: a worker's TQDM_DISABLE still holds
+    bar = tqdm(total=len(prompts), desc=desc, unit="image", leave=False, **quiet)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
@@ -48,6 +53,8 @@ def sample_images(
             height=size, width=size, output_type="np",
         ).images
         images.append((out * 255).round().astype(np.uint8))
+        bar.update(len(chunk))
+    bar.close()
     return np.concatenate(images)
 
 
@@ -80,7 +87,7 @@ def ensure_class_images(components: Components, spec: ConceptSpec, cache_dir: Pa
         return spec
     folder = spec.class_images or cache_dir / class_folder_name(spec.class_prompt)
     if not (folder / "metadata.csv").is_file():
-        images = sample_images(components, [spec.class_prompt] * n_images, seed=0)
+        images = sample_images(components, [spec.class_prompt] * n_images, seed=0, desc="class images")
         write_image_folder(images, [spec.class_prompt] * n_images, folder)
     return replace(spec, class_images=folder)
 
@@ -90,5 +97,5 @@ def ensure_bank_images(components: Components, captions: list[str], folder: Path
     `folder` (each with its caption in the folder's metadata); a folder already written is reused."""
     if not (folder / "metadata.csv").is_file():
         prompts = [captions[i * len(captions) // n_images] for i in range(n_images)]
-        write_image_folder(sample_images(components, prompts, seed=1), prompts, folder)
+        write_image_folder(sample_images(components, prompts, seed=1, desc="bank prior images"), prompts, folder)
     return folder

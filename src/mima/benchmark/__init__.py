@@ -2,6 +2,7 @@
 
 Layout of the output folder:
     class-images/<class>/       class images the targets lack, drawn once with the base model for every method
+    bank-prior/                 the bank prior's images, drawn once with the base model for every method
     models/<method>/            `mima immunize` output per method ("none": the base, erased in relearn)
     attacks/<method>/<attack>/<concept>/seed<k>/    `mima attack` output
     bystanders/<method>/<concept>/seed<k>/          samples/ of a concept drawn but never attacked, drawing.json
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mima.attacks.variants import AttackVariant, parse_variants
-from mima.benchmark.pieces import AttackPiece, BystanderPiece, ClassImagesPiece, EvaluationPiece, ImmunizationPiece
+from mima.benchmark.pieces import AttackPiece, BaseImagesPiece, BystanderPiece, EvaluationPiece, ImmunizationPiece
 from mima.config import Config
 from mima.errors import ConfigError
 from mima.executors import Executor, LocalExecutor
@@ -109,7 +110,7 @@ class BenchmarkPlan:
     non_targets: list[ConceptSpec]
     bystanders: list[ConceptSpec]
     immunizations: list[ImmunizationPiece]
-    class_images: ClassImagesPiece | None = None
+    base_images: BaseImagesPiece | None = None
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Benchmark:
             raise ConfigError(f"references '{config.references}' is neither 'toy' nor a folder")
         if missing := [n for n in names if config.references != "toy" and not Path(config.references, n).is_dir()]:
             raise ConfigError(f"references '{config.references}' has no folder for {', '.join(missing)}")
-        return BenchmarkPlan(targets, non_targets, bystanders, immunizations, self.class_images_piece(immunizations))
+        return BenchmarkPlan(targets, non_targets, bystanders, immunizations, self.base_images_piece(immunizations))
 
     def run(self, plan: BenchmarkPlan | None = None) -> Path:
         """Run what is not finished yet, then evaluate and report; `plan` (default: [`~Benchmark.plan`]) is checked
@@ -152,9 +153,9 @@ class Benchmark:
         plan = plan or self.plan()
         immunizations = [piece for piece in plan.immunizations if not piece.finished()]
         self.config.save_json(self.out_dir / "benchmark_config.json")
-        class_images = plan.class_images
-        if class_images and not class_images.finished() and any(p.config.uses_class_images for p in immunizations):
-            self._timed("immunization", self.executor.run, [class_images], "class images")
+        draws = any(p.config.uses_class_images or p.config.uses_bank_prior for p in immunizations)
+        if plan.base_images and not plan.base_images.finished() and draws:
+            self._timed("immunization", self.executor.run, [plan.base_images], "class and bank images")
         self._timed("immunization", self.executor.run, immunizations, "immunizations")
         models = {piece.config.method: piece.out / "model" for piece in plan.immunizations}
         attacks, runs = self._attack_pieces(models, plan.targets + plan.non_targets)
@@ -180,7 +181,8 @@ class Benchmark:
 
     def immunization_pieces(self, targets: list[ConceptSpec]) -> list[ImmunizationPiece]:
         """One piece per model: the `none` reference, then each method. A target without class images gets a
-        folder under `class-images/` that every piece shares ([`ClassImagesPiece`] draws them)."""
+        folder under `class-images/`, and the bank prior's images a folder `bank-prior/`, that every piece shares
+        ([`BaseImagesPiece`] draws them)."""
         from mima.data.concepts import class_folder_name
         from mima.immunize import ImmunizationRun, ImmunizeConfig
 
@@ -191,18 +193,25 @@ class Benchmark:
         for method in ("none", *self.config.methods):
             overrides = {**self.config.immunize, "method": method, "setting": self.config.setting}
             config = ImmunizeConfig.from_dict(overrides)
-            run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method, self.device)
+            run = ImmunizationRun(self.config.model, targets, config, self.out_dir / "models" / method, self.device,
+                                  bank_dir=self.out_dir / "bank-prior")
             pieces.append(ImmunizationPiece(run))
         return pieces
 
-    def class_images_piece(self, immunizations: list[ImmunizationPiece]) -> ClassImagesPiece | None:
-        """The piece that draws the class images the immunizations share, if any of them uses class images."""
-        users = [piece.config for piece in immunizations if piece.config.uses_class_images]
-        specs = tuple(s for s in immunizations[0].runner.specs if s.class_prompt is not None) if users else ()
-        if not specs:
+    def base_images_piece(self, immunizations: list[ImmunizationPiece]) -> BaseImagesPiece | None:
+        """The piece that draws the class images and the bank prior's images the immunizations share, if any of them
+        uses either (the immunizations share their targets and settings but for the method)."""
+        from mima.immunize.trainer import bank_prior_captions
+
+        users = [p.runner for p in immunizations if p.config.uses_class_images or p.config.uses_bank_prior]
+        if not users:
             return None
-        return ClassImagesPiece(self.config.model, specs, users[0].n_class_images, users[0].mixed_precision,
-                                self.device)
+        run, config = users[0], users[0].config
+        specs = tuple(s for s in run.specs if s.class_prompt is not None) if config.uses_class_images else ()
+        bank = next((p.runner for p in immunizations if p.config.uses_bank_prior), None)
+        captions = tuple(bank_prior_captions(bank.specs, bank.config)) if bank else ()
+        return BaseImagesPiece(self.config.model, specs, config.n_class_images, captions, bank and bank.bank_dir,
+                               bank.config.n_bank_images if bank else 0, config.mixed_precision, self.device)
 
     def _attack_pieces(
         self, models: dict[str, Path], concepts: list[ConceptSpec]

@@ -1,5 +1,6 @@
-"""The pieces of a benchmark: each one run (an immunization, an attack, the class images, the evaluation samples of a
-bystander, the features of an attack's samples) that an executor runs and that knows whether it is finished."""
+"""The pieces of a benchmark: each one run (an immunization, an attack, the images drawn with the base model, the
+evaluation samples of a bystander, the features of an attack's samples) that an executor runs and that knows whether
+it is finished."""
 
 from __future__ import annotations
 
@@ -62,30 +63,37 @@ class AttackPiece(_Piece):
 
 
 @dataclass(frozen=True)
-class ClassImagesPiece:
-    """The class images of the targets that lack them, drawn with the base model once into the folders that every
-    immunization of the benchmark reads (each would otherwise draw the same images for itself)."""
+class BaseImagesPiece:
+    """The images the immunizations draw with the base model before they change it: the class images of the targets
+    that lack them and the bank prior's images, drawn once into the folders that every immunization of the benchmark
+    reads (each would otherwise draw the same images for itself)."""
 
     model: str
     specs: tuple[ConceptSpec, ...]
-    n_images: int
+    n_class_images: int
+    bank_captions: tuple[str, ...]
+    bank_dir: Path | None  # None: no immunization takes the bank prior
+    n_bank_images: int
     mixed_precision: str
     device: str = "auto"
 
     def finished(self) -> bool:
-        """Whether every spec's class-image folder exists (the test `ensure_class_images` makes)."""
-        return all(spec.class_images.exists() for spec in self.specs)
+        """Whether every spec's class-image folder exists (the test `ensure_class_images` makes), and the bank's."""
+        bank_drawn = self.bank_dir is None or (self.bank_dir / "metadata.csv").is_file()
+        return bank_drawn and all(spec.class_images.exists() for spec in self.specs)
 
     def run(self) -> None:
         from mima.models.components import Components
-        from mima.sampling import ensure_class_images
+        from mima.sampling import ensure_bank_images, ensure_class_images
         from mima.utils.device import resolve_placement
 
         placement = resolve_placement(self.device, self.mixed_precision, loss_scaling=False)
         components = Components.from_pretrained(self.model).to(placement.device)
         with placement.autocast():
             for spec in self.specs:
-                ensure_class_images(components, spec, spec.class_images.parent, self.n_images)
+                ensure_class_images(components, spec, spec.class_images.parent, self.n_class_images)
+            if self.bank_dir is not None:
+                ensure_bank_images(components, list(self.bank_captions), self.bank_dir, self.n_bank_images)
 
 
 @dataclass(frozen=True)

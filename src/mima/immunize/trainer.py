@@ -47,6 +47,7 @@ class ImmunizationRun:
     config: ImmunizeConfig
     out_dir: Path
     device: str = "auto"
+    bank_dir: Path | None = None  # where the bank prior's images are found or drawn; None: out_dir/data/bank-prior
 
     def __post_init__(self) -> None:
         self.config = self.config.for_model(self.model)
@@ -145,12 +146,17 @@ class ImmunizationRun:
         return specs, bank
 
     def _bank_images(self, components: Components, specs: list[ConceptSpec], placement: Placement) -> Path:
-        """The bank prior's images (`data/bank-prior/`), generated with the base model where missing, under the
-        captions of `bank_prior_captions` (else `caption_bank`) that name no target."""
-        config = self.config
-        captions = preserved_captions(specs, load_caption_bank(config.bank_prior_captions or config.caption_bank))
+        """The bank prior's images (`bank_dir`), generated with the base model where missing, under
+        `bank_prior_captions(specs, config)`."""
+        folder = self.bank_dir or self.out_dir / "data" / "bank-prior"
         with placement.autocast():
-            return ensure_bank_images(components, captions, self.out_dir / "data" / "bank-prior", config.n_bank_images)
+            return ensure_bank_images(components, bank_prior_captions(specs, self.config), folder,
+                                      self.config.n_bank_images)
+
+
+def bank_prior_captions(specs: list[ConceptSpec], config: ImmunizeConfig) -> list[str]:
+    """The bank prior's captions: those of `bank_prior_captions` (else the run's caption bank) that name no target."""
+    return preserved_captions(specs, load_caption_bank(config.bank_prior_captions or config.caption_bank))
 
 
 def distillation_teacher(components: Components, immunizer: Immunizer) -> Params:
