@@ -281,10 +281,10 @@ def _assert_term_adds_its_weighted_log(immunizer, batches, term: str, weight: fl
 def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components):
     from mima.models.encoding import Batch
 
-    # the step by hand below is unclipped; test_meta_gradient checks the clipped one
+    # the step by hand below is unclipped (test_meta_gradient checks the clipped one), with one `full` attacker and
+    # the class images captioned with their class prompt
     config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0, inner_lr=0.5, inner_clip=0.0,
-                            caption_bank="toy", attackers=(),
-                            retain_prompt="class")  # one `full` attacker, class images captioned so
+                            caption_bank="toy", attackers=(), retain_prompt="class")
     immunizer, batches = _prepared_on_stripes(tiny_components, "imma-joint", config)
     lower, upper = next(iter(batches.values()))
 

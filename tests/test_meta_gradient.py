@@ -43,6 +43,7 @@ def setup(tiny_components):
     concepts = [_random_concept(s.name, components, i) for i, s in enumerate(specs)]
 
     def make(order: str, method: str = "mima", inner_clip: float = 0.0, **overrides):
+        # attackers=(): one `full` attacker
         config = ImmunizeConfig(
             method=method, order=order, inner_lr=0.5, inner_clip=inner_clip, prior_weight=0.0, caption_bank="toy",
             upper_params=("*attn2.to_k*", "*attn2.to_v*", "*attn2.to_q*"),
