@@ -104,7 +104,7 @@ def _with_bank_prior(immunizer, components, caption: str, g, device) -> None:
     distillation, its teacher, as the immunize trainer sets them."""
     from mima.immunize.trainer import distillation_teacher
 
-    if immunizer.config.bank_prior_weight > 0:
+    if immunizer.config.uses_bank_prior:
         bank = _images(components, caption, g)
         immunizer.bank = type(bank)(bank.mean.to(device), bank.std.to(device), bank.hidden.to(device), bank.prompts)
         immunizer.original = distillation_teacher(components, immunizer)

@@ -358,7 +358,8 @@ def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_componen
 
 def test_erase_erases_the_targets_once_in_either_setting(tiny_model_dir, tmp_path):
     """`--method erase` is the erased model: in relearn (which erases first) the same as `none`, and the same as
-    erasing without the setting's step (personalize); erasing twice would move K/V further."""
+    erasing without the setting's step (personalize); erasing twice would move K/V further. Neither iterates, so
+    neither draws the bank prior's images (on by default)."""
     closed_form = dict(prior_weight=0.0, retain_weight=0.0)
     models = {(method, setting): _unet_weights(_run(tiny_model_dir, tmp_path / f"{method}-{setting}",
                                                     method=method, setting=setting, **closed_form))
@@ -367,6 +368,7 @@ def test_erase_erases_the_targets_once_in_either_setting(tiny_model_dir, tmp_pat
     assert any(not torch.equal(erased[n], w) for n, w in _unet_weights(tiny_model_dir).items())  # it did erase
     for key in (("erase", "relearn"), ("erase", "personalize")):
         assert all(torch.equal(erased[name], weights) for name, weights in models[key].items()), key
+    assert list(tmp_path.glob("*/data")) and not list(tmp_path.glob("*/data/bank-prior"))
 
 
 def test_caption_bank_auto_follows_the_tokenizer(tiny_model_dir, tmp_path):
