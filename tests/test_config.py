@@ -73,8 +73,8 @@ def test_bad_values():
 
 
 def test_post_init_validation():
-    with pytest.raises(ConfigError, match="steps must be positive, got 0"):
-        ImmunizeConfig(steps=0)
+    with pytest.raises(ConfigError, match=r"steps must be >= 0 \(0: 16 per target\), got -1"):
+        ImmunizeConfig(steps=-1)
     with pytest.raises(ConfigError, match="setting must be 'relearn' or 'personalize'"):
         BenchmarkConfig.from_dict({"setting": "other"})
 
@@ -126,8 +126,8 @@ def test_overrides_precedence(tmp_path):
 
 def test_overrides_are_validated():
     config = ImmunizeConfig(steps=10)
-    with pytest.raises(ConfigError, match="steps must be positive"):
-        config.with_overrides(steps=0)
+    with pytest.raises(ConfigError, match="inner_steps must be positive"):
+        config.with_overrides(inner_steps=0)
     with pytest.raises(ConfigError, match="did you mean 'steps'"):
         config.with_overrides(step=3)
 

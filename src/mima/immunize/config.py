@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mima.data.concepts import ConceptSpec
 
 Setting = Literal["relearn", "personalize"]
+MIN_OUTER_STEPS, OUTER_STEPS_PER_TARGET = 80, 16  # `steps: 0`; docs/efficacy.md, "Ten targets"
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,12 @@ class ImmunizeConfig(Config):
 
     method: str = field(default="mima", metadata={"help": "immunization method (see `mima ls immunizers`)"})
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
-    steps: int = field(default=80, metadata={"help": "outer iterations K"})
+    steps: int = field(
+        default=0,
+        metadata={"help": f"outer iterations K; 0: {OUTER_STEPS_PER_TARGET} per target, at least {MIN_OUTER_STEPS} "
+                          "(each step ascends the targets' mean loss, so more targets climb more slowly: at ten, "
+                          f"{MIN_OUTER_STEPS} steps barely begin the ascent)"},
+    )
     outer_lr: float = field(default=5e-4, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
@@ -195,21 +201,21 @@ class ImmunizeConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("steps", "inner_steps", "batch_size", "n_images", "n_class_images", "n_bank_images", "save_every")
+        positive = ("inner_steps", "batch_size", "n_images", "n_class_images", "n_bank_images", "save_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0 or self.retain_lr_scale <= 0:
             raise ConfigError("outer_lr, inner_lr, ridge and retain_lr_scale must be positive")
-        for name in ("inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches"):
+        zero_means = {"steps": f"{OUTER_STEPS_PER_TARGET} per target"} | dict.fromkeys((
+            "inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches", "prior_weight",
+            "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
+        for name, zero in zero_means.items():
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
         for entry in self.upper_lr_scales:
             _parse_rate_scale(entry)
-        for name in ("prior_weight", "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.retain_concepts and self.retain_weight == 0:
             raise ConfigError("retain_concepts are images for the retain term; give retain_weight > 0")
 
@@ -283,6 +289,11 @@ class ImmunizeConfig(Config):
 
         bank = "toy" if speaks_toy_vocabulary(model) else "generic"
         return self.with_overrides(caption_bank=bank).with_attacker_defaults()
+
+    def for_targets(self, count: int) -> ImmunizeConfig:
+        """These settings for `count` targets: `steps: 0` becomes OUTER_STEPS_PER_TARGET per target, at least
+        MIN_OUTER_STEPS, so that the record says what ran."""
+        return self if self.steps else self.with_overrides(steps=max(MIN_OUTER_STEPS, OUTER_STEPS_PER_TARGET * count))
 
     def with_attacker_defaults(self) -> ImmunizeConfig:
         """These settings with each simulated attacker's unset learning rate and prompt set to its kind's defaults,

@@ -50,7 +50,7 @@ class ImmunizationRun:
     bank_dir: Path | None = None  # where the bank prior's images are found or drawn; None: out_dir/data/bank-prior
 
     def __post_init__(self) -> None:
-        self.config = self.config.for_model(self.model)
+        self.config = self.config.for_model(self.model).for_targets(len(self.specs))
 
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
         started = time.time()
