@@ -73,7 +73,7 @@ def test_bad_values():
 
 
 def test_post_init_validation():
-    with pytest.raises(ConfigError, match=r"steps must be >= 0 \(0: 16 per target\), got -1"):
+    with pytest.raises(ConfigError, match=r"steps must be >= 0 \(0: by the number of targets\), got -1"):
         ImmunizeConfig(steps=-1)
     with pytest.raises(ConfigError, match="setting must be 'relearn' or 'personalize'"):
         BenchmarkConfig.from_dict({"setting": "other"})

@@ -392,11 +392,11 @@ def test_caption_bank_auto_follows_the_tokenizer(tiny_model_dir, tmp_path):
 
 
 def test_default_steps_grow_with_the_targets(tmp_path):
-    """`steps: 0` (the default) is resolved when the run is built, so that the record says what ran: 16 outer steps
-    per target, at least 80; steps given stay as given."""
+    """`steps: 0` (the default) is resolved when the run is built, so that the record says what ran: 80 outer steps,
+    plus 12 per target past three; steps given stay as given."""
     ten = load_concepts([f"toy:{name}" for name in ("stripes", "checker", "dots", "zigzag", "rings", "circle",
                                                      "crescent", "cross", "star", "square")])
     config = ImmunizeConfig(caption_bank="toy")
-    steps = {n: ImmunizationRun("toy", ten[:n], config, tmp_path).config.steps for n in (1, 3, 5, 6, 10)}
-    assert steps == {1: 80, 3: 80, 5: 80, 6: 96, 10: 160}
+    steps = {n: ImmunizationRun("toy", ten[:n], config, tmp_path).config.steps for n in (1, 3, 4, 5, 10)}
+    assert steps == {1: 80, 3: 80, 4: 92, 5: 104, 10: 164}
     assert ImmunizationRun("toy", ten, config.with_overrides(steps=30), tmp_path).config.steps == 30

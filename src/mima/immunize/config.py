@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mima.data.concepts import ConceptSpec
 
 Setting = Literal["relearn", "personalize"]
-MIN_OUTER_STEPS, OUTER_STEPS_PER_TARGET = 80, 16  # `steps: 0`; docs/efficacy.md, "Ten targets"
+OUTER_STEPS, OUTER_STEPS_PER_EXTRA_TARGET = 80, 12  # `steps: 0`; docs/efficacy.md, "More targets, more steps"
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class ImmunizeConfig(Config):
     setting: Setting = field(default="relearn", metadata={"help": "relearn: erase targets first; personalize: not"})
     steps: int = field(
         default=0,
-        metadata={"help": f"outer iterations K; 0: {OUTER_STEPS_PER_TARGET} per target, at least {MIN_OUTER_STEPS} "
-                          "(each step ascends the targets' mean loss, so more targets climb more slowly: at ten, "
-                          f"{MIN_OUTER_STEPS} steps barely begin the ascent)"},
+        metadata={"help": f"outer iterations K; 0: {OUTER_STEPS}, plus {OUTER_STEPS_PER_EXTRA_TARGET} per target past "
+                          "three (each step ascends the targets' mean loss, so more targets climb more slowly: at "
+                          f"five and ten, {OUTER_STEPS} steps barely begin the ascent)"},
     )
     outer_lr: float = field(default=5e-4, metadata={"help": "beta: AdamW learning rate of the upper-level ascent"})
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
@@ -207,7 +207,7 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0 or self.retain_lr_scale <= 0:
             raise ConfigError("outer_lr, inner_lr, ridge and retain_lr_scale must be positive")
-        zero_means = {"steps": f"{OUTER_STEPS_PER_TARGET} per target"} | dict.fromkeys((
+        zero_means = {"steps": "by the number of targets"} | dict.fromkeys((
             "inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches", "prior_weight",
             "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
         for name, zero in zero_means.items():
@@ -291,9 +291,10 @@ class ImmunizeConfig(Config):
         return self.with_overrides(caption_bank=bank).with_attacker_defaults()
 
     def for_targets(self, count: int) -> ImmunizeConfig:
-        """These settings for `count` targets: `steps: 0` becomes OUTER_STEPS_PER_TARGET per target, at least
-        MIN_OUTER_STEPS, so that the record says what ran."""
-        return self if self.steps else self.with_overrides(steps=max(MIN_OUTER_STEPS, OUTER_STEPS_PER_TARGET * count))
+        """These settings for `count` targets: `steps: 0` becomes OUTER_STEPS, plus OUTER_STEPS_PER_EXTRA_TARGET per
+        target past three, so that the record says what ran."""
+        extra = OUTER_STEPS_PER_EXTRA_TARGET * max(0, count - 3)
+        return self if self.steps else self.with_overrides(steps=OUTER_STEPS + extra)
 
     def with_attacker_defaults(self) -> ImmunizeConfig:
         """These settings with each simulated attacker's unset learning rate and prompt set to its kind's defaults,
