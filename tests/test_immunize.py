@@ -399,4 +399,5 @@ def test_default_steps_grow_with_the_targets(tmp_path):
     config = ImmunizeConfig(caption_bank="toy")
     steps = {n: ImmunizationRun("toy", ten[:n], config, tmp_path).config.steps for n in (1, 3, 4, 5, 10)}
     assert steps == {1: 80, 3: 80, 4: 92, 5: 104, 10: 164}
+    assert ImmunizationRun("toy", ten, config, tmp_path).run_settings()["config"]["steps"] == 164  # what is recorded
     assert ImmunizationRun("toy", ten, config.with_overrides(steps=30), tmp_path).config.steps == 30
