@@ -299,6 +299,34 @@ def test_retain_term_is_the_class_loss_after_a_simulated_attack(tiny_components)
     _assert_term_adds_its_weighted_log(immunizer, batches, "retain", 3.0)
 
 
+def test_the_distilled_retain_term_pulls_the_attacked_model_toward_the_originals_prediction(tiny_components):
+    """`retain_target: original`: after the same simulated attack, the MSE between the attacked model's prediction
+    and the original model's under the same noise and timesteps, where the plain term has the noise."""
+    from mima.functional import unet_call_with
+    from mima.losses import draw_noise
+    from mima.models.encoding import Batch
+
+    config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0, inner_lr=0.5, inner_clip=0.0,
+                            caption_bank="toy", attackers=(), retain_prompt="class", retain_target="original")
+    immunizer, batches = _prepared_on_stripes(tiny_components, "imma-joint", config)
+    lower, upper = next(iter(batches.values()))
+    base = immunizer.base_parameters()
+    immunizer.original = {name: base[name].detach().clone() for name in immunizer.upper_names}
+
+    g = torch.Generator().manual_seed(1)
+    names = immunizer.lower_names
+    grads = torch.autograd.grad(immunizer.loss(base, Batch(*lower.prior), g), [base[n] for n in names])
+    adapted = {**base, **{n: base[n] - 0.5 * grad for n, grad in zip(names, grads, strict=True)}}
+    latents, hidden = upper.prior
+    noise, timesteps = draw_noise(immunizer.scheduler, latents, g)
+    noisy = immunizer.scheduler.add_noise(latents, noise, timesteps)
+    attacked, original = (unet_call_with(immunizer.unet, p)(noisy, timesteps, hidden) for p in (adapted, base))
+    retain = immunizer.retain_loss(immunizer.base_parameters(), batches, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(retain, ((attacked - original) ** 2).mean())
+    assert abs(retain.item() - ((attacked - noise) ** 2).mean().item()) > 1e-3  # not the plain term
+    _assert_term_adds_its_weighted_log(immunizer, batches, "retain", 3.0)
+
+
 def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_components):
     from mima.models.encoding import Batch
 

@@ -74,8 +74,8 @@ def test_the_inner_steps_train_the_factors_as_the_math_says(unet_params, steps):
     batch = Batch(torch.randn(2, 4, size, size, generator=g, dtype=torch.float64),
                   components.encode_prompts(["a painting in stripes style"] * 2).detach().double())
     base = {n: p.detach().requires_grad_() for n, p in immunizer.base_parameters().items()}
-    phi, _ = immunizer.adapt(base, [batch], [0], torch.Generator().manual_seed(1))
-    phi0 = immunizer.attacker.start(base, [0], torch.Generator().manual_seed(1))  # the same draws as adapt's start
+    phi = immunizer.adapt_trajectory(base, [batch], [0], torch.Generator().manual_seed(1))[0][-1]
+    phi0 = immunizer.attacker.start(base, [0], torch.Generator().manual_seed(1))  # the same draws as its start
     name = immunizer.attacker.adapted[0]
     down0, down = phi0[f"lora:{name}:down"], phi[f"lora:{name}:down"]
     if steps == 2:

@@ -201,6 +201,9 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("imma-joint", "first-order", {"attackers": (LORA,), "retain_weight": 0.5, "bank_prior_weight": 0.4,
                                         "bank_prior_target": "noise"}),
         ("mima", "second-order", {"bank_prior_weight": 0.4, "bank_prior_target": "original"}),
+        ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker", "retain_weight": 0.5,
+                                   "retain_target": "original"}),
+        ("imma-joint", "first-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_target": "original"}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):

@@ -63,48 +63,67 @@ def draw_noise(
 
 def denoising_errors(
     unet_call: UNetCall, scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
-    timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each image's denoising MSE (B,) with the given noise and timesteps (epsilon- or v-prediction)."""
+    """Each image's denoising MSE (B,) with the given noise and timesteps (epsilon- or v-prediction), against
+    `target` where given (a teacher's prediction), else the noise (or its velocity)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise TrainingError(f"unsupported prediction_type '{prediction_type}'; expected 'epsilon' or 'v_prediction'")
+    if target is None:
+        target = _denoising_target(scheduler, latents, noise, timesteps)
     prediction = unet_call(noisy, timesteps, encoder_hidden_states)
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # half-precision models: MSE in float32
     return F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none").mean(dim=(1, 2, 3))
 
 
+def _denoising_target(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the model predicts, by its scheduler's prediction type: the noise, or its velocity."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(f"unsupported prediction_type '{prediction_type}'; expected 'epsilon' or 'v_prediction'")
+
+
 def denoising_losses(
     unet_call: UNetCall, scheduler: SchedulerMixin,
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    targets: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each batch's mean denoising MSE, its (latents, noise, timesteps, hidden) given, through the UNet in one call:
-    one larger batch, faster where a call costs mostly what its parameters cost (small latents)."""
+    one larger batch, faster where a call costs mostly what its parameters cost (small latents); against each
+    batch's `targets` where given (`denoising_errors`)."""
     latents, noise, timesteps, hidden = (torch.cat(part) for part in zip(*batches, strict=True))
-    errors = denoising_errors(unet_call, scheduler, latents, noise, timesteps, hidden)
+    target = torch.cat(targets) if targets else None
+    errors = denoising_errors(unet_call, scheduler, latents, noise, timesteps, hidden, target)
     return torch.stack([part.mean() for part in errors.split([batch[0].shape[0] for batch in batches])])
 
 
 def distillation_loss(
     unet_call: UNetCall, teacher_call: UNetCall, scheduler: SchedulerMixin, latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor, generator: torch.Generator | None = None,
+    teacher_hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The MSE between the predictions of `unet_call` and `teacher_call` on freshly noised `latents` (noise and
-    timesteps drawn as `diffusion_loss` draws them): the denoising loss with the teacher's prediction as target. Where
-    the teacher predicts the mean noise given the noised latents, its gradient is the denoising loss's in expectation,
-    without the drawn noise's variance."""
+    """The MSE between the predictions of `unet_call` and `teacher_call` (under `teacher_hidden_states`, default the
+    same conditioning) on freshly noised `latents` (noise and timesteps drawn as `diffusion_loss` draws them): the
+    denoising loss with the teacher's prediction as target. Where the teacher predicts the mean noise given the
+    noised latents, its gradient is the denoising loss's in expectation, without the drawn noise's variance."""
     noise, timesteps = draw_noise(scheduler, latents, generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    teacher_hidden = encoder_hidden_states if teacher_hidden_states is None else teacher_hidden_states
+    target = teacher_prediction(teacher_call, scheduler, latents, noise, timesteps, teacher_hidden)
+    return denoising_errors(unet_call, scheduler, latents, noise, timesteps, encoder_hidden_states, target).mean()
+
+
+def teacher_prediction(
+    teacher_call: UNetCall, scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
+    timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+) -> torch.Tensor:
+    """`teacher_call`'s prediction on `latents` noised by `noise` at `timesteps`, without a graph: a distillation's
+    target."""
     with torch.no_grad():
-        target = teacher_call(noisy, timesteps, encoder_hidden_states)
-    prediction = unet_call(noisy, timesteps, encoder_hidden_states)
-    dtype = torch.promote_types(prediction.dtype, torch.float32)
-    return F.mse_loss(prediction.to(dtype), target.to(dtype))
+        return teacher_call(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states)
 
 
 def unet_caller(unet: torch.nn.Module) -> UNetCall:

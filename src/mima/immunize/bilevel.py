@@ -123,19 +123,12 @@ class BilevelImmunizer(PreservationTerms):
         return self.fused_losses({**weights, **self.attacker.weights(params)}, [params] * len(batches), batches,
                                  draws, concepts)
 
-    def adapt(
-        self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
-    ) -> tuple[Params, float]:
-        """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
-        their graph (second order). Returns the adapted phi and the first lower-level loss."""
-        trajectory, first_loss = self.adapt_trajectory(base, batches, concepts, generator)
-        return trajectory[-1], first_loss
-
     def adapt_trajectory(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator
     ) -> tuple[list[Params], float]:
-        """`adapt`, returning phi at each point of the trajectory (`AttackerSpec.trajectory_steps`; the adapted phi
-        last)."""
+        """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
+        their graph (second order). Returns phi at each point of the trajectory (`AttackerSpec.trajectory_steps`;
+        the adapted phi last) and the first lower-level loss."""
         spec, losses, trajectory, adam = self.attacker.spec, [], [], None
         phi = self.distribution.start(base, concepts, generator)
         with self.double_backward_attention():
@@ -178,20 +171,23 @@ class BilevelImmunizer(PreservationTerms):
 
     def fused_losses(
         self, weights: Params, conditioning: Sequence[Params], batches: Sequence[Batch],
-        draws: Sequence[tuple[torch.Tensor, torch.Tensor]], concepts: Sequence[int | None],
+        draws: Sequence[tuple[torch.Tensor, torch.Tensor]], concepts: Sequence[int | None], teacher: bool = False,
     ) -> torch.Tensor:
         """Each batch's loss with the UNet's `weights`, under its drawn noise and timesteps, conditioned as the
-        attacker conditions its concept at its `conditioning` parameters: through the UNet in one call."""
+        attacker conditions its concept at its `conditioning` parameters: through the UNet in one call. With
+        `teacher`, against `teacher_prediction` instead of the noise."""
+        targets = None if not teacher else [
+            self.teacher_prediction(batch, *drawn) for batch, drawn in zip(batches, draws, strict=True)]
         return denoising_losses(unet_call_with(self.unet, weights), self.scheduler, [
             (batch.latents, *drawn, self.attacker.hidden(params, batch, concept))
-            for batch, drawn, params, concept in zip(batches, draws, conditioning, concepts, strict=True)])
+            for batch, drawn, params, concept in zip(batches, draws, conditioning, concepts, strict=True)], targets)
 
     def unroll(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
         keep_last: bool = True, keeps_gradients: bool = True,
     ) -> Unrolled:
-        """`adapt`'s values (same numbers, same draws from `generator`), keeping at most the last batch's graph
-        (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch; for a
+        """`adapt_trajectory`'s values (same numbers, same draws from `generator`), keeping at most the last batch's
+        graph (second order, `keep_last`), which `unrolled_vjp` then uses instead of replaying that batch; for a
         finite-difference product that will reuse them (`keeps_gradients`), each step's gradient covers S^u too."""
         spec = self.attacker.spec
         second_order = spec.order == "second-order"
@@ -244,15 +240,15 @@ class BilevelImmunizer(PreservationTerms):
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
         owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
-        concepts: Sequence[int | None] | None = None, cap: float = 0.0,
+        concepts: Sequence[int | None] | None = None, cap: float = 0.0, teacher: bool = False,
     ) -> tuple[list[float], Params, list[Params]]:
         """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi.
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
         `phis[n]`. With `owned`, only the owned batches count (the others' draws are made and dropped, their losses
         are 0.0). With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no
-        gradient. The batches go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a
-        time.
+        gradient. With `teacher`, each loss is against the original model's prediction (`fused_losses`). The batches
+        go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a time.
         """
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         weights = {**params, **leaves}
@@ -263,7 +259,8 @@ class BilevelImmunizer(PreservationTerms):
             group = owned_indices[start:start + self.fused]
             phi = [{n: p.detach().requires_grad_() for n, p in (phis[i] if phis else {}).items()} for i in group]
             values = self.fused_losses(weights, [{**weights, **part} for part in phi], [batches[i] for i in group],
-                                       [draws[i] for i in group], [concepts[i] if concepts else None for i in group])
+                                       [draws[i] for i in group], [concepts[i] if concepts else None for i in group],
+                                       teacher)
             found = values.tolist()
             counted = [k for k, value in enumerate(found) if not 0 < cap < value]  # above: the constant cap
             for i, value in zip(group, found, strict=True):
@@ -297,11 +294,12 @@ class BilevelImmunizer(PreservationTerms):
 
     def adapted_loss_gradient(
         self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],
-        generator: torch.Generator, cap: float = 0.0,
+        generator: torch.Generator, cap: float = 0.0, teacher: bool = False,
     ) -> tuple[list[float], Params, float]:
         """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
         imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss; each
-        averaged over the attack's trajectory points, each loss counted up to `cap` (`mean_loss_gradient`)."""
+        averaged over the attack's trajectory points, each loss counted up to `cap`, against the original model's
+        prediction with `teacher` (`mean_loss_gradient`)."""
         run = self.unroll(base, lowers, concepts, generator)
         points, losses, grads = len(run.trajectory), [0.0] * len(uppers), {}
         for phi in run.trajectory:
@@ -309,7 +307,8 @@ class BilevelImmunizer(PreservationTerms):
             changed = self.attacker.weights({**base, **phi})
             wrt = list(dict.fromkeys([*changed, *self.upper_names]))
             point_losses, point_grads, phi_grads = self.mean_loss_gradient(
-                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, cap=cap)
+                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, cap=cap,
+                teacher=teacher)
             direct = {n: point_grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
             phi_grad = {}
             for more in phi_grads:

@@ -139,6 +139,14 @@ class ImmunizeConfig(Config):
                           "the prompts it gives its concept's images (so the token stays learnable for others)",
                   "absent": "class"},
     )
+    retain_target: Literal["noise", "original"] = field(
+        default="noise",
+        metadata={"help": "what the retain term's attacked model is pulled toward on its noised images: the drawn "
+                          "noise, or 'original': the original model's prediction under the images' own prompts "
+                          "(the class prompt; a distillation, as the bank prior's: the same in expectation where the "
+                          "original model draws those images, without the drawn noise's variance)",
+                  "absent": "noise"},
+    )
     retain_order: Literal["attacker", "first-order"] = field(
         default="attacker",
         metadata={"help": "whether the retain term's gradient goes through its simulated attack as the attacker's "
@@ -324,6 +332,15 @@ class ImmunizeConfig(Config):
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
         return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a term of the outer loop distils from the model as the immunization found it: the bank prior or
+        the retain term with target 'original'."""
+        from mima.immunize import immunizers
+
+        retain = self.retain_weight > 0 and self.retain_target == "original" and immunizers.get(self.method).iterative
+        return (self.uses_bank_prior and self.bank_prior_target == "original") or retain
 
     @property
     def uses_bank_prior(self) -> bool:

@@ -12,7 +12,7 @@ import torch
 from mima.functional import Params, accumulate, add_grads, unet_call_with, without_conflict
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.class_batches import class_batches, retain_batches
-from mima.losses import distillation_loss, draw_noise
+from mima.losses import distillation_loss, draw_noise, teacher_prediction
 from mima.models.encoding import Batch
 
 
@@ -45,8 +45,10 @@ class PreservationTerms(Immunizer):
             pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
                                    self.retained, generator)
             lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
+            teacher = self.config.retain_target == "original"
             with self.retain_attack():
-                term = self.adapted_loss_gradient(base, lowers, uppers, concepts, generator)[:2] if pairs else ([], {})
+                term = (self.adapted_loss_gradient(base, lowers, uppers, concepts, generator, teacher=teacher)[:2]
+                        if pairs else ([], {}))
             yield "retain", term
         if self.config.bank_prior_weight > 0 and self.config.bank_prior_target == "original":
             yield "bank_prior", self._distillation_gradient(base, self.bank_batches(batches, generator), generator)
@@ -58,6 +60,13 @@ class PreservationTerms(Immunizer):
         `retain_lr_scale` times the attacker's rate."""
         order = "first-order" if self.config.retain_order == "first-order" else None
         return self.distribution.afresh(order, self.config.retain_lr_scale)
+
+    def teacher_prediction(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The original model's prediction (`original`: S^u as the immunization found it) on `batch` noised as drawn,
+        under the batch's own conditioning (a class image's class prompt, whatever an attacker captions it with):
+        what the retain term's attacked model is pulled toward with `retain_target: original`."""
+        teacher = unet_call_with(self.unet, self.original)
+        return teacher_prediction(teacher, self.scheduler, batch.latents, noise, timesteps, batch.hidden)
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -133,7 +142,8 @@ class PreservationTerms(Immunizer):
 
     def retain_loss(self, base: Params, batches: ConceptBatches, generator: torch.Generator) -> torch.Tensor:
         """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
-        still denoise. Without it the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
+        still denoise (`retain_target: original`: as the original model does under their own prompts). Without it
+        the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
         pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
                                generator)
         if not pairs:
@@ -141,7 +151,15 @@ class PreservationTerms(Immunizer):
         lowers, _, concepts = zip(*pairs, strict=True)
         with self.retain_attack():
             trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
+
+        def retained(phi: Params, upper: Batch, concept: int | None) -> torch.Tensor:
+            weights, params = self.adapted_weights(base, phi), {**base, **phi}
+            if self.config.retain_target == "noise":
+                return self.conditioned_loss(weights, params, upper, generator, concept)
+            return distillation_loss(unet_call_with(self.unet, weights), unet_call_with(self.unet, self.original),
+                                     self.scheduler, upper.latents, self.attacker.hidden(params, upper, concept),
+                                     generator, teacher_hidden_states=upper.hidden)
+
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
-            torch.stack([self.conditioned_loss(self.adapted_weights(base, phi), {**base, **phi}, upper, generator,
-                                               concept) for _, upper, concept in pairs]).mean()
+            torch.stack([retained(phi, upper, concept) for _, upper, concept in pairs]).mean()
             for phi in trajectory]).mean()

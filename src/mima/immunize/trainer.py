@@ -160,9 +160,8 @@ def bank_prior_captions(specs: list[ConceptSpec], config: ImmunizeConfig) -> lis
 
 
 def distillation_teacher(components: Components, immunizer: Immunizer) -> Params:
-    """S^u as the immunization finds it, where the bank prior distils from it (`bank_prior_target: original`)."""
-    config = immunizer.config
-    if not config.uses_bank_prior or config.bank_prior_target != "original":
+    """S^u as the immunization finds it, where a term distils from it (`ImmunizeConfig.uses_teacher`)."""
+    if not immunizer.config.uses_teacher:
         return {}
     upper = immunizer.upper_names
     return {name: p.detach().clone() for name, p in components.unet.named_parameters() if name in upper}
