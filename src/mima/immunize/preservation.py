@@ -12,7 +12,7 @@ import torch
 from mima.functional import Params, accumulate, add_grads, unet_call_with, without_conflict
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.class_batches import class_batches, retain_batches
-from mima.losses import distillation_loss, draw_noise, teacher_prediction
+from mima.losses import UNetCall, distillation_loss, draw_noise, teacher_prediction
 from mima.models.encoding import Batch
 
 
@@ -65,8 +65,13 @@ class PreservationTerms(Immunizer):
         """The original model's prediction (`original`: S^u as the immunization found it) on `batch` noised as drawn,
         under the batch's own conditioning (a class image's class prompt, whatever an attacker captions it with):
         what the retain term's attacked model is pulled toward with `retain_target: original`."""
-        teacher = unet_call_with(self.unet, self.original)
-        return teacher_prediction(teacher, self.scheduler, batch.latents, noise, timesteps, batch.hidden)
+        return teacher_prediction(self.teacher(), self.scheduler, batch.latents, noise, timesteps, batch.hidden)
+
+    def teacher(self) -> UNetCall:
+        """The UNet as the immunization found it (`original`), which the distilled terms are pulled toward."""
+        if not self.original:  # else the current weights would teach themselves, silently
+            raise ValueError("a distilled term needs the original weights (`Immunizer.original`)")
+        return unet_call_with(self.unet, self.original)
 
     def _mean_or_zero(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str]
@@ -105,8 +110,7 @@ class PreservationTerms(Immunizer):
         return self._mean_loss(base, self.bank_batches(batches, generator), generator)
 
     def _distillation_loss(self, base: Params, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        teacher = unet_call_with(self.unet, {**base, **self.original})
-        return distillation_loss(unet_call_with(self.unet, base), teacher, self.scheduler, batch.latents,
+        return distillation_loss(unet_call_with(self.unet, base), self.teacher(), self.scheduler, batch.latents,
                                  batch.hidden, generator)
 
     def _distillation_gradient(
@@ -156,9 +160,9 @@ class PreservationTerms(Immunizer):
             weights, params = self.adapted_weights(base, phi), {**base, **phi}
             if self.config.retain_target == "noise":
                 return self.conditioned_loss(weights, params, upper, generator, concept)
-            return distillation_loss(unet_call_with(self.unet, weights), unet_call_with(self.unet, self.original),
-                                     self.scheduler, upper.latents, self.attacker.hidden(params, upper, concept),
-                                     generator, teacher_hidden_states=upper.hidden)
+            return distillation_loss(unet_call_with(self.unet, weights), self.teacher(), self.scheduler, upper.latents,
+                                     self.attacker.hidden(params, upper, concept), generator,
+                                     teacher_hidden_states=upper.hidden)
 
         return torch.stack([  # the mean over the trajectory's points, as the upper loss
             torch.stack([retained(phi, upper, concept) for _, upper, concept in pairs]).mean()
