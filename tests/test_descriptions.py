@@ -119,9 +119,9 @@ def test_the_losses_see_the_descriptions_encodings(described, monkeypatch):
             assert not torch.allclose(expected[-1], batch.hidden)  # the concept's own prompt: not what is trained
     seen = []
 
-    def spy(unet_call, scheduler, batches):
+    def spy(unet_call, scheduler, batches, targets=None):
         seen.extend(hidden.detach() for *_, hidden in batches)
-        return denoising_losses(unet_call, scheduler, batches)
+        return denoising_losses(unet_call, scheduler, batches, targets)
 
     monkeypatch.setattr(bilevel, "denoising_losses", spy)
     immunizer.gradients(batches, torch.Generator().manual_seed(4))
