@@ -272,6 +272,8 @@ def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does
     for n, ((lower, upper, concept), (own_lower, own_upper)) in enumerate(triples):
         assert torch.equal(lower.latents, own_lower.prior[0]) and torch.equal(upper.latents, own_upper.prior[0])
         assert concept == n  # conditioned as the attacker conditions that concept's images
+        # the class prompt's encoding kept beside the new captions: what `retain_target: original`'s teacher reads
+        assert torch.equal(lower.hidden, own_lower.prior[1]) and torch.equal(upper.hidden, own_upper.prior[1])
         torch.testing.assert_close(attacker.hidden({}, lower, concept), sks)
         torch.testing.assert_close(attacker.hidden({}, upper, concept), sks)
     for prompt, retain_prompt in (("fresh-token", "class"), ("concept", "attacker")):
