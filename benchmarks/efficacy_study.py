@@ -12,13 +12,13 @@ the immunized models). Everything resumes like `mima benchmark`.
     python benchmarks/efficacy_study.py STUDY.yaml --out runs/study [--only VARIANT ...] [--seeds 0 ...]
                                         [--threads 1] [--jobs 2]
 
-Writes OUT/summary.md and OUT/summary.json: first, per variant, method and encoder, the worst case over the
-attacks (the lowest seed-mean MSGR and its attack, then every attack's); then per variant, method, attack and
-encoder, the mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and what the
-encoder sees before any attack (immunized vs base model; the toy judge's rate, another encoder's similarity S) on
-the non-targets (do they stay? the judge also counts a sample of the right colours drawn as noise) and on the
-targets (do they stay erased?). A study's `attacks:` may name variants (`mima.attacks.variants`), e.g. a stronger or a
-fresh-token LoRA beside the plain one.
+Writes OUT/summary.md and OUT/summary.json: first, per variant, method and encoder, the worst case over the attacks
+(the lowest seed-mean MSGR and its attack, then every attack's); then per variant, method, attack and encoder, the
+mean over seeds (and the per-seed values) of MSGR, every target's SGR, the non-target SGR, and what the encoder
+sees before any attack (immunized vs base model; the toy judge's rate, another encoder's similarity S) on the
+non-targets (do they stay? the judge also counts a sample of the right colours drawn as noise), on the targets (do
+they stay erased?) and on the benchmark's bystanders (drawn, never attacked: do they stay?). A study's `attacks:`
+may name variants (`mima.attacks.variants`), e.g. a stronger or a fresh-token LoRA beside the plain one.
 With a `tradeoff` list of variants in the study, OUT/tradeoff.png plots MIMA's MSGR against the non-target's
 |SGR| and judge rate before attack, one point per listed variant.
 """
@@ -199,7 +199,7 @@ def summarize(results: dict) -> dict:
                         row = table.setdefault(variant, {}).setdefault(method, {}).setdefault(attack, {}).setdefault(
                             encoder, {"msgr": [], "sgr": {}, "non_target_sgr": {}, "sgr_sd": {},
                                       "non_target_sgr_sd": {}, "between_runs": {}, "non_target_before": {},
-                                      "target_before": {}, "losses": []})
+                                      "target_before": {}, "bystander_before": {}, "losses": []})
                         _add_seed(row, record, method, encoder, metrics)
     return table
 
@@ -217,6 +217,10 @@ def _add_seed(row: dict, record: dict, method: str, encoder: str, metrics: dict)
             before = _before_attack(record, method, encoder, concept)
             if before is not None:
                 row[before_key].setdefault(concept, []).append(before)
+    drawn = record.get("before_attack", {}).get("models", {}).get(method, {}).get(encoder, {})
+    for concept in sorted(drawn.keys() - metrics["sgr"].keys() - metrics["non_target_sgr"].keys()):  # never attacked
+        if (before := _before_attack(record, method, encoder, concept)) is not None:
+            row["bystander_before"].setdefault(concept, []).append(before)
     for concept, value in metrics.get("between_runs", {}).items():
         if value is not None:
             row["between_runs"].setdefault(concept, []).append(value)
@@ -322,8 +326,8 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
     lines += ["| variant | method | attack | encoder | MSGR | min target SGR | targets' SGR (± sd over attack seeds) |"
              " non-target SGR [|SGR| between two un-immunized runs] |"
              " non-target before attack (immunized / base: judge rate %, else S) | targets' before attack |"
-             " upper loss, first -> last outer step (last retain loss) |",
-             "|" + "---|" * 11]
+             " bystanders before attack | upper loss, first -> last outer step (last retain loss) |",
+             "|" + "---|" * 12]
     for variant, by_method in table.items():
         for method, by_attack in by_method.items():
             for attack, by_encoder in by_attack.items():
@@ -332,9 +336,10 @@ def write_summary(table: dict, out: Path, tradeoff: list[str] | None = None) -> 
                     worst = min(mean(v) for v in row["sgr"].values())
                     others = ", ".join(f"{c} {_fmt(v, row['non_target_sgr_sd'].get(c))}" + _between(row, c)
                                        for c, v in row["non_target_sgr"].items())
-                    before = [_before(row[key], encoder == JUDGE) for key in ("non_target_before", "target_before")]
+                    before = [_before(row[key], encoder == JUDGE)
+                              for key in ("non_target_before", "target_before", "bystander_before")]
                     lines.append(f"| {variant} | {method} | {attack} | {encoder} | {_fmt(row['msgr'])} | "
-                                 f"{worst:.1f} | {targets} | {others} | {before[0]} | {before[1]} | "
+                                 f"{worst:.1f} | {targets} | {others} | {' | '.join(before)} | "
                                  f"{_losses(row['losses'])} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -168,6 +168,18 @@ def test_summary_averages_seeds_and_reports_what_each_encoder_sees_before_attack
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
+def test_summary_reports_the_bystanders_drawn_before_attack(study, tmp_path):
+    record = _metrics(20.0, 10.0, 0.0)
+    for model, rate in (("mima", 0.25), ("none", 1.0)):  # rings: drawn by both models, never attacked
+        record["before_attack"]["models"][model]["toy-judge"]["rings"] = {"success_rate": rate, "similarity": 0.5}
+    table = study.summarize({"defaults": {0: record}})
+    assert table["defaults"]["mima"]["lora"]["toy-judge"]["bystander_before"] == {"rings": [(0.25, 1.0)]}
+    assert table["defaults"]["mima"]["lora"]["efficientnet-lite0"]["bystander_before"] == {}
+    study.write_summary(table, tmp_path)
+    line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if "| mima | lora | toy-judge |" in x)
+    assert "| waves 90 / 100 | stripes 0 / 0 | rings 25 / 100 |" in line
+
+
 def test_summary_shows_each_seeds_spread_over_attack_seeds(study, tmp_path):
     seeds = {0: _metrics(20.0, 10.0, 0.0), 1: _metrics(30.0, 30.0, 0.5)}
     seeds[0]["summary"]["mima"]["lora"]["toy-judge"].update(sgr_sd={"stripes": 4.3}, non_target_sgr_sd={"waves": 2.0},
