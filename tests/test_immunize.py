@@ -311,6 +311,8 @@ def test_the_distilled_retain_term_pulls_the_attacked_model_toward_the_originals
     immunizer, batches = _prepared_on_stripes(tiny_components, "imma-joint", config)
     lower, upper = next(iter(batches.values()))
     base = immunizer.base_parameters()
+    with pytest.raises(ValueError, match="original weights"):  # not the current weights teaching themselves
+        immunizer.retain_loss(base, batches, torch.Generator().manual_seed(1))
     immunizer.original = {name: base[name].detach().clone() for name in immunizer.upper_names}
 
     g = torch.Generator().manual_seed(1)
