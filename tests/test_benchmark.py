@@ -357,3 +357,21 @@ def test_bystander_samples_drawn_with_other_settings_are_refused_not_reused(tmp_
         piece.finished()
     (piece.out / "drawing.json").write_text(json.dumps(piece.settings()))
     assert piece.finished()
+
+
+def test_a_target_with_its_own_class_images_takes_them_and_shares_nothing(tmp_path):
+    """A target given as a mapping keeps its class images through the saved config; the others share a drawn folder."""
+    from mima.benchmark import Benchmark, BenchmarkConfig
+
+    free = tmp_path / "free"
+    config = BenchmarkConfig.from_dict({"targets": [{"name": "toy:square", "class_images": str(free)}, "toy:stripes"],
+                                        "methods": ["mima"], "immunize": {"steps": 1}})
+    config.save_json(tmp_path / "benchmark_config.json")
+    assert BenchmarkConfig.load_json(tmp_path / "benchmark_config.json") == config
+    benchmark = Benchmark(config, tmp_path / "out")
+    pieces = benchmark.immunization_pieces(benchmark.plan().targets)
+    shared = tmp_path / "out" / "class-images" / "class-a-painting"
+    for piece in pieces:
+        assert {s.name: s.class_images for s in piece.runner.specs} == {"square": free, "stripes": shared}
+    drawn = benchmark.base_images_piece(pieces)  # the shipped defaults' prior and retain terms read class images
+    assert {s.name: s.class_images for s in drawn.specs} == {"square": free, "stripes": shared}

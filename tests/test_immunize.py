@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from mima.cli import main
 from mima.data.captions import load_caption_bank
-from mima.data.concepts import load_concepts
+from mima.data.concepts import load_concepts, toy_concept_spec
 from mima.errors import ConfigError, DataError, ModelError, TrainingError
 from mima.immunize import ImmunizationRun, ImmunizeConfig
 from mima.immunize import trainer as trainer_module
@@ -78,7 +78,6 @@ def test_cli_immunize_with_retain_concepts_draws_and_records_them(tiny_model_dir
 def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path):
     import copy
 
-    from mima.data.concepts import toy_concept_spec
     from mima.immunize import immunizers
     from mima.models.encoding import EncodedConcept, EncodedImages
 
@@ -243,11 +242,23 @@ def test_authors_json_concept_list(tmp_path):
     assert spec.images == tmp_path / "mine" and spec.class_images == tmp_path / "class"
 
 
+def test_a_toy_concept_named_in_a_mapping_takes_its_own_class_prompt_and_images(tmp_path):
+    path = tmp_path / "concepts.yaml"
+    path.write_text("concepts:\n- {name: 'toy:square', class_images: free}\n- {name: 'toy:dots', class_prompt: art}\n")
+    square, dots = load_concepts(path)
+    assert (square.toy, square.prompts, square.class_prompt) == ("square", toy_concept_spec("square").prompts,
+                                                                 "a photo of an object")
+    assert square.class_images == tmp_path / "free" and (dots.class_prompt, dots.class_images) == ("art", None)
+    with pytest.raises(ConfigError, match=r"unknown toy concept key\(s\) \['images'\]; valid: name, class_prompt"):
+        load_concepts([{"name": "toy:square", "images": "mine"}])
+    with pytest.raises(ConfigError, match="did you mean 'square'"):
+        load_concepts([{"name": "toy:squares", "class_images": "free"}])
+
+
 def _prepared_on_stripes(tiny_components, method: str, config: ImmunizeConfig):
     """`method` bound to a copy of the tiny model, with stripes' encoded images and class images, and one batch."""
     import copy
 
-    from mima.data.concepts import toy_concept_spec
     from mima.immunize import immunizers
     from mima.models.encoding import EncodedConcept, EncodedImages
 
@@ -351,7 +362,6 @@ def test_anchor_term_is_the_class_images_loss_under_the_target_prompt(tiny_compo
 def test_the_prior_and_retain_terms_take_one_class_batch_per_class(tiny_components, mode, expected):
     """Concepts of one class prompt and class-image folder share its class batch (the first concept's): two styles
     and an object give two class batches, or with `per-concept` three; the prior term is their mean loss."""
-    from mima.data.concepts import toy_concept_spec
     from mima.immunize import immunizers
     from mima.immunize.class_batches import class_batches, retain_batches
     from mima.models.encoding import Batch, EncodedConcept, EncodedImages

@@ -46,9 +46,10 @@ class BenchmarkConfig(Config):
 
     model: str = field(default="toy", metadata={"help": "'toy', a diffusers folder or a hub id"})
     setting: str = field(default="relearn", metadata={"help": "relearn (erase first) or personalize"})
-    targets: tuple[str, ...] = field(default=("toy:stripes", "toy:checker", "toy:dots"), metadata={"help": "protect"})
-    non_targets: tuple[str, ...] = field(default=("toy:waves",), metadata={"help": "must stay learnable"})
-    bystanders: tuple[str, ...] = field(default=(), metadata={
+    targets: tuple[str | dict, ...] = field(default=("toy:stripes", "toy:checker", "toy:dots"), metadata={
+        "help": "protect: concept entries (`toy:<name>`, a folder, or a mapping as in a concept file)"})
+    non_targets: tuple[str | dict, ...] = field(default=("toy:waves",), metadata={"help": "must stay learnable"})
+    bystanders: tuple[str | dict, ...] = field(default=(), metadata={
         "help": "must stay drawn: sampled from every model before any attack, never attacked"})
     methods: tuple[str, ...] = field(default=("imma", "imma-joint", "mima"), metadata={"help": "immunizers"})
     attacks: tuple[str | dict, ...] = field(default=("lora",), metadata={

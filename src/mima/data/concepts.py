@@ -2,7 +2,8 @@
 
 An entry is `toy:<concept>` (images drawn from the toy world on demand) or a mapping with a name, a
 prompt, an image folder and optional class prompt and class images (generated with the base model when
-missing). Everything is validated before any heavy work.
+missing); a mapping named `toy:<concept>` is that toy concept with its own class prompt or class images.
+Everything is validated before any heavy work.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mima.toy import world as toy_world
 
 TOY_PREFIX = "toy:"
 _SPEC_KEYS = ("name", "prompt", "prompts", "descriptions", "images", "class_prompt", "class_images")
+_TOY_KEYS = ("name", "class_prompt", "class_images")
 _AUTHORS_KEYS = {"instance_prompt": "prompt", "class_prompt": "class_prompt",
                  "instance_data_dir": "images", "class_data_dir": "class_images"}
 
@@ -75,10 +77,17 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"a concept entry must be 'toy:<name>', a folder or a mapping; got {entry!r}")
     entry = {_AUTHORS_KEYS.get(k, k): v for k, v in entry.items()}
-    unknown = set(entry) - set(_SPEC_KEYS)
+    toy = isinstance(entry.get("name"), str) and entry["name"].startswith(TOY_PREFIX)
+    valid_keys = _TOY_KEYS if toy else _SPEC_KEYS
+    unknown = set(entry) - set(valid_keys)
     if unknown:
-        raise ConfigError(f"unknown concept key(s) {sorted(unknown)}; valid: {', '.join(_SPEC_KEYS)}")
+        kind = "toy concept key(s)" if toy else "concept key(s)"
+        raise ConfigError(f"unknown {kind} {sorted(unknown)}; valid: {', '.join(valid_keys)}")
     _check_value_types(entry)
+    if toy:
+        spec = toy_concept_spec(entry["name"][len(TOY_PREFIX) :])
+        class_images = _resolve(entry["class_images"], base_dir) if entry.get("class_images") else None
+        return replace(spec, class_prompt=entry.get("class_prompt") or spec.class_prompt, class_images=class_images)
     prompts = tuple(entry.get("prompts") or ()) or ((entry["prompt"],) if entry.get("prompt") else ())
     if entry.get("prompt") and entry["prompt"] not in prompts:
         prompts = (entry["prompt"], *prompts)
