@@ -54,6 +54,8 @@ def main() -> None:
     try:
         for concept in args.exclude:
             toy_concept_spec(concept)
+        if not 0 < args.images <= args.draws:
+            raise ConfigError(f"--images must be between 1 and --draws ({args.draws}), got {args.images}")
         if (args.out / "metadata.csv").exists():
             raise ConfigError(f"{args.out} already holds an image folder")
         images, depicted = target_free_images(args.model, args.class_prompt, args.exclude, args.images, args.draws)

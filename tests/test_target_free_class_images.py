@@ -39,6 +39,7 @@ def test_the_kept_images_are_the_benchmarks_own_less_those_of_the_targets(script
 @pytest.mark.parametrize("argv, message", [
     (["--exclude", "squares"], "did you mean 'square'?"),
     (["--exclude", "square"], "already holds an image folder"),
+    (["--exclude", "square", "--images", "64", "--draws", "32"], "--images must be between 1 and --draws (32)"),
 ])
 def test_bad_input_is_one_line_before_any_drawing_and_keeps_what_exists(script, tmp_path, monkeypatch, capsys, argv,
                                                                          message):
@@ -48,5 +49,6 @@ def test_bad_input_is_one_line_before_any_drawing_and_keeps_what_exists(script, 
     monkeypatch.setattr(sys, "argv", ["target_free_class_images.py", "a photo of an object", str(out), *argv])
     with pytest.raises(SystemExit) as exit_info:
         script.main()
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("error:") == 1 and message in err
     assert (out / "metadata.csv").read_text() == "file_name,text\n"
