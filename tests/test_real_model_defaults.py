@@ -11,9 +11,9 @@ import torch
 from mima.attacks import attacks
 from mima.attacks.tokens import with_token
 from mima.data.captions import load_caption_bank
-from mima.data.concepts import ConceptSpec, naming_words, toy_concept_spec
+from mima.data.concepts import ConceptSpec, load_concepts, naming_words, toy_concept_spec
 from mima.evaluate.evaluate import DEFAULT_ENCODERS, default_encoders
-from mima.immunize import erase
+from mima.immunize import ImmunizeConfig, erase
 from mima.models.components import speaks_toy_vocabulary
 from mima.models.cross_attention import cross_attention_modules
 from mima.models.encoding import images_per_call
@@ -51,6 +51,18 @@ def test_erasure_is_the_uce_closed_form_computed_once_for_every_projection(tiny_
         for w_old, w_new in zip(before[path], (attention.to_k.weight, attention.to_v.weight), strict=True):
             assert not torch.equal(w_old, w_new)
             torch.testing.assert_close(w_new, _uce_direct(w_old, *calls[0]))
+
+
+def test_erasure_maps_each_target_onto_its_erase_to_prompt_else_its_class_prompt(monkeypatch):
+    calls = []
+    monkeypatch.setattr(erase, "erase_concepts", lambda _, targets, neutrals, *rest: calls.append((targets, neutrals)))
+    square, dots, zorblax = load_concepts([{"name": "toy:square", "erase_to": "a photo of a triangle"}, "toy:dots",
+                                           {"name": "zorblax", "prompt": "a Zorblax painting", "erase_to": "art"}])
+    erase.erase_targets(None, [square, dots, zorblax], ImmunizeConfig(caption_bank="toy"))
+    assert calls == [([*square.prompts, *dots.prompts, "a Zorblax painting"],
+                      ["a photo of a triangle"] * len(square.prompts) + ["a painting"] * len(dots.prompts) + ["art"])]
+    assert square.class_prompt == "a photo of an object"
+    assert ConceptSpec("plain", ("a plain thing",)).erasure_prompt == ""
 
 
 def _uce_direct(w_old, c, c_star, p, weight, ridge=1e-2):

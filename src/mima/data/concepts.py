@@ -2,7 +2,8 @@
 
 An entry is `toy:<concept>` (images drawn from the toy world on demand) or a mapping with a name, a
 prompt, an image folder and optional class prompt and class images (generated with the base model when
-missing); a mapping named `toy:<concept>` is that toy concept with its own class prompt or class images.
+missing) and the prompt erasure maps it onto; a mapping named `toy:<concept>` is that toy concept with its own
+class prompt, class images or erasure prompt.
 Everything is validated before any heavy work.
 """
 
@@ -24,8 +25,8 @@ from mima.errors import ConfigError, DataError
 from mima.toy import world as toy_world
 
 TOY_PREFIX = "toy:"
-_SPEC_KEYS = ("name", "prompt", "prompts", "descriptions", "images", "class_prompt", "class_images")
-_TOY_KEYS = ("name", "class_prompt", "class_images")
+_SPEC_KEYS = ("name", "prompt", "prompts", "descriptions", "images", "class_prompt", "class_images", "erase_to")
+_TOY_KEYS = ("name", "class_prompt", "class_images", "erase_to")
 _AUTHORS_KEYS = {"instance_prompt": "prompt", "class_prompt": "class_prompt",
                  "instance_data_dir": "images", "class_data_dir": "class_images"}
 
@@ -33,7 +34,8 @@ _AUTHORS_KEYS = {"instance_prompt": "prompt", "class_prompt": "class_prompt",
 @dataclass(frozen=True)
 class ConceptSpec:
     """One concept. `prompts` are all its phrasings (the first is the training prompt); `descriptions` describe it
-    without naming it (what a simulated attacker with prompt `description` trains under); `toy` names a toy concept."""
+    without naming it (what a simulated attacker with prompt `description` trains under); `toy` names a toy concept;
+    `erase_to` is the prompt erasure maps its prompts onto (None: its class prompt)."""
 
     name: str
     prompts: tuple[str, ...]
@@ -42,10 +44,16 @@ class ConceptSpec:
     class_images: Path | None = None
     toy: str | None = None
     descriptions: tuple[str, ...] = ()
+    erase_to: str | None = None
 
     @property
     def prompt(self) -> str:
         return self.prompts[0]
+
+    @property
+    def erasure_prompt(self) -> str:
+        """What erasure maps the concept's prompts onto: `erase_to`, else its class prompt, else the empty prompt."""
+        return self.erase_to or self.class_prompt or ""
 
 
 def class_folder_name(class_prompt: str) -> str:
@@ -87,7 +95,8 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
     if toy:
         spec = toy_concept_spec(entry["name"][len(TOY_PREFIX) :])
         class_images = _resolve(entry["class_images"], base_dir) if entry.get("class_images") else None
-        return replace(spec, class_prompt=entry.get("class_prompt") or spec.class_prompt, class_images=class_images)
+        return replace(spec, class_prompt=entry.get("class_prompt") or spec.class_prompt, class_images=class_images,
+                       erase_to=entry.get("erase_to"))
     prompts = tuple(entry.get("prompts") or ()) or ((entry["prompt"],) if entry.get("prompt") else ())
     if entry.get("prompt") and entry["prompt"] not in prompts:
         prompts = (entry["prompt"], *prompts)
@@ -101,6 +110,7 @@ def parse_concept(entry: Any, base_dir: Path = Path(".")) -> ConceptSpec:
         class_prompt=entry.get("class_prompt"),
         class_images=_resolve(entry["class_images"], base_dir) if entry.get("class_images") else None,
         descriptions=tuple(entry.get("descriptions") or ()),
+        erase_to=entry.get("erase_to"),
     ))
 
 

@@ -70,9 +70,10 @@ def preserved_captions(specs: list[ConceptSpec], bank: list[str]) -> list[str]:
 
 
 def erase_targets(components: Components, specs: list[ConceptSpec], config: ImmunizeConfig) -> None:
-    """Erase every spec's prompts toward its class prompt, preserving caption-bank prompts that name no target."""
+    """Erase every spec's prompts toward its erasure prompt (by default its class prompt), preserving caption-bank
+    prompts that name no target."""
     targets = [prompt for spec in specs for prompt in spec.prompts]
-    neutrals = [spec.class_prompt or "" for spec in specs for _ in spec.prompts]
+    neutrals = [spec.erasure_prompt for spec in specs for _ in spec.prompts]
     preserve = preserved_captions(specs, load_caption_bank(config.caption_bank))
     erase_concepts(components, targets, neutrals, preserve, config.erase_preserve_weight)
 
@@ -83,7 +84,7 @@ CLOSED_FORM_SETTINGS = ("method", "setting", "seed", "n_images", "caption_bank",
 
 @immunizers.register("erase")
 class Erase(Immunizer):
-    """Erase every target concept: its prompts are mapped to its class prompt; caption-bank prompts are kept.
+    """Erase every target concept: its prompts are mapped to its erasure prompt; caption-bank prompts are kept.
 
     In the relearn setting the run has already erased the targets before any method runs, so this is `none` there.
     """

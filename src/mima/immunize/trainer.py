@@ -202,7 +202,7 @@ def _skipped_per_attacker(config: ImmunizeConfig, names: list[str], upper_names:
 def _spec_record(spec: ConceptSpec) -> dict[str, object]:
     return {"name": spec.name, "prompts": list(spec.prompts), "images": str(spec.images),
             "class_prompt": spec.class_prompt, "class_images": str(spec.class_images),
-            "descriptions": list(spec.descriptions)}
+            "descriptions": list(spec.descriptions), "erase_to": spec.erase_to}
 
 
 class _Loop(TrainingLoop):
