@@ -169,7 +169,8 @@ class ImmunizeConfig(Config):
     anchor_weight: float = field(
         default=0.0,
         metadata={"help": "weight of the anchor term: under the target prompts the released model still denoises "
-                          "class images, so erased targets stay erased (0: off)"},
+                          "class images (also where a concept's erase_to names another prompt), so erased targets "
+                          "stay erased (0: off)"},
     )
     class_batches: Literal["per-concept", "per-class"] = field(
         default="per-concept",
