@@ -12,6 +12,7 @@ from mima.attacks import attacks
 from mima.attacks.tokens import with_token
 from mima.data.captions import load_caption_bank
 from mima.data.concepts import ConceptSpec, load_concepts, naming_words, toy_concept_spec
+from mima.errors import ConfigError
 from mima.evaluate.evaluate import DEFAULT_ENCODERS, default_encoders
 from mima.immunize import ImmunizeConfig, erase
 from mima.models.components import speaks_toy_vocabulary
@@ -63,6 +64,8 @@ def test_erasure_maps_each_target_onto_its_erase_to_prompt_else_its_class_prompt
                       ["a photo of a triangle"] * len(square.prompts) + ["a painting"] * len(dots.prompts) + ["art"])]
     assert square.class_prompt == "a photo of an object"
     assert ConceptSpec("plain", ("a plain thing",)).erasure_prompt == ""
+    with pytest.raises(ConfigError, match="concept key 'erase_to' must be a text"):
+        load_concepts([{"name": "toy:square", "erase_to": 3}])
 
 
 def _uce_direct(w_old, c, c_star, p, weight, ridge=1e-2):
