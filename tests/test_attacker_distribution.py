@@ -15,7 +15,7 @@ from mima.data.concepts import toy_concept_spec
 from mima.errors import ConfigError
 from mima.functional import adam_update
 from mima.immunize import ImmunizeConfig, immunizers
-from mima.immunize.distribution import sample_attacker
+from mima.immunize.distribution import _RETAIN_SAMPLING_STREAM, sample_attacker
 from mima.losses import diffusion_loss
 from test_immunize import _run, _unet_weights
 from test_meta_gradient import SEED, _random_concept
@@ -202,6 +202,34 @@ def test_each_step_records_the_attacker_it_sampled(tiny_model_dir, tmp_path, cap
     assert [entry["kind"] for entry in record["config"]["attackers"]] == ["full", "lora"]
     assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
     assert len({row["attacker"] for row in record["log"]}) == 2  # this seed samples both in three steps
+
+
+def test_each_step_records_the_retain_terms_own_attacker(tiny_model_dir, tmp_path, capsys):
+    """End to end: `--retain-attackers` names kinds, recorded with their kinds' defaults; each outer step samples
+    one from a stream of its own (the ascent's draws unchanged) and immunization.json logs it."""
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out", str(out),
+                 "--attackers", "full", "lora", "--retain-attackers", "textual-inversion", "lora", "--steps", "3",
+                 "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "immunization.json").read_text())
+    retain = record["config"]["retain_attackers"]
+    assert [(entry["kind"], entry["lr"], entry["prompt"]) for entry in retain] == [
+        ("textual-inversion", 3.0, "fresh-token"), ("lora", 3.0, "concept")]
+    assert [row["attacker"] for row in record["log"]] == [sample_attacker([1.0, 1.0], 0, step) for step in range(3)]
+    drawn = [row["retain_attacker"] for row in record["log"]]
+    assert drawn == [sample_attacker([1.0, 1.0], 0, step, _RETAIN_SAMPLING_STREAM) for step in range(3)]
+    assert drawn != [row["attacker"] for row in record["log"]]  # apart from the ascent's
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"retain_weight": 0.0}, "give retain_weight > 0"),
+    ({"retain_attackers": ({"kind": "lora", "upper_skip": ["*attn2*"]},)}, "upper_skip is for the ascent"),
+    ({"retain_attackers": ({"kind": "lora", "steps": 0},)}, "must be positive"),
+])
+def test_bad_retain_attackers_are_refused_when_the_config_is_built(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        ImmunizeConfig(**{"retain_attackers": ("textual-inversion",), **overrides})
 
 
 def test_the_alternating_schedule_is_refused_under_several_processes(tiny_model_dir, tmp_path, monkeypatch):

@@ -378,6 +378,31 @@ def test_the_retain_term_teaches_a_learned_token_the_retained_concepts(tiny_comp
     assert made.distribution.carried and {key.split(":")[1] for key in made.distribution.carried} <= {"0", "1"}
 
 
+def test_the_retain_term_can_have_attackers_of_its_own(tiny_components):
+    """`retain_attackers`: the retain term is the one its own attacker would give as the step's attacker (same
+    draws), the ascent keeps the step's attacker, and the concept-by-concept gradient still equals the objective's,
+    a many-step first-order attacker taken along its trajectory included."""
+    _, _, _, batches, make = _with_retained_concepts(tiny_components)
+    token = {"kind": "textual-inversion", "steps": 2, "lr": 0.5}
+
+    def retain_term(made) -> tuple[list[float], dict]:
+        base = {name: p.detach() for name, p in made.base_parameters().items()}
+        [(name, term)] = made.preservation_gradients(base, batches(), torch.Generator().manual_seed(1))
+        return term
+
+    own = make(LORA, retain_prompt="attacker", retain_attackers=(token,))
+    losses, grads = retain_term(own)
+    alone_losses, alone = retain_term(make(token, retain_prompt="attacker"))
+    assert own.attacker.spec.kind == "lora" and losses == alone_losses and grads.keys() == alone.keys()
+    for name, grad in alone.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-12, atol=0)
+    assert retain_term(make(LORA, retain_prompt="attacker"))[0] != losses  # the LoRA's own retain term differs
+    assert_gradients_equal_the_objectives(own, batches, SEED + 1)
+    long = {**token, "steps": 4, "order": "first-order", "trajectory_points": 2}
+    assert_gradients_equal_the_objectives(make(LORA, retain_prompt="attacker", retain_attackers=(long,)), batches,
+                                          SEED + 1)
+
+
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_gradient_checkpointing_gives_the_same_meta_gradient(setup, method):
     """Checkpointed UNet blocks are recomputed with the substituted weights and the math attention kernel, so the

@@ -160,6 +160,14 @@ class ImmunizeConfig(Config):
                           "weighs more the part of its gradient that goes through the attack (at 3 the toy study "
                           "found the non-target no more learnable under a new word)"},
     )
+    retain_attackers: tuple[dict | str, ...] = field(
+        default=(),
+        metadata={"help": "the retain term's own simulated attackers, entries as in `attackers`, one sampled per "
+                          "outer step (by weight, apart from the ascent's), e.g. a many-step textual-inversion in "
+                          "first order so that known concepts stay learnable by a new word; empty: the step's "
+                          "attacker",
+                  "absent": ()},
+    )
     retain_concepts: tuple[str, ...] = field(
         default=(),
         metadata={"help": "concepts (as --concepts takes them: toy:NAME, a concept file) whose images the retain term "
@@ -223,6 +231,10 @@ class ImmunizeConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         self.attacker_specs()  # each a valid AttackerSpec
+        if self.retain_attackers and self.retain_weight == 0:
+            raise ConfigError("retain_attackers attack for the retain term; give retain_weight > 0")
+        if any(spec.upper_skip for spec in self.retain_attacker_specs()):
+            raise ConfigError("upper_skip is for the ascent's attackers (`attackers`), not retain_attackers")
         for entry in self.upper_lr_scales:
             _parse_rate_scale(entry)
         if self.retain_concepts and self.retain_weight == 0:
@@ -231,9 +243,16 @@ class ImmunizeConfig(Config):
     def attacker_specs(self) -> list[AttackerSpec]:
         """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; the steps,
         clip and order an entry leaves out taken from the run (inner_steps, inner_clip, order: never `inherit`)."""
+        return self._specs(self.attackers or ({"lr": self.inner_lr},))
+
+    def retain_attacker_specs(self) -> list[AttackerSpec]:
+        """The retain term's own simulated attackers (`retain_attackers`, completed as `attacker_specs`)."""
+        return self._specs(self.retain_attackers)
+
+    def _specs(self, entries: Sequence[object]) -> list[AttackerSpec]:
         run = {"steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
         specs = []
-        for entry in self.attackers or ({"lr": self.inner_lr},):
+        for entry in entries:
             spec = {**run, **_attacker_mapping(entry)}
             specs.append(AttackerSpec.from_dict({**spec, "order": self.order} if spec["order"] == "inherit" else spec))
         return specs
@@ -246,7 +265,7 @@ class ImmunizeConfig(Config):
         from mima.immunize.attackers import simulated_attackers
 
         immunizers.get(self.method)
-        for spec in self.attacker_specs():
+        for spec in [*self.attacker_specs(), *self.retain_attacker_specs()]:
             simulated_attackers.get(spec.kind).check_spec(spec)
         for bank in (self.caption_bank, self.bank_prior_captions):
             if bank not in ("auto", ""):
@@ -259,7 +278,7 @@ class ImmunizeConfig(Config):
         from mima.attacks.prompts import check_rare_token
 
         bank = self.caption_bank if self.caption_bank != "auto" else None
-        for attacker in self.attacker_specs():
+        for attacker in [*self.attacker_specs(), *self.retain_attacker_specs()]:
             for spec in specs:
                 for token in attacker.tokens:
                     check_rare_token(token, spec, [], bank, where=f"simulated attacker '{attacker.kind}''s tokens")
@@ -282,9 +301,12 @@ class ImmunizeConfig(Config):
         """[`Config.differences`], with each simulated attacker's unset learning rate and prompt read as its kind's
         defaults on both sides (`with_attacker_defaults`): a record that left them out, or was written before the
         field existed, reads as what ran."""
-        if recorded.get("attackers"):
-            resolved = ImmunizeConfig(attackers=tuple(recorded["attackers"])).with_attacker_defaults()
-            recorded = {**recorded, "attackers": list(resolved.attackers)}
+        if recorded.get("attackers") or recorded.get("retain_attackers"):
+            resolved = ImmunizeConfig(attackers=tuple(recorded.get("attackers", ())),
+                                      retain_attackers=tuple(recorded.get("retain_attackers", ()))
+                                      ).with_attacker_defaults()
+            recorded = {**recorded, "attackers": list(resolved.attackers),
+                        "retain_attackers": list(resolved.retain_attackers)}
         return Config.differences(self.with_attacker_defaults(), recorded, fields)
 
     def for_model(self, model: str) -> ImmunizeConfig:
@@ -310,14 +332,15 @@ class ImmunizeConfig(Config):
         so that the record says what ran."""
         from mima.immunize.attackers import simulated_attackers  # imports torch: keep this module light
 
-        specs = self.attacker_specs()
-        if not self.attackers or all(spec.lr is not None and spec.prompt is not None for spec in specs):
-            return self
-        kinds = [simulated_attackers.get(spec.kind) for spec in specs]
-        return self.with_overrides(attackers=tuple(
-            {**_attacker_mapping(given), "lr": kind.default_lr if spec.lr is None else spec.lr,
-             "prompt": spec.prompt or kind.default_prompt}
-            for given, spec, kind in zip(self.attackers, specs, kinds, strict=True)))
+        def resolved(entries: tuple, specs: list[AttackerSpec]) -> tuple:
+            kinds = [simulated_attackers.get(spec.kind) for spec in specs]
+            return tuple({**_attacker_mapping(given), "lr": kind.default_lr if spec.lr is None else spec.lr,
+                          "prompt": spec.prompt or kind.default_prompt}
+                         for given, spec, kind in zip(entries, specs, kinds, strict=True))
+
+        return self.with_overrides(  # () stays (): one `full` attacker / the step's attacker
+            attackers=resolved(self.attackers, self.attacker_specs()) if self.attackers else None,
+            retain_attackers=resolved(self.retain_attackers, self.retain_attacker_specs()))
 
     def upper_rate_scales(self, upper_names: Sequence[str]) -> dict[str, float]:
         """Each S^u parameter's multiple of outer_lr (`upper_lr_scales`); a glob matching none of them is a

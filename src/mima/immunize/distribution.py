@@ -17,12 +17,13 @@ import torch
 
 from mima.data.concepts import ConceptSpec
 from mima.functional import Order, Params
+from mima.immunize.attacker_spec import AttackerSpec
 from mima.immunize.attackers import SimulatedAttacker, simulated_attackers
 from mima.immunize.config import ImmunizeConfig
 from mima.models.components import Components
 
 # apart from the step's own generator (`step_generator`, seeded by (seed, step)) and from each other
-_SAMPLING_STREAM, _TOKEN_STREAM = 1, 2
+_SAMPLING_STREAM, _TOKEN_STREAM, _RETAIN_SAMPLING_STREAM, _RETAIN_TOKEN_STREAM = 1, 2, 3, 4
 
 
 def sample_attacker(weights: list[float], seed: int, step: int, stream: int = _SAMPLING_STREAM) -> int:
@@ -43,31 +44,35 @@ class AttackerDistribution:
     attack started from and added to the next step's weights: the attacker's progress and the immunizer's ascent
     then act on the same weights, as in the authors' alternating code. The attacker's own parameters (LoRA factors,
     a token embedding) are kept as they are. One entry per attacker and attacked concepts (a MIMA copy, the joint
-    attack); the retain term's attacks start afresh (`afresh`).
+    attack); the retain term's attacks start afresh (`afresh`), with an attacker of its own where
+    `retain_attackers` lists some (`retain_index`, sampled as the step's attacker, from a stream of its own).
     """
 
     def __init__(self, config: ImmunizeConfig, components: Components, specs: list[ConceptSpec],
                  lower_names: list[str], retained: Sequence[ConceptSpec] = ()) -> None:
         self.seed, self.persistent = config.seed, config.persistent_attacker
-        self.attackers: list[SimulatedAttacker] = []
-        for spec in config.attacker_specs():
-            self.attackers.append(simulated_attackers.get(spec.kind)(spec))
-            self.attackers[-1].bind(components, specs, lower_names, retained)
-        self.index = 0
+        bound = [[_bound(spec, components, specs, lower_names, retained) for spec in listed]
+                 for listed in (config.attacker_specs(), config.retain_attacker_specs())]
+        self.attackers, self.retain_attackers = bound
+        self.index, self.retain_index, self.retaining = 0, 0, False
         self.carried: dict[str, Params] = {}
 
     @property
     def attacker(self) -> SimulatedAttacker:
+        """The step's attacker, or inside `afresh` the retain term's own where it has one."""
+        if self.retaining and self.retain_attackers:
+            return self.retain_attackers[self.retain_index]
         return self.attackers[self.index]
 
     def sample(self, step: int) -> dict[str, float]:
         """Choose outer step `step`'s attacker (`sample_attacker`) and, where it has `tokens`, its fresh token (each
-        equally likely); returns their indices to log (`attacker`, `token`)."""
-        self.index = sample_attacker([attacker.spec.weight for attacker in self.attackers], self.seed, step)
-        drawn = {"attacker": self.index}
-        if tokens := self.attacker.spec.tokens:
-            drawn["token"] = sample_attacker([1.0] * len(tokens), self.seed, step, _TOKEN_STREAM)
-            self.attacker.draw_token(drawn["token"])
+        equally likely), and so the retain term's own; returns their indices to log (`attacker`, `token`,
+        `retain_attacker`, `retain_token`)."""
+        self.index, drawn = _draw(self.attackers, self.seed, step, "", _SAMPLING_STREAM, _TOKEN_STREAM)
+        if self.retain_attackers:
+            self.retain_index, more = _draw(self.retain_attackers, self.seed, step, "retain_",
+                                            _RETAIN_SAMPLING_STREAM, _RETAIN_TOKEN_STREAM)
+            drawn.update(more)
         return drawn
 
     def start(self, base: Params, concepts: Sequence[int | None], generator: torch.Generator) -> Params:
@@ -92,6 +97,7 @@ class AttackerDistribution:
         """Attacks inside start afresh and carry nothing (the retain term's, whatever concepts they name), are
         differentiated through in `order` where given, not the attacker's own, and step at `lr_scale` times its
         rate."""
+        self.retaining = True
         attacker = self.attacker
         persistent, spec, lr = self.persistent, attacker.spec, attacker.lr
         self.persistent, attacker.lr = False, lr * lr_scale
@@ -100,7 +106,7 @@ class AttackerDistribution:
         try:
             yield
         finally:
-            self.persistent, attacker.spec, attacker.lr = persistent, spec, lr
+            self.persistent, attacker.spec, attacker.lr, self.retaining = persistent, spec, lr, False
 
     def _key(self, concepts: Sequence[int | None]) -> str | None:
         if not self.persistent or None in concepts:
@@ -117,3 +123,21 @@ class AttackerDistribution:
         for flat, tensor in state.items():
             key, name = flat.split("/", 1)
             self.carried.setdefault(key, {})[name] = tensor.to(device)
+
+
+def _bound(spec: AttackerSpec, components: Components, specs: list[ConceptSpec], lower_names: list[str],
+           retained: Sequence[ConceptSpec]) -> SimulatedAttacker:
+    attacker = simulated_attackers.get(spec.kind)(spec)
+    attacker.bind(components, specs, lower_names, retained)
+    return attacker
+
+
+def _draw(attackers: list[SimulatedAttacker], seed: int, step: int, prefix: str, stream: int,
+          token_stream: int) -> tuple[int, dict[str, float]]:
+    """`sample`'s draw from one list of attackers: the index, and what to log under `prefix`."""
+    index = sample_attacker([attacker.spec.weight for attacker in attackers], seed, step, stream)
+    drawn = {f"{prefix}attacker": index}
+    if tokens := attackers[index].spec.tokens:
+        drawn[f"{prefix}token"] = sample_attacker([1.0] * len(tokens), seed, step, token_stream)
+        attackers[index].draw_token(drawn[f"{prefix}token"])
+    return index, drawn

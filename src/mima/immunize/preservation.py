@@ -42,11 +42,11 @@ class PreservationTerms(Immunizer):
             uppers = [up for _, up in batches.values() if up.prior is not None]
             yield "anchor", self._mean_or_zero(base, [Batch(up.prior[0], up.hidden) for up in uppers], generator, wrt)
         if self.config.retain_weight > 0:
-            pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
-                                   self.retained, generator)
-            lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
-            teacher = self.config.retain_target == "original"
             with self.retain_attack():
+                pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt,
+                                       self.retained, generator)
+                lowers, uppers, concepts = (list(part) for part in zip(*pairs, strict=True)) if pairs else ([], [], [])
+                teacher = self.config.retain_target == "original"
                 term = (self.adapted_loss_gradient(base, lowers, uppers, concepts, generator, teacher=teacher)[:2]
                         if pairs else ([], {}))
             yield "retain", term
@@ -56,8 +56,8 @@ class PreservationTerms(Immunizer):
             yield "bank_prior", self._mean_or_zero(base, self.bank_batches(batches, generator), generator, wrt)
 
     def retain_attack(self) -> AbstractContextManager[None]:
-        """Where the retain term's simulated attack runs: afresh, in first order with `retain_order: first-order`, at
-        `retain_lr_scale` times the attacker's rate."""
+        """Where the retain term's simulated attack runs: afresh, by its own attacker where `retain_attackers` lists
+        some, in first order with `retain_order: first-order`, at `retain_lr_scale` times the attacker's rate."""
         order = "first-order" if self.config.retain_order == "first-order" else None
         return self.distribution.afresh(order, self.config.retain_lr_scale)
 
@@ -148,22 +148,22 @@ class PreservationTerms(Immunizer):
         """Learnability of other concepts: after a simulated attack on class images (or on retain_concepts) they
         still denoise (`retain_target: original`: as the original model does under their own prompts). Without it
         the ascent may make the model fragile to ANY fine-tuning, not concept-specific."""
-        pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
-                               generator)
-        if not pairs:
-            return torch.zeros(())
-        lowers, _, concepts = zip(*pairs, strict=True)
         with self.retain_attack():
+            pairs = retain_batches(batches, self.class_of, self.attacker, self.config.retain_prompt, self.retained,
+                                   generator)
+            if not pairs:
+                return torch.zeros(())
+            lowers, _, concepts = zip(*pairs, strict=True)
             trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
 
-        def retained(phi: Params, upper: Batch, concept: int | None) -> torch.Tensor:
-            weights, params = self.adapted_weights(base, phi), {**base, **phi}
-            if self.config.retain_target == "noise":
-                return self.conditioned_loss(weights, params, upper, generator, concept)
-            return distillation_loss(unet_call_with(self.unet, weights), self.teacher(), self.scheduler, upper.latents,
-                                     self.attacker.hidden(params, upper, concept), generator,
-                                     teacher_hidden_states=upper.hidden)
+            def retained(phi: Params, upper: Batch, concept: int | None) -> torch.Tensor:
+                weights, params = self.adapted_weights(base, phi), {**base, **phi}
+                if self.config.retain_target == "noise":
+                    return self.conditioned_loss(weights, params, upper, generator, concept)
+                return distillation_loss(unet_call_with(self.unet, weights), self.teacher(), self.scheduler,
+                                         upper.latents, self.attacker.hidden(params, upper, concept), generator,
+                                         teacher_hidden_states=upper.hidden)
 
-        return torch.stack([  # the mean over the trajectory's points, as the upper loss
-            torch.stack([retained(phi, upper, concept) for _, upper, concept in pairs]).mean()
-            for phi in trajectory]).mean()
+            return torch.stack([  # the mean over the trajectory's points, as the upper loss
+                torch.stack([retained(phi, upper, concept) for _, upper, concept in pairs]).mean()
+                for phi in trajectory]).mean()
