@@ -169,11 +169,17 @@ def test_simulated_attackers_differ_only_in_what_ran():
     assert config.differences({"attackers": ["lora"]}, ["attackers"]) == {}
     changed = config.differences({"attackers": [{"kind": "lora", "lr": 1.0}]}, ["attackers"])
     assert list(changed) == ["attackers"] and changed["attackers"][0][0]["lr"] == 1.0
+    retaining = ImmunizeConfig(retain_attackers=("textual-inversion",))  # the retain term's own, alike
+    recorded = {"retain_attackers": [{"kind": "textual-inversion", "lr": 3.0, "prompt": "fresh-token"}]}
+    assert retaining.differences(recorded, ["retain_attackers"]) == {}
+    assert list(retaining.differences({"retain_attackers": []}, ["retain_attackers"])) == ["retain_attackers"]
+    assert list(config.differences({"retain_attackers": ["lora"]}, ["retain_attackers"])) == ["retain_attackers"]
 
 
 @pytest.mark.parametrize("name", ["immunize-toy", "attackers-full", "attackers-lora", "attackers-lora-wide",
                                   "attackers-mixed", "upper-without-keys-values",
-                                  "keys-values-half-rate", "keys-values-off-fresh-token-steps", "without-bank-prior"])
+                                  "keys-values-half-rate", "keys-values-off-fresh-token-steps", "without-bank-prior",
+                                  "retain-long-textual-inversion"])
 def test_shipped_immunize_configs_load_and_name_what_exists(name):
     """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
     from pathlib import Path
