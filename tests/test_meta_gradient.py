@@ -388,6 +388,7 @@ def test_the_retain_term_can_have_attackers_of_its_own(tiny_components):
     def retain_term(made) -> tuple[list[float], dict]:
         base = {name: p.detach() for name, p in made.base_parameters().items()}
         [(name, term)] = made.preservation_gradients(base, batches(), torch.Generator().manual_seed(1))
+        assert name == "retain"
         return term
 
     own = make(LORA, retain_prompt="attacker", retain_attackers=(token,))

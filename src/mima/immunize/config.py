@@ -301,12 +301,10 @@ class ImmunizeConfig(Config):
         """[`Config.differences`], with each simulated attacker's unset learning rate and prompt read as its kind's
         defaults on both sides (`with_attacker_defaults`): a record that left them out, or was written before the
         field existed, reads as what ran."""
-        if recorded.get("attackers") or recorded.get("retain_attackers"):
-            resolved = ImmunizeConfig(attackers=tuple(recorded.get("attackers", ())),
-                                      retain_attackers=tuple(recorded.get("retain_attackers", ()))
-                                      ).with_attacker_defaults()
-            recorded = {**recorded, "attackers": list(resolved.attackers),
-                        "retain_attackers": list(resolved.retain_attackers)}
+        given = {name: tuple(recorded[name]) for name in ("attackers", "retain_attackers") if recorded.get(name)}
+        if given:
+            resolved = ImmunizeConfig(**given).with_attacker_defaults()
+            recorded = {**recorded, **{name: list(getattr(resolved, name)) for name in given}}
         return Config.differences(self.with_attacker_defaults(), recorded, fields)
 
     def for_model(self, model: str) -> ImmunizeConfig:

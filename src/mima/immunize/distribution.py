@@ -51,9 +51,9 @@ class AttackerDistribution:
     def __init__(self, config: ImmunizeConfig, components: Components, specs: list[ConceptSpec],
                  lower_names: list[str], retained: Sequence[ConceptSpec] = ()) -> None:
         self.seed, self.persistent = config.seed, config.persistent_attacker
-        bound = [[_bound(spec, components, specs, lower_names, retained) for spec in listed]
-                 for listed in (config.attacker_specs(), config.retain_attacker_specs())]
-        self.attackers, self.retain_attackers = bound
+        self.attackers = [_bound(spec, components, specs, lower_names, retained) for spec in config.attacker_specs()]
+        self.retain_attackers = [_bound(spec, components, specs, lower_names, retained)
+                                 for spec in config.retain_attacker_specs()]
         self.index, self.retain_index, self.retaining = 0, 0, False
         self.carried: dict[str, Params] = {}
 
