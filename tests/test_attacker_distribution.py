@@ -30,6 +30,7 @@ def test_an_entry_takes_what_it_leaves_out_from_the_run():
     plain, adam = config.attacker_specs()
     assert (plain.lr, plain.steps, plain.clip, plain.order, plain.optimizer) == (None, 2, 0.5, "first-order", "sgd")
     assert (adam.steps, adam.weight, adam.trajectory_steps) == (6, 3.0, [2, 4, 6])
+    assert adam.with_overrides(trajectory_start=True).trajectory_steps == [0, 2, 4, 6]
     assert ImmunizeConfig.from_dict(config.to_dict()) == config
     (default,) = config.with_overrides(attackers=[]).attacker_specs()  # today's attacker, from the inner_* fields
     assert (default.kind, default.lr, default.steps, default.order) == ("full", 0.3, 2, "first-order")
@@ -37,7 +38,8 @@ def test_an_entry_takes_what_it_leaves_out_from_the_run():
 
 @pytest.mark.parametrize(("entry", "words"), [
     ({"optimizer": "adam"}, "Adam inner steps are first order only"),
-    ({"steps": 5, "trajectory_points": 2}, "trajectory_points > 1 needs first order"),
+    ({"steps": 5, "trajectory_points": 2}, "trajectory_points > 1 and trajectory_start need first order"),
+    ({"trajectory_start": True}, "trajectory_points > 1 and trajectory_start need first order"),
     ({"steps": 2, "trajectory_points": 3, "order": "first-order"}, "between 1 and its steps"),
     ({"weight": 0}, "weight must be positive"),
     ({"optimizer": "rmsprop"}, "optimizer"),
@@ -91,10 +93,12 @@ def _prepared(tiny_components, method, **overrides):
     return components, immunizer, batches
 
 
-def test_first_order_trajectory_gradient_is_the_mean_of_the_upper_gradients_at_its_points(tiny_components):
-    """imma-joint, 4 plain SGD steps, upper loss after steps 2 and 4: the gradient is minus the mean over the two
-    points and the two concepts of the upper loss's gradient at that point (first order: d phi_t / d theta = I)."""
-    attacker = {"kind": "full", "steps": 4, "lr": 0.5, "clip": 0.0, "trajectory_points": 2}
+@pytest.mark.parametrize("start", [False, True])
+def test_first_order_trajectory_gradient_is_the_mean_of_the_upper_gradients_at_its_points(tiny_components, start):
+    """imma-joint, 4 plain SGD steps, upper loss after steps 2 and 4 (and at the start, `trajectory_start`): the
+    gradient is minus the mean over the points and the two concepts of the upper loss's gradient at that point
+    (first order: d phi_t / d theta = I)."""
+    attacker = {"kind": "full", "steps": 4, "lr": 0.5, "clip": 0.0, "trajectory_points": 2, "trajectory_start": start}
     components, immunizer, batches = _prepared(tiny_components, "imma-joint", order="first-order",
                                                attackers=(attacker,))
     value, grads, _ = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
@@ -109,7 +113,8 @@ def test_first_order_trajectory_gradient_is_the_mean_of_the_upper_gradients_at_i
         return loss, dict(zip(wrt, torch.autograd.grad(loss, [leaves[n] for n in wrt]), strict=True))
 
     g, pairs = torch.Generator().manual_seed(SEED + 1), list(batches().values())
-    phi, points = {n: p.detach() for n, p in unet.named_parameters()}, []
+    phi = {n: p.detach() for n, p in unet.named_parameters()}
+    points = [phi] if start else []
     for step in range(4):  # the attacker: SGD on the mean of both concepts' lower losses
         step_grads = [loss_and_grad(phi, lower, g, list(phi))[1] for lower, _ in pairs]
         phi = {n: p - 0.5 * (step_grads[0][n] + step_grads[1][n]) / 2 for n, p in phi.items()}
@@ -121,8 +126,8 @@ def test_first_order_trajectory_gradient_is_the_mean_of_the_upper_gradients_at_i
             loss, grad = loss_and_grad(point, up, g, sorted(upper))
             upper_losses.append(loss.item())
             for n in upper:
-                expected[n] -= grad[n] / 4
-    assert value == pytest.approx(-sum(upper_losses) / 4, rel=1e-10)
+                expected[n] -= grad[n] / (2 * len(points))
+    assert value == pytest.approx(-sum(upper_losses) / (2 * len(points)), rel=1e-10)
     assert set(grads) == upper
     for n in upper:
         torch.testing.assert_close(grads[n], expected[n], rtol=1e-8, atol=1e-12)
@@ -133,12 +138,13 @@ def test_first_order_trajectory_gradient_is_the_mean_of_the_upper_gradients_at_i
     ("mima", {"attackers": ({"steps": 3, "trajectory_points": 2, "optimizer": "adam", "lr": 0.01},)}),
     ("imma-joint", {"attackers": ({"steps": 2, "optimizer": "adam", "lr": 0.01, "trajectory_points": 2},),
                     "retain_weight": 0.5}),
+    ("mima", {"attackers": ({"steps": 2, "lr": 0.5, "trajectory_start": True},), "retain_weight": 0.5}),
 ])
 def test_trajectories_and_adam_agree_with_the_reference_objective(tiny_components, method, overrides):
     """At each point of a first-order trajectory, MIMA merges the copies there; `gradients` (concept by concept)
     equals differentiating `objective`, Adam inner steps and the retain term included."""
     components, immunizer, batches = _prepared(tiny_components, method, order="first-order", **overrides)
-    assert immunizer.attacker.spec.trajectory_points > 1
+    assert len(immunizer.attacker.spec.trajectory_steps) > 1
     assert_gradients_equal_the_objectives(immunizer, batches, SEED + 1)
 
 

@@ -210,6 +210,12 @@ FAILS = {
     "retained-without-retain-term": (
         lambda t, m, i, p: _immunize(m, t / "out", "--retain-concepts", "toy:rings", "--retain-weight", "0"),
         "give retain_weight > 0"),
+    "unconditional-share-above-one": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--bank-prior-unconditional", "1.5"),
+        "bank_prior_unconditional is a share in [0, 1], got 1.5"),
+    "unconditional-without-bank-prior": (
+        lambda t, m, i, p: _immunize(m, t / "out", "--bank-prior-unconditional", "0.25", "--bank-prior-weight", "0"),
+        "give bank_prior_weight > 0"),
     "retained-unknown-concept": (lambda t, m, i, p: _immunize(m, t / "out", "--retain-concepts", "toy:ringz"),
                                  "ringz"),
     "benchmark-misspelt-attack": (lambda t, m, i, p: _benchmark(t, attacks=["lora", "dreambooht"]),

@@ -62,11 +62,42 @@ def test_the_distilled_bank_prior_is_the_gap_to_the_original_models_prediction(t
     torch.testing.assert_close(distilled, by_hand)
 
 
+
+def test_a_share_of_the_bank_priors_images_is_taken_under_the_empty_prompt(tiny_components):
+    """`bank_prior_unconditional`: each image of the batch drawn as before, then under the empty prompt's
+    conditioning with that probability (one draw per image after the batch's); 0 draws nothing more."""
+    from mima.immunize import ImmunizeConfig
+
+    def batch_and_generator(share: float) -> tuple[Batch, torch.Generator]:
+        config = ImmunizeConfig(prior_weight=0.0, retain_weight=0.0, caption_bank="toy", bank_prior_weight=1.0,
+                                bank_prior_unconditional=share)
+        immunizer, batches = _prepared_on_stripes(tiny_components, "mima", config)
+        size = immunizer.unet.config.sample_size
+        latents = torch.randn(5, 4, size, size, generator=torch.Generator().manual_seed(3))
+        hidden = tiny_components.encode_prompts(["a painting in rings style"] * 5).detach()
+        immunizer.bank = EncodedImages(latents, 0.1 * torch.ones_like(latents), hidden)
+        immunizer.unconditional = empty
+        g = torch.Generator().manual_seed(2)  # a seed whose draws take one image of two under the empty prompt
+        return immunizer.bank_batches(batches, g)[0], g
+
+    with torch.no_grad():
+        empty = tiny_components.family.unconditional(tiny_components)
+        rings = tiny_components.encode_prompts(["a painting in rings style"])
+    (kept, after_kept), (half, after_half), (every, _) = (batch_and_generator(s) for s in (0.0, 0.5, 1.0))
+    torch.testing.assert_close(half.latents, kept.latents)
+    torch.testing.assert_close(kept.hidden, rings.expand_as(kept.hidden))
+    torch.testing.assert_close(every.hidden, empty.expand_as(every.hidden))
+    drawn = torch.rand(len(half.hidden), generator=after_kept) < 0.5  # the draw after the batch's
+    assert 0 < drawn.sum() < len(drawn)
+    torch.testing.assert_close(half.hidden, torch.where(drawn[:, None, None], empty, rings))
+    assert torch.equal(after_kept.get_state(), after_half.get_state())  # that draw and no other
+
 def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_target(tiny_model_dir, tmp_path, capsys):
     """The bank prior is on by default, as a distillation: the original model draws `--n-bank-images` images into
     data/bank-prior/, under captions spread over the bank, none naming a target; the term is logged, zero at the
-    first step (the teacher is the model as the immunization found it); `--bank-prior-weight 0` draws none; a
-    misspelt caption file fails in one line before any image is drawn, writing nothing."""
+    first step (the teacher is the model as the immunization found it), another with `--bank-prior-unconditional`;
+    `--bank-prior-weight 0` draws none; a misspelt caption file fails in one line before any image is drawn, writing
+    nothing."""
     out = tmp_path / "run"
     args = ["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:dots", "--out", str(out),
             "--steps", "2", "--n-images", "4", "--n-class-images", "2", "--batch-size", "2", "--caption-bank", "toy",
@@ -79,6 +110,13 @@ def test_cli_immunize_draws_the_bank_priors_images_under_captions_naming_no_targ
     record = json.loads((out / "immunization.json").read_text())
     assert record["config"]["bank_prior_weight"] == 5.0 and record["config"]["bank_prior_target"] == "original"
     assert record["log"][0]["bank_prior"] == 0.0 < record["log"][1]["bank_prior"]
+
+    empty = tmp_path / "empty"  # every bank image under the empty prompt: the same run, another bank prior
+    assert main([*args, "--out", str(empty), "--bank-prior-unconditional", "1"]) == 0, capsys.readouterr().err
+    unconditional = json.loads((empty / "immunization.json").read_text())
+    assert unconditional["config"]["bank_prior_unconditional"] == 1.0
+    assert unconditional["log"][0]["objective"] == record["log"][0]["objective"]
+    assert unconditional["log"][1]["bank_prior"] not in (0.0, record["log"][1]["bank_prior"])
 
     off = tmp_path / "off"
     assert main([*args[:-2], "--out", str(off), "--bank-prior-weight", "0"]) == 0, capsys.readouterr().err

@@ -381,7 +381,7 @@ def test_the_retain_term_teaches_a_learned_token_the_retained_concepts(tiny_comp
 def test_the_retain_term_can_have_attackers_of_its_own(tiny_components):
     """`retain_attackers`: the retain term is the one its own attacker would give as the step's attacker (same
     draws), the ascent keeps the step's attacker, and the concept-by-concept gradient still equals the objective's,
-    a many-step first-order attacker taken along its trajectory included."""
+    a many-step first-order attacker taken along its trajectory (its start a point or not) included."""
     _, _, _, batches, make = _with_retained_concepts(tiny_components)
     token = {"kind": "textual-inversion", "steps": 2, "lr": 0.5}
 
@@ -400,8 +400,9 @@ def test_the_retain_term_can_have_attackers_of_its_own(tiny_components):
     assert retain_term(make(LORA, retain_prompt="attacker"))[0] != losses  # the LoRA's own retain term differs
     assert_gradients_equal_the_objectives(own, batches, SEED + 1)
     long = {**token, "steps": 4, "order": "first-order", "trajectory_points": 2}
-    assert_gradients_equal_the_objectives(make(LORA, retain_prompt="attacker", retain_attackers=(long,)), batches,
-                                          SEED + 1)
+    for attacker in (long, {**long, "trajectory_start": True}):  # the start: the init word in the token's place
+        assert_gradients_equal_the_objectives(make(LORA, retain_prompt="attacker", retain_attackers=(attacker,)),
+                                              batches, SEED + 1)
 
 
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])

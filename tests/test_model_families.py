@@ -39,6 +39,25 @@ def test_sdxl_conditioning_is_what_its_diffusers_pipeline_feeds_the_unet(sdxl_mo
     torch.testing.assert_close(ours, theirs)
 
 
+
+@pytest.mark.parametrize("model", ["sd15_model_dir", "sdxl_model_dir"])
+def test_the_unconditional_conditioning_is_what_the_sampling_pipeline_guides_from(model, request):
+    """SD: the empty prompt's features; SDXL: zeros for them and the pooled embedding
+    (`force_zeros_for_empty_prompt`), the size ids kept."""
+    components = Components.from_pretrained(request.getfixturevalue(model))
+    pipe = components.to_pipeline()
+    with torch.no_grad():
+        ours = components.family.unconditional(components)
+        encoded = pipe.encode_prompt(PROMPTS[:1], device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=True)
+    torch.testing.assert_close(ours[:, : encoded[1].shape[1]], encoded[1])
+    if model == "sdxl_model_dir":
+        pooled = encoded[3]
+        assert not pooled.any() and ours.shape == (1, 78, 2048)
+        torch.testing.assert_close(ours[:, -1, : pooled.shape[1]], pooled)
+        size_ids = components.encode_prompts([""])[:, -1, pooled.shape[1] :]
+        torch.testing.assert_close(ours[:, -1, pooled.shape[1] :], size_ids)
+
 def test_the_merge_satisfies_its_constraints_on_sdxl_2048_wide_features(sdxl_model_dir):
     """W_hat C^T = V: the merged key/value maps the concept's 2,048-wide token features as the adapted copy does."""
     components = Components.from_pretrained(sdxl_model_dir)

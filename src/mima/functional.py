@@ -187,13 +187,13 @@ def unroll(
 
     The values equal those of `sgd_step` (`adam_step`) applied `steps` times to the stacked mean loss. With `keep`
     (the names a VJP will differentiate), the last group's gradient keeps its graph (`Unrolled.kept`): one graph
-    alive, and one forward and backward fewer for the VJP. The parameters after each step in `record` (1-based)
-    are kept in `Unrolled.trajectory`. Without `replay` (first order), no iterate or gradient is kept: a long
-    trajectory then holds one copy of the parameters per recorded step only. Each step's gradient also covers the
-    `fixed` names `also` (not stepped), in the same backward: what a finite-difference product on them needs.
+    alive, and one forward and backward fewer for the VJP. The parameters after each step in `record` (1-based;
+    0: the start) are kept in `Unrolled.trajectory`. Without `replay` (first order), no iterate or gradient is kept:
+    a long trajectory then holds one copy of the parameters per recorded step only. Each step's gradient also covers
+    the `fixed` names `also` (not stepped), in the same backward: what a finite-difference product on them needs.
     """
     phi, iterates, gradients, states, first, kept = {n: p.detach() for n, p in params.items()}, [], [], [], None, None
-    trajectory, adam, extra = [], None, [n for n in also if n not in params]
+    trajectory, adam, extra = [phi] if 0 in record else [], None, [n for n in also if n not in params]
     for step in range(steps):
         step_states, total, mean = [], 0.0, {}
         groups = losses.groups()

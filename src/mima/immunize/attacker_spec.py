@@ -4,6 +4,7 @@ import: the CLI builds its flags from it)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,6 +64,12 @@ class AttackerSpec(Config):
         metadata={"help": "first order: the upper loss is taken after this many evenly spaced inner steps (the last "
                           "one included) and its gradients averaged, as tamper-resistant training does"},
     )
+    trajectory_start: bool = field(
+        default=False,
+        metadata={"help": "first order: the attack's start (before any inner step) is also a point of its "
+                          "trajectory: where the real attack starts (textual-inversion: the init word in the "
+                          "token's place)"},
+    )
 
     upper_skip: tuple[str, ...] = field(default=(), metadata={
         "help": "globs of S^u weights that the outer steps drawing this attacker leave as they are, optimizer state "
@@ -86,12 +93,22 @@ class AttackerSpec(Config):
         if self.order == "second-order" and self.optimizer == "adam":
             raise ConfigError(f"simulated attacker '{self.kind}': Adam inner steps are first order only; give it "
                               f"order: first-order (or run with --order first-order)")
-        if self.order == "second-order" and self.trajectory_points > 1:
-            raise ConfigError(f"simulated attacker '{self.kind}': trajectory_points > 1 needs first order; give it "
-                              f"order: first-order (or run with --order first-order)")
+        if self.order == "second-order" and (self.trajectory_points > 1 or self.trajectory_start):
+            raise ConfigError(f"simulated attacker '{self.kind}': trajectory_points > 1 and trajectory_start need "
+                              f"first order; give it order: first-order (or run with --order first-order)")
 
     @property
     def trajectory_steps(self) -> list[int]:
-        """After which inner steps (1-based) the upper loss is taken: `trajectory_points` evenly spaced, the last
-        step always among them."""
-        return [math.ceil(k * self.steps / self.trajectory_points) for k in range(1, self.trajectory_points + 1)]
+        """After which inner steps (1-based; 0: the start, with `trajectory_start`) the upper loss is taken:
+        `trajectory_points` evenly spaced, the last step always among them."""
+        spaced = [math.ceil(k * self.steps / self.trajectory_points) for k in range(1, self.trajectory_points + 1)]
+        return [0, *spaced] if self.trajectory_start else spaced
+
+
+def attacker_mapping(entry: object) -> Mapping:
+    """An entry of `ImmunizeConfig.attackers` as a mapping of AttackerSpec fields (a bare kind: `{"kind": kind}`)."""
+    if isinstance(entry, str):
+        return {"kind": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
+    return entry

@@ -33,6 +33,7 @@ class Immunizer(ABC):
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
         self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
         self.bank: EncodedImages | None = None  # the bank prior's images, encoded (the trainer sets them)
+        self.unconditional: torch.Tensor | None = None  # the empty prompt's conditioning (1, T, d), likewise
         self.original: Params = {}  # S^u before the first outer step, the bank prior's teacher (the trainer sets it)
         self.fused = 1  # batches at one set of weights per UNet call (`BilevelImmunizer.fuse_batches`)
 

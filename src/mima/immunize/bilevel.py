@@ -129,8 +129,9 @@ class BilevelImmunizer(PreservationTerms):
         """The simulated attacker: its inner steps from phi_0 on the mean loss of `batches` (of `concepts`), with
         their graph (second order). Returns phi at each point of the trajectory (`AttackerSpec.trajectory_steps`;
         the adapted phi last) and the first lower-level loss."""
-        spec, losses, trajectory, adam = self.attacker.spec, [], [], None
+        spec, losses, adam = self.attacker.spec, [], None
         phi = self.distribution.start(base, concepts, generator)
+        trajectory = [phi] if 0 in spec.trajectory_steps else []
         with self.double_backward_attention():
             for step in range(spec.steps):
                 loss = torch.stack([self.attacked_loss({**base, **phi}, b, generator, c)

@@ -10,13 +10,20 @@ from typing import TYPE_CHECKING, Literal
 
 from mima.config import Config
 from mima.errors import ConfigError
-from mima.immunize.attacker_spec import DEFAULT_ATTACKERS, DESCRIPTION_PROMPT, AttackerSpec
+from mima.immunize.attacker_spec import DEFAULT_ATTACKERS, DESCRIPTION_PROMPT, AttackerSpec, attacker_mapping
 
 if TYPE_CHECKING:
     from mima.data.concepts import ConceptSpec
 
 Setting = Literal["relearn", "personalize"]
 OUTER_STEPS, OUTER_STEPS_PER_EXTRA_TARGET = 80, 12  # `steps: 0`; docs/efficacy.md, "More targets, more steps"
+
+# settings that act only inside a term: the term's weight, and what they are to it
+_FOR_A_TERM = {
+    "retain_attackers": ("retain_weight", "attack for the retain term"),
+    "retain_concepts": ("retain_weight", "are images for the retain term"),
+    "bank_prior_unconditional": ("bank_prior_weight", "is a share of the bank prior's images"),
+}
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,10 @@ class ImmunizeConfig(Config):
     bank_prior_captions: str = field(
         default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
     n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, spread over its captions"})
+    bank_prior_unconditional: float = field(default=0.0, metadata={
+        "help": "the share of the bank prior's images taken under the empty prompt (drawn per image), so that the "
+                "unconditional prediction classifier-free guidance extrapolates from stays the original's (0: none)",
+        "absent": 0.0})
     bank_prior_target: Literal["noise", "original"] = field(
         default="original",
         metadata={"help": "what the bank prior pulls the released model's prediction on its noised images toward: "
@@ -218,6 +229,17 @@ class ImmunizeConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_ranges()
+        self.attacker_specs()  # each a valid AttackerSpec
+        if any(spec.upper_skip for spec in self.retain_attacker_specs()):
+            raise ConfigError("upper_skip is for the ascent's attackers (`attackers`), not retain_attackers")
+        for entry in self.upper_lr_scales:
+            _parse_rate_scale(entry)
+        for name, (weight, what) in _FOR_A_TERM.items():
+            if getattr(self, name) and getattr(self, weight) == 0:
+                raise ConfigError(f"{name} {what}; give {weight} > 0")
+
+    def _check_ranges(self) -> None:
         positive = ("inner_steps", "batch_size", "n_images", "n_class_images", "n_bank_images", "save_every")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -230,15 +252,8 @@ class ImmunizeConfig(Config):
         for name, zero in zero_means.items():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
-        self.attacker_specs()  # each a valid AttackerSpec
-        if self.retain_attackers and self.retain_weight == 0:
-            raise ConfigError("retain_attackers attack for the retain term; give retain_weight > 0")
-        if any(spec.upper_skip for spec in self.retain_attacker_specs()):
-            raise ConfigError("upper_skip is for the ascent's attackers (`attackers`), not retain_attackers")
-        for entry in self.upper_lr_scales:
-            _parse_rate_scale(entry)
-        if self.retain_concepts and self.retain_weight == 0:
-            raise ConfigError("retain_concepts are images for the retain term; give retain_weight > 0")
+        if not 0 <= self.bank_prior_unconditional <= 1:
+            raise ConfigError(f"bank_prior_unconditional is a share in [0, 1], got {self.bank_prior_unconditional}")
 
     def attacker_specs(self) -> list[AttackerSpec]:
         """The simulated attackers: `attackers`, or the one `full` attacker the inner_* fields describe; the steps,
@@ -253,7 +268,7 @@ class ImmunizeConfig(Config):
         run = {"steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
         specs = []
         for entry in entries:
-            spec = {**run, **_attacker_mapping(entry)}
+            spec = {**run, **attacker_mapping(entry)}
             specs.append(AttackerSpec.from_dict({**spec, "order": self.order} if spec["order"] == "inherit" else spec))
         return specs
 
@@ -332,7 +347,7 @@ class ImmunizeConfig(Config):
 
         def resolved(entries: tuple, specs: list[AttackerSpec]) -> tuple:
             kinds = [simulated_attackers.get(spec.kind) for spec in specs]
-            return tuple({**_attacker_mapping(given), "lr": kind.default_lr if spec.lr is None else spec.lr,
+            return tuple({**attacker_mapping(given), "lr": kind.default_lr if spec.lr is None else spec.lr,
                           "prompt": spec.prompt or kind.default_prompt}
                          for given, spec, kind in zip(entries, specs, kinds, strict=True))
 
@@ -383,12 +398,3 @@ def _parse_rate_scale(entry: str) -> tuple[str, float]:
     if not sep or not glob or not 0 < value < math.inf:
         raise ConfigError(f"upper_lr_scales entries are GLOB=SCALE with a positive SCALE, got {entry!r}")
     return glob, value
-
-
-def _attacker_mapping(entry: object) -> Mapping:
-    """An entry of `ImmunizeConfig.attackers` as a mapping of AttackerSpec fields (a bare kind: `{"kind": kind}`)."""
-    if isinstance(entry, str):
-        return {"kind": entry}
-    if not isinstance(entry, Mapping):
-        raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
-    return entry

@@ -133,11 +133,16 @@ class PreservationTerms(Immunizer):
         return self.shard.sum_floats(losses), self.shard.sum(grads)
 
     def bank_batches(self, batches: ConceptBatches, generator: torch.Generator) -> list[Batch]:
-        """One batch of the bank prior's images, as large as a concept's."""
+        """One batch of the bank prior's images, as large as a concept's, a `bank_prior_unconditional` share of
+        them under the empty prompt."""
         if self.bank is None:
             raise ValueError("bank_prior_weight > 0 needs the bank prior's images (`Immunizer.bank`)")
         size = next(iter(batches.values()))[0].latents.shape[0]
-        return [Batch(*self.bank.sample(size, generator)[:2])]
+        latents, hidden = self.bank.sample(size, generator)[:2]
+        if share := self.config.bank_prior_unconditional:  # no draw without it: earlier runs repeat exactly
+            empty = (torch.rand(size, generator=generator) < share).to(hidden.device)
+            hidden = torch.where(empty[:, None, None], self.unconditional, hidden)
+        return [Batch(latents, hidden)]
 
     def _mean_loss(self, base: Params, batches: list[Batch], generator: torch.Generator) -> torch.Tensor:
         """The released model's mean loss on `batches`."""

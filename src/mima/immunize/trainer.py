@@ -84,6 +84,8 @@ class ImmunizationRun:
         immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
         if bank is not None:
             immunizer.bank = encode_folder(components, bank, "")
+            with torch.no_grad():
+                immunizer.unconditional = components.family.unconditional(components).float()
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         immunizer.original = distillation_teacher(components, immunizer)  # before a resumed run loads its weights

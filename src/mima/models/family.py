@@ -44,6 +44,11 @@ class ModelFamily:
         """What the UNet is conditioned on for `prompts` (B, T, d): the token features."""
         return self.token_features(components, prompts)[1]
 
+    def unconditional(self, components: Components) -> torch.Tensor:
+        """The conditioning (1, T, d) of the unconditional prediction that classifier-free guidance extrapolates
+        from, as the family's sampling pipeline gives it: the empty prompt's."""
+        return self.conditioning(components, [""])
+
     def prepare_unet(self, unet: torch.nn.Module) -> None:
         """Make the UNet accept `conditioning` as its only text input (nothing to do here)."""
 
@@ -90,6 +95,15 @@ class StableDiffusionXLFamily(ModelFamily):
         row[:, 0, : pooled.shape[1]] = pooled
         row[:, 0, pooled.shape[1] : pooled.shape[1] + TIME_IDS] = time_ids
         return torch.cat([features, row], dim=1)
+
+    def unconditional(self, components: Components) -> torch.Tensor:
+        """Zeros for the token features and the pooled embedding, the size ids kept: the sampling pipeline's
+        `force_zeros_for_empty_prompt` default."""
+        hidden = self.conditioning(components, [""])
+        pooled_width = components.text_encoder_2.config.projection_dim
+        hidden[:, :-1] = 0
+        hidden[:, -1, :pooled_width] = 0
+        return hidden
 
     def prepare_unet(self, unet: torch.nn.Module) -> None:
         config = unet.config
