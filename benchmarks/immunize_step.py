@@ -100,13 +100,14 @@ def _images(components, prompt: str, g):
 
 
 def _with_bank_prior(immunizer, components, caption: str, g, device) -> None:
-    """Where the settings turn the bank prior on, its images (random latents under `caption`) and, for the
-    distillation, its teacher, as the immunize trainer sets them."""
-    from mima.immunize.trainer import distillation_teacher
+    """Where the settings turn the bank prior on, its images (random latents under `caption`), the unconditional
+    conditioning and, for the distillation, its teacher, as the immunize trainer sets them."""
+    from mima.immunize.trainer import distillation_teacher, give_bank_prior
 
     if immunizer.config.uses_bank_prior:
         bank = _images(components, caption, g)
-        immunizer.bank = type(bank)(bank.mean.to(device), bank.std.to(device), bank.hidden.to(device), bank.prompts)
+        give_bank_prior(immunizer, components,
+                        type(bank)(bank.mean.to(device), bank.std.to(device), bank.hidden.to(device), bank.prompts))
         immunizer.original = distillation_teacher(components, immunizer)
 
 

@@ -27,7 +27,7 @@ from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets, preserved_captions
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names, select_parameters
-from mima.models.encoding import EncodedConcept, encode_concept, encode_folder
+from mima.models.encoding import EncodedConcept, EncodedImages, encode_concept, encode_folder
 from mima.sampling import ensure_bank_images, ensure_class_images
 from mima.training import LoopSettings, TrainingLoop
 from mima.utils.checkpoint import has_checkpoint, load_state, save_checkpoint
@@ -83,9 +83,7 @@ class ImmunizationRun:
         immunizer.shard = shard
         immunizer.retained = [(s, encode_concept(components, s, with_prior=False)) for s in retained]
         if bank is not None:
-            immunizer.bank = encode_folder(components, bank, "")
-            with torch.no_grad():
-                immunizer.unconditional = components.family.unconditional(components).float()
+            give_bank_prior(immunizer, components, encode_folder(components, bank, ""))
         encoded = [encode_concept(components, s, with_prior=config.uses_class_images) for s in specs]
         immunizer.prepare(components, specs, encoded)
         immunizer.original = distillation_teacher(components, immunizer)  # before a resumed run loads its weights
@@ -205,6 +203,14 @@ def _spec_record(spec: ConceptSpec) -> dict[str, object]:
     return {"name": spec.name, "prompts": list(spec.prompts), "images": str(spec.images),
             "class_prompt": spec.class_prompt, "class_images": str(spec.class_images),
             "descriptions": list(spec.descriptions), "erase_to": spec.erase_to}
+
+
+def give_bank_prior(immunizer: Immunizer, components: Components, bank: EncodedImages) -> None:
+    """Hand `immunizer` the bank prior's images, encoded, and the unconditional conditioning its empty-prompt share
+    takes."""
+    immunizer.bank = bank
+    with torch.no_grad():
+        immunizer.unconditional = components.family.unconditional(components).float()
 
 
 class _Loop(TrainingLoop):
