@@ -207,10 +207,10 @@ def _spec_record(spec: ConceptSpec) -> dict[str, object]:
 
 def give_bank_prior(immunizer: Immunizer, components: Components, bank: EncodedImages) -> None:
     """Hand `immunizer` the bank prior's images, encoded, and the unconditional conditioning its empty-prompt share
-    takes."""
+    takes, where the images' conditioning lives (the text encoder may stay elsewhere, as in the step benchmark)."""
     immunizer.bank = bank
     with torch.no_grad():
-        immunizer.unconditional = components.family.unconditional(components).float()
+        immunizer.unconditional = components.family.unconditional(components).float().to(bank.hidden.device)
 
 
 class _Loop(TrainingLoop):
