@@ -105,8 +105,14 @@ def test_every_process_samples_the_same_attacker(tiny_model_dir, tmp_path, one_t
     the attacker the one-process run takes at each step (so the summed shares make its gradient)."""
     import json
 
+    import yaml
+
+    # attackers-full.yaml's S^u and terms, whose two-process sums match to float tolerance (the defaults' leave
+    # entries at rounding level, which AdamW moves +-lr either way: test above)
+    full = yaml.safe_load(Path(FULL_ATTACKER).read_text())
+    attackers = [{"kind": "full"}, {"kind": "full", "steps": 2, "order": "first-order", "trajectory_points": 2}]
     settings = tmp_path / "settings.yaml"
-    settings.write_text("attackers: [{kind: full}, {kind: full, steps: 2, order: first-order, trajectory_points: 2}]")
+    settings.write_text(yaml.safe_dump({**full, "attackers": attackers}))
     extra = ["--config", str(settings), "--steps", "3"]
     assert main([*_args(tiny_model_dir, tmp_path / "one", "mima", None), *extra]) == 0
     _torchrun([*_args(tiny_model_dir, tmp_path / "two", "mima", None), *extra])
