@@ -1,5 +1,6 @@
 """Concept-parallel immunization: two gloo processes under torchrun give the one-process run's S^u weights."""
 
+import json
 import os
 import socket
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mima.cli import main
 from mima.immunize import ImmunizeConfig
@@ -103,10 +105,6 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_model_dir, tmp_p
 def test_every_process_samples_the_same_attacker(tiny_model_dir, tmp_path, one_thread):
     """A distribution (today's step, and a first-order attack with two trajectory points): both processes take
     the attacker the one-process run takes at each step (so the summed shares make its gradient)."""
-    import json
-
-    import yaml
-
     # attackers-full.yaml's S^u and terms, whose two-process sums match to float tolerance (the defaults' leave
     # entries at rounding level, which AdamW moves +-lr either way: test above)
     full = yaml.safe_load(Path(FULL_ATTACKER).read_text())
@@ -119,5 +117,7 @@ def test_every_process_samples_the_same_attacker(tiny_model_dir, tmp_path, one_t
     logs = [json.loads((tmp_path / run / "immunization.json").read_text())["log"] for run in ("one", "two")]
     assert [row["attacker"] for row in logs[0]] == [row["attacker"] for row in logs[1]] == [1, 1, 0]
     one, two = _upper_weights(tmp_path / "one"), _upper_weights(tmp_path / "two")
+    before = _upper_weights(tiny_model_dir.parent)
+    assert max((one[name] - before[name]).abs().max() for name in one) > 1e-3  # the steps moved S^u, far
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
