@@ -10,6 +10,7 @@ import pytest
 
 from mima.attacks.config import AttackConfig
 from mima.benchmark import BenchmarkConfig
+from mima.cli import main
 from mima.errors import ConfigError
 from mima.immunize.config import ImmunizeConfig
 
@@ -158,7 +159,39 @@ def test_differences_against_a_record():
     del recorded["bank_prior_target"]  # from before the distillation: the bank prior was a denoising loss
     assert ImmunizeConfig.from_record(recorded).bank_prior_target == "noise"
     del recorded["bank_prior_weight"]  # from before the bank prior: off, whatever today's default
-    assert ImmunizeConfig.from_record(recorded).bank_prior_weight == 0.0 < ImmunizeConfig().bank_prior_weight
+    assert ImmunizeConfig.from_record(recorded).bank_prior_weight == 0 < ImmunizeConfig().resolved("bank_prior_weight")
+
+
+def test_the_setting_decides_the_defaults_of_what_is_left_unset(tmp_path):
+    """With held-out targets (personalize) the retain term's own Textual Inversion, weighted 6, and the bank prior
+    weighted 10 under the empty prompt; relearn keeps 3 and 5 without them. Given values stay, whichever the setting
+    (a YAML's under a `--setting` flag too), and a term turned off gets nothing of it."""
+    def as_run_takes(config):
+        resolved = config.for_setting()
+        return (resolved.retain_weight, resolved.bank_prior_weight, resolved.bank_prior_unconditional,
+                [spec.kind for spec in resolved.retain_attacker_specs()])
+
+    assert as_run_takes(ImmunizeConfig()) == (3.0, 5.0, 0.0, [])
+    assert as_run_takes(ImmunizeConfig(setting="personalize")) == (6.0, 10.0, 1.0, ["textual-inversion"])
+    path = tmp_path / "config.yaml"
+    path.write_text("retain_weight: 4.0\n")
+    flagged = ImmunizeConfig.from_yaml(path).with_overrides(setting="personalize")
+    assert as_run_takes(flagged) == (4.0, 10.0, 1.0, ["textual-inversion"])
+    off = ImmunizeConfig(setting="personalize", retain_weight=0.0, bank_prior_weight=0.0)
+    assert as_run_takes(off) == (0.0, 0.0, 0.0, []) and not off.uses_bank_prior
+    assert ImmunizeConfig(setting="personalize").for_setting().for_setting() == ImmunizeConfig(
+        setting="personalize").for_setting()  # resolving twice changes nothing
+    with pytest.raises(ConfigError, match="retain_attackers attack for the retain term"):
+        ImmunizeConfig(setting="personalize", retain_weight=0.0, retain_attackers=("lora",))
+
+
+def test_validate_prints_the_settings_as_the_run_takes_them(tmp_path, capsys):
+    path = tmp_path / "held-out.yaml"
+    path.write_text("setting: personalize\nbank_prior_weight: 7.0\n")
+    assert main(["validate", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "  retain_weight: 6.0\n" in printed and "  bank_prior_weight: 7.0\n" in printed
+    assert "  bank_prior_unconditional: 1.0\n" in printed and "textual-inversion" in printed
 
 
 def test_simulated_attackers_differ_only_in_what_ran():

@@ -99,7 +99,7 @@ def test_a_variant_of_the_immunization_reuses_only_the_reference(study, tmp_path
 
 def test_identical_settings_reuse_everything_and_another_seed_nothing(study, tmp_path):
     _finished_benchmark(study, tmp_path / "defaults" / "seed0", {})
-    default = ImmunizeConfig().retain_weight
+    default = ImmunizeConfig().resolved("retain_weight")
     assert len(_linked(study, tmp_path, {"immunize": {"retain_weight": default}})) == 6  # the default, spelled out
     shutil.rmtree(tmp_path / "new")
     assert len(_linked(study, tmp_path, {"immunize": {"save_every": 7}})) == 6  # decides nothing, as in a benchmark

@@ -142,7 +142,11 @@ def test_upper_lr_scales_set_each_parameters_rate(tiny_model_dir, tmp_path, caps
     expected = {name: 1e-3 * (0.25 if ".attn2.to_k." in name else 3 if ".attn2." in name
                               else 2 if ".attn1.to_q." in name else 1) for name in moved}
     assert moved == pytest.approx(expected, rel=1e-3)
-    assert json.loads((out / "immunization.json").read_text())["config"]["upper_lr_scales"][1] == "*attn2.to_k.*=0.25"
+    config = json.loads((out / "immunization.json").read_text())["config"]
+    assert config["upper_lr_scales"][1] == "*attn2.to_k.*=0.25"
+    held_out = (config["retain_weight"], config["bank_prior_weight"], config["bank_prior_unconditional"])
+    assert held_out == (6.0, 10.0, 1.0)  # the setting's defaults, recorded as the run took them
+    assert [entry["kind"] for entry in config["retain_attackers"]] == ["textual-inversion"]
 
 
 @pytest.mark.parametrize("entry, message", [("*attn2.to_k.*", "GLOB=SCALE"), ("*attn2.to_k.*=0", "GLOB=SCALE"),

@@ -68,7 +68,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         # `int | None`: None is the field's own default. `Literal[...] | None` is a typing.Union, not a UnionType.
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        options: dict = {"default": None, "help": f"{f.metadata.get('help', '')} (default {f.default!r})"}
+        stated = "" if f.default is None else f" (default {f.default!r})"  # None: the help says what decides it
+        options: dict = {"default": None, "help": f.metadata.get("help", "") + stated}
         if typing.get_origin(kind) is typing.Literal:
             options["choices"] = typing.get_args(kind)
         elif typing.get_origin(kind) is tuple:

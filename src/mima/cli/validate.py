@@ -46,6 +46,8 @@ def _validate(args: argparse.Namespace) -> None:
             from mima.attacks import attacks
 
             config = attacks.get(config.method).settings(config)  # as the run resolves it, the method's defaults in
+        elif kind == "immunize":
+            config = config.for_setting()  # as the run resolves it, the setting's defaults in
         if hasattr(config, "check_names"):
             config.check_names()
         print(f"{args.file}: valid {type(config).__name__}")

@@ -4,7 +4,7 @@ import: the CLI builds its flags from it)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,6 +104,16 @@ class AttackerSpec(Config):
         spaced = [math.ceil(k * self.steps / self.trajectory_points) for k in range(1, self.trajectory_points + 1)]
         return [0, *spaced] if self.trajectory_start else spaced
 
+    @classmethod
+    def completed(cls, entries: Sequence[object], *, steps: int, clip: float, order: str) -> list[AttackerSpec]:
+        """Entries of `ImmunizeConfig.attackers` as specs, the steps, clip and order an entry leaves out (or, for the
+        order, gives as `inherit`) taken from the run's."""
+        specs = []
+        for entry in entries:
+            spec = {"steps": steps, "clip": clip, "order": order, **attacker_mapping(entry)}
+            specs.append(cls.from_dict({**spec, "order": order} if spec["order"] == "inherit" else spec))
+        return specs
+
 
 def attacker_mapping(entry: object) -> Mapping:
     """An entry of `ImmunizeConfig.attackers` as a mapping of AttackerSpec fields (a bare kind: `{"kind": kind}`)."""
@@ -112,3 +122,4 @@ def attacker_mapping(entry: object) -> Mapping:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
     return entry
+

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
 from mima.config import Config
 from mima.errors import ConfigError
 from mima.immunize.attacker_spec import DEFAULT_ATTACKERS, DESCRIPTION_PROMPT, AttackerSpec, attacker_mapping
+from mima.immunize.rate_scales import parse_rate_scale, rate_scales
+from mima.immunize.setting import FOR_A_TERM, SETTING_DEFAULTS, Setting
 
 if TYPE_CHECKING:
     from mima.data.concepts import ConceptSpec
 
-Setting = Literal["relearn", "personalize"]
 OUTER_STEPS, OUTER_STEPS_PER_EXTRA_TARGET = 80, 12  # `steps: 0`; docs/efficacy.md, "More targets, more steps"
-
-# settings that act only inside a term: the term's weight, and what they are to it
-_FOR_A_TERM = {
-    "retain_attackers": ("retain_weight", "attack for the retain term"),
-    "retain_concepts": ("retain_weight", "are images for the retain term"),
-    "bank_prior_unconditional": ("bank_prior_weight", "is a share of the bank prior's images"),
-}
 
 
 @dataclass(frozen=True)
@@ -116,20 +108,21 @@ class ImmunizeConfig(Config):
                           "out of S^u"},
     )
     prior_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation term (0: off)"})
-    bank_prior_weight: float = field(
-        default=5.0,
+    bank_prior_weight: float | None = field(
+        default=None,
         metadata={"help": "weight of the bank prior: on images the original model drew for bank_prior_captions' "
                           "prompts that name no target (one batch per outer step), the released model keeps "
                           "predicting as bank_prior_target says, so that it keeps drawing what the user did not name "
-                          "(0: off)",
+                          "(0: off; default 5, with held-out targets (personalize) 10)",
                   "absent": 0.0},  # records from before the field: off
     )
     bank_prior_captions: str = field(
         default="", metadata={"help": "the bank prior's captions: 'toy', 'generic' or a file; empty: caption_bank"})
     n_bank_images: int = field(default=64, metadata={"help": "images the bank prior draws, spread over its captions"})
-    bank_prior_unconditional: float = field(default=0.0, metadata={
+    bank_prior_unconditional: float | None = field(default=None, metadata={
         "help": "the share of the bank prior's images taken under the empty prompt (drawn per image), so that the "
-                "unconditional prediction classifier-free guidance extrapolates from stays the original's (0: none)",
+                "unconditional prediction classifier-free guidance extrapolates from stays the original's (0: none; "
+                "default 0, with held-out targets (personalize) 1)",
         "absent": 0.0})
     bank_prior_target: Literal["noise", "original"] = field(
         default="original",
@@ -140,8 +133,10 @@ class ImmunizeConfig(Config):
                           "denoising weight 3 at nearly twice its protection)",
                   "absent": "noise"},  # records from before the field: the denoising loss
     )
-    retain_weight: float = field(
-        default=3.0, metadata={"help": "weight of the retain term: class images after a simulated attack (0: off)"}
+    retain_weight: float | None = field(
+        default=None,
+        metadata={"help": "weight of the retain term: class images after a simulated attack (0: off; default 3, with "
+                          "held-out targets (personalize) 6)"},
     )
     retain_prompt: Literal["class", "attacker"] = field(
         default="attacker",
@@ -171,12 +166,13 @@ class ImmunizeConfig(Config):
                           "weighs more the part of its gradient that goes through the attack (at 3 the toy study "
                           "found the non-target no more learnable under a new word)"},
     )
-    retain_attackers: tuple[dict | str, ...] = field(
-        default=(),
+    retain_attackers: tuple[dict | str, ...] | None = field(
+        default=None,
         metadata={"help": "the retain term's own simulated attackers, entries as in `attackers`, one sampled per "
                           "outer step (by weight, apart from the ascent's), e.g. a many-step textual-inversion in "
                           "first order so that known concepts stay learnable by a new word; empty: the step's "
-                          "attacker",
+                          "attacker; default: empty, with held-out targets (personalize) one Adam step of "
+                          "textual-inversion from its start, in first order",
                   "absent": ()},
     )
     retain_concepts: tuple[str, ...] = field(
@@ -234,8 +230,8 @@ class ImmunizeConfig(Config):
         if any(spec.upper_skip for spec in self.retain_attacker_specs()):
             raise ConfigError("upper_skip is for the ascent's attackers (`attackers`), not retain_attackers")
         for entry in self.upper_lr_scales:
-            _parse_rate_scale(entry)
-        for name, (weight, what) in _FOR_A_TERM.items():
+            parse_rate_scale(entry)
+        for name, (weight, what) in FOR_A_TERM.items():
             if getattr(self, name) and getattr(self, weight) == 0:
                 raise ConfigError(f"{name} {what}; give {weight} > 0")
 
@@ -250,9 +246,9 @@ class ImmunizeConfig(Config):
             "inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches", "prior_weight",
             "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
         for name, zero in zero_means.items():
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:  # None: the setting's default
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
-        if not 0 <= self.bank_prior_unconditional <= 1:
+        if not 0 <= (self.bank_prior_unconditional or 0) <= 1:
             raise ConfigError(f"bank_prior_unconditional is a share in [0, 1], got {self.bank_prior_unconditional}")
 
     def attacker_specs(self) -> list[AttackerSpec]:
@@ -262,15 +258,10 @@ class ImmunizeConfig(Config):
 
     def retain_attacker_specs(self) -> list[AttackerSpec]:
         """The retain term's own simulated attackers (`retain_attackers`, completed as `attacker_specs`)."""
-        return self._specs(self.retain_attackers)
+        return self._specs(self.resolved("retain_attackers"))
 
     def _specs(self, entries: Sequence[object]) -> list[AttackerSpec]:
-        run = {"steps": self.inner_steps, "clip": self.inner_clip, "order": self.order}
-        specs = []
-        for entry in entries:
-            spec = {**run, **attacker_mapping(entry)}
-            specs.append(AttackerSpec.from_dict({**spec, "order": self.order} if spec["order"] == "inherit" else spec))
-        return specs
+        return AttackerSpec.completed(entries, steps=self.inner_steps, clip=self.inner_clip, order=self.order)
 
     def check_names(self) -> None:
         """Resolve what the settings name (the method, a caption-bank file), so that a misspelling fails before any
@@ -323,16 +314,28 @@ class ImmunizeConfig(Config):
         return Config.differences(self.with_attacker_defaults(), recorded, fields)
 
     def for_model(self, model: str) -> ImmunizeConfig:
-        """These settings as a run on `model` uses them: `caption_bank: auto` becomes the built-in bank written in
-        the model's vocabulary, `toy` for a tokenizer that knows the toy world's words and not general English (the
-        embedded model and every model made from it), `generic` for any other; attackers get their default
-        learning rates (`with_attacker_defaults`)."""
-        if self.caption_bank != "auto":
-            return self.with_attacker_defaults()
-        from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
+        """These settings as a run on `model` uses them: the setting's defaults where unset (`for_setting`);
+        `caption_bank: auto` becomes the built-in bank written in the model's vocabulary, `toy` for a tokenizer that
+        knows the toy world's words and not general English (the embedded model and every model made from it),
+        `generic` for any other; attackers get their default learning rates (`with_attacker_defaults`)."""
+        config = self.for_setting()
+        if config.caption_bank == "auto":
+            from mima.models.components import speaks_toy_vocabulary  # imports torch: keep this module light
 
-        bank = "toy" if speaks_toy_vocabulary(model) else "generic"
-        return self.with_overrides(caption_bank=bank).with_attacker_defaults()
+            config = config.with_overrides(caption_bank="toy" if speaks_toy_vocabulary(model) else "generic")
+        return config.with_attacker_defaults()
+
+    def for_setting(self) -> ImmunizeConfig:
+        """These settings with each one left unset (None) as a run takes it (`resolved`), so that the record says
+        what ran."""
+        return self.with_overrides(**{name: self.resolved(name) for name in SETTING_DEFAULTS[self.setting]})
+
+    def resolved(self, name: str) -> object:
+        """Field `name` as a run takes it: where unset (None), the setting's default (`SETTING_DEFAULTS`), or for a
+        setting of a term that is off, the relearn setting's (nothing of the term)."""
+        value, term = getattr(self, name), FOR_A_TERM.get(name)
+        off = term is not None and self.resolved(term[0]) == 0
+        return value if value is not None else SETTING_DEFAULTS["relearn" if off else self.setting][name]
 
     def for_targets(self, count: int) -> ImmunizeConfig:
         """These settings for `count` targets: `steps: 0` becomes OUTER_STEPS, plus OUTER_STEPS_PER_EXTRA_TARGET per
@@ -353,22 +356,17 @@ class ImmunizeConfig(Config):
 
         return self.with_overrides(  # () stays (): one `full` attacker / the step's attacker
             attackers=resolved(self.attackers, self.attacker_specs()) if self.attackers else None,
-            retain_attackers=resolved(self.retain_attackers, self.retain_attacker_specs()))
+            retain_attackers=None if self.retain_attackers is None  # None stays: the setting's
+            else resolved(self.retain_attackers, self.retain_attacker_specs()))
 
     def upper_rate_scales(self, upper_names: Sequence[str]) -> dict[str, float]:
-        """Each S^u parameter's multiple of outer_lr (`upper_lr_scales`); a glob matching none of them is a
-        ConfigError, since a misspelt one would silently change nothing."""
-        parsed = [_parse_rate_scale(entry) for entry in self.upper_lr_scales]
-        for glob, _ in parsed:
-            if not any(fnmatchcase(name, glob) for name in upper_names):
-                raise ConfigError(f"the upper_lr_scales glob {glob!r} matches no upper-level (S^u) parameter")
-        return {name: next((scale for glob, scale in reversed(parsed) if fnmatchcase(name, glob)), 1.0)
-                for name in upper_names}
+        """Each S^u parameter's multiple of outer_lr (`upper_lr_scales`; see `rate_scales`)."""
+        return rate_scales(self.upper_lr_scales, upper_names)
 
     @property
     def uses_class_images(self) -> bool:
         """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
-        return self.prior_weight > 0 or self.retain_weight > 0 or self.anchor_weight > 0
+        return self.prior_weight > 0 or self.resolved("retain_weight") > 0 or self.anchor_weight > 0
 
     @property
     def uses_teacher(self) -> bool:
@@ -376,7 +374,8 @@ class ImmunizeConfig(Config):
         the retain term with target 'original'."""
         from mima.immunize import immunizers
 
-        retain = self.retain_weight > 0 and self.retain_target == "original" and immunizers.get(self.method).iterative
+        iterative = immunizers.get(self.method).iterative
+        retain = self.resolved("retain_weight") > 0 and self.retain_target == "original" and iterative
         return (self.uses_bank_prior and self.bank_prior_target == "original") or retain
 
     @property
@@ -385,16 +384,5 @@ class ImmunizeConfig(Config):
         `none` do all their work before the outer loop)."""
         from mima.immunize import immunizers
 
-        return self.bank_prior_weight > 0 and immunizers.get(self.method).iterative
+        return self.resolved("bank_prior_weight") > 0 and immunizers.get(self.method).iterative
 
-
-def _parse_rate_scale(entry: str) -> tuple[str, float]:
-    """A `GLOB=SCALE` entry of `upper_lr_scales` as (glob, scale); a malformed one or a scale <= 0 is a ConfigError."""
-    glob, sep, scale = entry.rpartition("=")
-    try:
-        value = float(scale)
-    except ValueError:
-        value = math.nan
-    if not sep or not glob or not 0 < value < math.inf:
-        raise ConfigError(f"upper_lr_scales entries are GLOB=SCALE with a positive SCALE, got {entry!r}")
-    return glob, value
