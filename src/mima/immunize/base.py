@@ -29,7 +29,7 @@ class Immunizer(ABC):
     match."""
 
     def __init__(self, config: ImmunizeConfig) -> None:
-        self.config = config
+        self.config = config.for_setting()  # what the setting decides, for an immunizer made without a run
         self.shard = Shard()  # this process's share of the concepts (the trainer sets it under torchrun)
         self.retained: list[RetainedConcept] = []  # `retain_concepts`, encoded (the trainer sets them)
         self.bank: EncodedImages | None = None  # the bank prior's images, encoded (the trainer sets them)
