@@ -122,4 +122,3 @@ def attacker_mapping(entry: object) -> Mapping:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"each simulated attacker is a kind or a mapping of its fields, got {entry!r}")
     return entry
-
