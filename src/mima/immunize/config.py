@@ -333,9 +333,11 @@ class ImmunizeConfig(Config):
     def resolved(self, name: str) -> object:
         """Field `name` as a run takes it: where unset (None), the setting's default (`SETTING_DEFAULTS`), or for a
         setting of a term that is off, the relearn setting's (nothing of the term)."""
-        value, term = getattr(self, name), FOR_A_TERM.get(name)
+        if (value := getattr(self, name)) is not None:
+            return value
+        term = FOR_A_TERM.get(name)
         off = term is not None and self.resolved(term[0]) == 0
-        return value if value is not None else SETTING_DEFAULTS["relearn" if off else self.setting][name]
+        return SETTING_DEFAULTS["relearn" if off else self.setting][name]
 
     def for_targets(self, count: int) -> ImmunizeConfig:
         """These settings for `count` targets: `steps: 0` becomes OUTER_STEPS, plus OUTER_STEPS_PER_EXTRA_TARGET per
