@@ -212,7 +212,8 @@ def test_simulated_attackers_differ_only_in_what_ran():
 @pytest.mark.parametrize("name", ["immunize-toy", "attackers-full", "attackers-lora", "attackers-lora-wide",
                                   "attackers-mixed", "upper-without-keys-values",
                                   "keys-values-half-rate", "keys-values-off-fresh-token-steps", "without-bank-prior",
-                                  "retain-long-textual-inversion", "personalize-textual-inversion-start"])
+                                  "retain-long-textual-inversion", "personalize-textual-inversion-start",
+                                  "many-targets-keep-new-words"])
 def test_shipped_immunize_configs_load_and_name_what_exists(name):
     """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
     from pathlib import Path
