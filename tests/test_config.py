@@ -223,3 +223,17 @@ def test_shipped_immunize_configs_load_and_name_what_exists(name):
     config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     config.check_names()
     config.check_concepts([toy_concept_spec(c) for c in ("stripes", "checker", "dots")])
+
+
+def test_the_many_targets_config_is_the_personalize_terms_in_the_relearn_setting():
+    """configs/many-targets-keep-new-words.yaml says it holds the personalize defaults' terms: it must not drift."""
+    from pathlib import Path
+
+    from mima.immunize.setting import SETTING_DEFAULTS
+
+    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / "many-targets-keep-new-words.yaml")
+    assert config.setting == "relearn"
+    personalize = ImmunizeConfig(setting="personalize").for_setting()
+    relearn = ImmunizeConfig().for_setting()
+    for name in SETTING_DEFAULTS["personalize"]:
+        assert getattr(config.for_setting(), name) == getattr(personalize, name) != getattr(relearn, name), name
