@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import FrozenInstanceError
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from mima.benchmark import BenchmarkConfig
 from mima.cli import main
 from mima.errors import ConfigError
 from mima.immunize.config import ImmunizeConfig
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def make_config() -> ImmunizeConfig:
@@ -216,22 +219,18 @@ def test_simulated_attackers_differ_only_in_what_ran():
                                   "many-targets-keep-new-words"])
 def test_shipped_immunize_configs_load_and_name_what_exists(name):
     """Each immunize YAML in configs/ is one a run accepts, before any model loads, for the demo's targets."""
-    from pathlib import Path
-
     from mima.data.concepts import toy_concept_spec
 
-    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    config = ImmunizeConfig.from_yaml(CONFIGS / f"{name}.yaml")
     config.check_names()
     config.check_concepts([toy_concept_spec(c) for c in ("stripes", "checker", "dots")])
 
 
 def test_the_many_targets_config_is_the_personalize_terms_in_the_relearn_setting():
     """configs/many-targets-keep-new-words.yaml says it holds the personalize defaults' terms: it must not drift."""
-    from pathlib import Path
-
     from mima.immunize.setting import SETTING_DEFAULTS
 
-    config = ImmunizeConfig.from_yaml(Path(__file__).parents[1] / "configs" / "many-targets-keep-new-words.yaml")
+    config = ImmunizeConfig.from_yaml(CONFIGS / "many-targets-keep-new-words.yaml")
     assert config.setting == "relearn"
     personalize = ImmunizeConfig(setting="personalize").for_setting()
     relearn = ImmunizeConfig().for_setting()
