@@ -114,6 +114,7 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, interrupted_at):
     settings = dict(steps=4, save_every=2, upper_lr_scales=("*attn2.to_k.*=0.25",),  # two AdamW groups to restore
+                    upper_saliency=0.5,  # the masks drawn again on resume, from the model as the run found it
                     bank_prior_weight=0.5, n_bank_images=4,  # its images drawn once, its batches from the step's draws
                     bank_prior_target="original")  # the teacher: the weights before step 1, not the checkpoint's
     full = _run(tiny_model_dir, tmp_path / "full", **settings)
@@ -147,6 +148,32 @@ def test_upper_lr_scales_set_each_parameters_rate(tiny_model_dir, tmp_path, caps
     held_out = (config["retain_weight"], config["bank_prior_weight"], config["bank_prior_unconditional"])
     assert held_out == (6.0, 10.0, 1.0)  # the setting's defaults, recorded as the run took them
     assert [entry["kind"] for entry in config["retain_attackers"]] == ["textual-inversion"]
+
+
+def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entries(tiny_model_dir, tmp_path, capsys):
+    """personalize: no erasure moves a weight, so what changed is what the outer steps moved."""
+    out = tmp_path / "run"
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
+                 "--setting", "personalize", "--steps", "2", "--n-images", "4", "--n-class-images", "2",
+                 "--batch-size", "2", "--upper-saliency", "0.25"])
+    assert code == 0, capsys.readouterr().err
+    before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
+    moved = {name: int((after[name] != before[name]).sum()) for name in before if ".transformer_blocks." in name}
+    assert all(count <= max(1, round(0.25 * before[name].numel())) for name, count in moved.items())
+    large = [name for name in moved if before[name].numel() >= 64]
+    assert sum(moved[name] >= 0.2 * before[name].numel() for name in large) >= len(large) // 2  # a share, not none
+    assert json.loads((out / "immunization.json").read_text())["config"]["upper_saliency"] == 0.25
+
+
+@pytest.mark.parametrize("share", ["1", "-0.5"])
+def test_upper_saliency_outside_its_range_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, share):
+    code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out",
+                 str(tmp_path / "run"), "--upper-saliency", share])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("mima:")] == [
+        f"mima: error: upper_saliency is a share in [0, 1) (0: all of S^u), got {float(share)}"]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("entry, message", [("*attn2.to_k.*", "GLOB=SCALE"), ("*attn2.to_k.*=0", "GLOB=SCALE"),

@@ -85,6 +85,12 @@ class ImmunizeConfig(Config):
         metadata={"help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above "
                           "the cap pushes no further (0: off, the plain -L)"},
     )
+    upper_saliency: float = field(
+        default=0.0,
+        metadata={"help": "the share of each S^u tensor the outer steps move: the entries with the largest gradient "
+                          "of the targets' denoising loss on the model as the immunization finds it (SalUn), so that "
+                          "weights every concept relies on stay (0: all of S^u)"},
+    )
     project_ascent: bool = field(
         default=False,
         metadata={"help": "where the ascent's gradient conflicts with the preservation terms' (negative inner "
@@ -248,6 +254,8 @@ class ImmunizeConfig(Config):
         for name, zero in zero_means.items():
             if (getattr(self, name) or 0) < 0:  # None: the setting's default
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+        if not 0 <= self.upper_saliency < 1:
+            raise ConfigError(f"upper_saliency is a share in [0, 1) (0: all of S^u), got {self.upper_saliency}")
         if not 0 <= (self.bank_prior_unconditional or 0) <= 1:
             raise ConfigError(f"bank_prior_unconditional is a share in [0, 1], got {self.bank_prior_unconditional}")
 

@@ -25,6 +25,7 @@ from mima.immunize import immunizers
 from mima.immunize.base import ConceptBatches, Immunizer
 from mima.immunize.config import ImmunizeConfig
 from mima.immunize.erase import erase_targets, preserved_captions
+from mima.immunize.saliency import saliency_masks
 from mima.models.components import Components
 from mima.models.cross_attention import key_value_parameter_names, select_parameters
 from mima.models.encoding import EncodedConcept, EncodedImages, encode_concept, encode_folder
@@ -225,6 +226,11 @@ class _Loop(TrainingLoop):
             checkpoint_dir=checkpoint_dir, desc=f"immunize ({config.method})", loss_name="objective",
             step_name="outer step", show_progress=immunizer.shard.is_main,
         )
+        self.masks: dict[str, torch.Tensor] = {}
+        if config.upper_saliency:
+            with placement.autocast():
+                self.masks = saliency_masks(params, lambda batch, generator: immunizer.loss({}, batch, generator),
+                                            encoded, config.upper_saliency, config.batch_size, config.seed)
         scales = config.upper_rate_scales(list(params))
         groups = [{"params": [params[name] for name in params if scales[name] == scale], "lr": config.outer_lr * scale}
                   for scale in dict.fromkeys(scales.values())]
@@ -237,13 +243,15 @@ class _Loop(TrainingLoop):
 
     def gradients(self, generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
         """The immunizer's objective and its gradient on S^u, taken concept by concept (`Immunizer.gradients`),
-        with this step's simulated attacker (`Immunizer.begin_step`, logged), less the weights it skips."""
+        with this step's simulated attacker (`Immunizer.begin_step`, logged), less the weights it skips and, with
+        `upper_saliency`, the entries outside the saliency masks."""
         chosen = self.immunizer.begin_step(self.step)
         with self.placement.autocast():
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
         skipped = self.skipped[int(chosen["attacker"])] if "attacker" in chosen else frozenset()
-        return objective, {name: g for name, g in grads.items() if name not in skipped}, {**chosen, **logs}
+        kept = {name: g * self.masks[name] if name in self.masks else g for name, g in grads.items()}
+        return objective, {name: g for name, g in kept.items() if name not in skipped}, {**chosen, **logs}
 
     def save_checkpoint(self) -> None:
         """The main process alone writes (S^u and the optimizer state are the same on every process)."""

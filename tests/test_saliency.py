@@ -1,0 +1,38 @@
+"""The saliency masks of `upper_saliency` against their defining property, on a loss whose gradient is known."""
+
+import torch
+
+from mima.immunize.saliency import SALIENCY_BATCHES, saliency_masks
+
+
+class _Concept:
+    """A stand-in for an EncodedConcept: its batch is the scale the loss multiplies by."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def batch(self, batch_size, generator):
+        return self.scale
+
+
+def test_each_tensor_keeps_its_share_of_the_largest_summed_gradients():
+    """loss = sum(c * w) per batch: the summed gradient is c times the batches' scales, so the mask of each tensor
+    is its entries of largest |c|, whatever the scale of another tensor."""
+    large = torch.tensor([[4.0, -9.0, 1.0], [-2.0, 7.0, 0.5]])
+    small = torch.tensor([1e-6, -3e-6, 2e-6, 0.0])
+    tiny = torch.tensor([5.0])
+    params = {name: torch.zeros_like(c, requires_grad=True) for name, c in
+              (("large", large), ("small", small), ("tiny", tiny))}
+    coefficients = {"large": large, "small": small, "tiny": tiny}
+    calls = []
+
+    def loss(scale, generator):
+        calls.append(scale)
+        return sum((coefficients[name] * p).sum() for name, p in params.items()) * scale
+
+    masks = saliency_masks(params, loss, [_Concept(1.0), _Concept(-2.0)], share=0.5, batch_size=2, seed=0)
+    assert calls == [1.0] * SALIENCY_BATCHES + [-2.0] * SALIENCY_BATCHES
+    assert masks["large"].tolist() == [[True, True, False], [False, True, False]]  # |c| 9, 7, 4
+    assert masks["small"].tolist() == [False, True, True, False]  # scale does not matter across tensors
+    assert masks["tiny"].tolist() == [True]  # at least one entry
+    assert all(m.dtype == torch.bool and m.shape == coefficients[n].shape for n, m in masks.items())
