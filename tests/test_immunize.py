@@ -155,7 +155,7 @@ def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entrie
     out = tmp_path / "run"
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
                  "--setting", "personalize", "--steps", "2", "--n-images", "4", "--n-class-images", "2",
-                 "--batch-size", "2", "--upper-saliency", "0.25"])
+                 "--batch-size", "2", "--upper-saliency", "0.25", "--upper-saliency-against", "class"])
     assert code == 0, capsys.readouterr().err
     before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
     moved = {name: int((after[name] != before[name]).sum()) for name in before if ".transformer_blocks." in name}
@@ -165,14 +165,18 @@ def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entrie
     assert json.loads((out / "immunization.json").read_text())["config"]["upper_saliency"] == 0.25
 
 
-@pytest.mark.parametrize("share", ["1", "-0.5"])
-def test_upper_saliency_outside_its_range_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, share):
+@pytest.mark.parametrize("args, message", [
+    (["--upper-saliency", "1"], "upper_saliency is a share in [0, 1) (0: all of S^u), got 1.0"),
+    (["--upper-saliency", "-0.5"], "upper_saliency is a share in [0, 1) (0: all of S^u), got -0.5"),
+    (["--upper-saliency-against", "class"], "upper_saliency_against 'class' needs upper_saliency > 0 and class"),
+])
+def test_a_bad_upper_saliency_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, args, message):
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out",
-                 str(tmp_path / "run"), "--upper-saliency", share])
+                 str(tmp_path / "run"), *args])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("mima:")] == [
-        f"mima: error: upper_saliency is a share in [0, 1) (0: all of S^u), got {float(share)}"]
+    errors = [line for line in err.splitlines() if line.startswith("mima:")]
+    assert len(errors) == 1 and errors[0].startswith(f"mima: error: {message}")
     assert not (tmp_path / "run").exists()
 
 

@@ -36,3 +36,32 @@ def test_each_tensor_keeps_its_share_of_the_largest_summed_gradients():
     assert masks["small"].tolist() == [False, True, True, False]  # scale does not matter across tensors
     assert masks["tiny"].tolist() == [True]  # at least one entry
     assert all(m.dtype == torch.bool and m.shape == coefficients[n].shape for n, m in masks.items())
+
+
+class _ClassBatch:
+    """A batch whose class images (`prior`) scale the loss by another factor."""
+
+    latents, hidden = 1.0, None
+
+    def __init__(self) -> None:
+        self.prior = (0.0, "class")
+
+
+def test_against_class_ranks_by_the_targets_gradient_relative_to_the_class_images():
+    """loss = sum(c_t * w) on the targets' images and sum(c_c * w) on their class images: entries the class needs as
+    much as the targets rank below an entry only the targets need, even a larger one."""
+    target = torch.tensor([8.0, 6.0, 3.0, 0.5])
+    classes = torch.tensor([8.0, 0.0, 0.0, 4.0])  # mean |g_c| 3
+    w = torch.zeros(4, requires_grad=True)
+
+    class Concept:
+        def batch(self, batch_size, generator):
+            return _ClassBatch()
+
+    def loss(batch, generator):
+        return ((classes if batch.hidden == "class" else target) * w).sum()
+
+    plain = saliency_masks({"w": w}, loss, [Concept()], share=0.5, batch_size=1, seed=0)
+    relative = saliency_masks({"w": w}, loss, [Concept()], share=0.5, batch_size=1, seed=0, against_class=True)
+    assert plain["w"].tolist() == [True, True, False, False]  # |g| 8, 6
+    assert relative["w"].tolist() == [False, True, True, False]  # 8/11, 6/3, 3/3, 0.5/7

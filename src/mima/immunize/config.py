@@ -85,12 +85,12 @@ class ImmunizeConfig(Config):
         metadata={"help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above "
                           "the cap pushes no further (0: off, the plain -L)"},
     )
-    upper_saliency: float = field(
-        default=0.0,
-        metadata={"help": "the share of each S^u tensor the outer steps move: the entries with the largest gradient "
-                          "of the targets' denoising loss on the model as the immunization finds it (SalUn), so that "
-                          "weights every concept relies on stay (0: all of S^u)"},
-    )
+    upper_saliency: float = field(default=0.0, metadata={
+        "help": "the share of each S^u tensor the outer steps move: the entries with the largest gradient of the "
+                "targets' denoising loss on the model as the immunization finds it (SalUn), so that weights every "
+                "concept relies on stay (0: all of S^u)"})
+    upper_saliency_against: Literal["none", "class"] = field(default="none", metadata={
+        "help": "'class': rank by that gradient over the targets' class images' (weights the class needs stay)"})
     project_ascent: bool = field(
         default=False,
         metadata={"help": "where the ascent's gradient conflicts with the preservation terms' (negative inner "
@@ -256,6 +256,8 @@ class ImmunizeConfig(Config):
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         if not 0 <= self.upper_saliency < 1:
             raise ConfigError(f"upper_saliency is a share in [0, 1) (0: all of S^u), got {self.upper_saliency}")
+        if self.upper_saliency_against == "class" and not (self.upper_saliency and self.uses_class_images):
+            raise ConfigError("upper_saliency_against 'class' needs upper_saliency > 0 and class images")
         if not 0 <= (self.bank_prior_unconditional or 0) <= 1:
             raise ConfigError(f"bank_prior_unconditional is a share in [0, 1], got {self.bank_prior_unconditional}")
 

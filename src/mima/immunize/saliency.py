@@ -15,19 +15,37 @@ SALIENCY_BATCHES = 4  # batches per target whose gradients the masks sum
 
 def saliency_masks(
     params: Params, loss: Callable[[Batch, torch.Generator], torch.Tensor], concepts: Sequence[EncodedConcept],
-    share: float, batch_size: int, seed: int,
+    share: float, batch_size: int, seed: int, against_class: bool = False,
 ) -> dict[str, torch.Tensor]:
     """For each tensor of `params`, a mask of its entries with the largest |gradient| of the targets' denoising loss
     (`loss` of a batch), summed over SALIENCY_BATCHES batches of each of `concepts`: the `share` of its entries, at
     least one. Per tensor, not one threshold over all of S^u, so that layers whose gradients are small by scale keep
-    their share. Drawn from a generator of its own (`seed`): the same masks on every process and after a resume."""
+    their share. With `against_class`, ranked by |g| / (|g_c| + mean |g_c|), g_c the same sum on the batches' class
+    images under their class prompt (`Batch.prior`): an entry the class needs as much scores under 1, one it does not
+    need scores |g| / mean |g_c|. Drawn from a generator of its own (`seed`): the same masks on every process and
+    after a resume."""
     generator = torch.Generator().manual_seed(seed)
     grads: Params = {}
+    class_grads: Params = {}
     for concept in concepts:
         for _ in range(SALIENCY_BATCHES):
-            value = loss(concept.batch(batch_size, generator), generator)
-            accumulate(grads, dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True)))
-    return {name: _largest(grad.abs(), share) for name, grad in grads.items()}
+            batch = concept.batch(batch_size, generator)
+            accumulate(grads, _gradient(params, loss(batch, generator)))
+            if against_class:
+                accumulate(class_grads, _gradient(params, loss(Batch(*batch.prior), generator)))
+    scores = {name: grad.abs() / _scale(class_grads[name]) if against_class else grad.abs()
+              for name, grad in grads.items()}
+    return {name: _largest(score, share) for name, score in scores.items()}
+
+
+def _scale(grad: torch.Tensor) -> torch.Tensor:
+    """|g_c| + mean |g_c|, never 0 (a tensor the class's loss does not reach ranks by |g| alone)."""
+    magnitude = grad.abs()
+    return magnitude + magnitude.mean() + torch.finfo(magnitude.dtype).tiny
+
+
+def _gradient(params: Params, value: torch.Tensor) -> Params:
+    return dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
 
 
 def _largest(magnitude: torch.Tensor, share: float) -> torch.Tensor:

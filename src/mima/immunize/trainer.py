@@ -230,7 +230,8 @@ class _Loop(TrainingLoop):
         if config.upper_saliency:
             with placement.autocast():
                 self.masks = saliency_masks(params, lambda batch, generator: immunizer.loss({}, batch, generator),
-                                            encoded, config.upper_saliency, config.batch_size, config.seed)
+                                            encoded, config.upper_saliency, config.batch_size, config.seed,
+                                            against_class=config.upper_saliency_against == "class")
         scales = config.upper_rate_scales(list(params))
         groups = [{"params": [params[name] for name in params if scales[name] == scale], "lr": config.outer_lr * scale}
                   for scale in dict.fromkeys(scales.values())]
