@@ -65,3 +65,18 @@ def test_against_class_ranks_by_the_targets_gradient_relative_to_the_class_image
     relative = saliency_masks({"w": w}, loss, [Concept()], share=0.5, batch_size=1, seed=0, against_class=True)
     assert plain["w"].tolist() == [True, True, False, False]  # |g| 8, 6
     assert relative["w"].tolist() == [False, True, True, False]  # 8/11, 6/3, 3/3, 0.5/7
+
+
+def test_against_class_ranks_a_tensor_the_class_does_not_reach_by_the_targets_gradient():
+    w = torch.zeros(3, requires_grad=True)
+    target = torch.tensor([1e30, 2e30, 3.0])  # large enough to overflow any division by a tiny stand-in for 0
+
+    class Concept:
+        def batch(self, batch_size, generator):
+            return _ClassBatch()
+
+    def loss(batch, generator):
+        return (w * 0.0).sum() if batch.hidden == "class" else (target * w).sum()
+
+    masks = saliency_masks({"w": w}, loss, [Concept()], share=0.34, batch_size=1, seed=0, against_class=True)
+    assert masks["w"].tolist() == [False, True, False]

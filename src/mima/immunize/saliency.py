@@ -39,9 +39,10 @@ def saliency_masks(
 
 
 def _scale(grad: torch.Tensor) -> torch.Tensor:
-    """|g_c| + mean |g_c|, never 0 (a tensor the class's loss does not reach ranks by |g| alone)."""
+    """|g_c| + mean |g_c|; 1 where the class's loss does not reach the tensor, which then ranks by |g| alone."""
     magnitude = grad.abs()
-    return magnitude + magnitude.mean() + torch.finfo(magnitude.dtype).tiny
+    typical = magnitude.mean()
+    return magnitude + torch.where(typical > 0, typical, torch.ones_like(typical))
 
 
 def _gradient(params: Params, value: torch.Tensor) -> Params:
