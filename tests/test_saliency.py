@@ -39,12 +39,17 @@ def test_each_tensor_keeps_its_share_of_the_largest_summed_gradients():
 
 
 class _ClassBatch:
-    """A batch whose class images (`prior`) scale the loss by another factor."""
+    """A batch with class images (`prior`), whose conditioning "class" tells the loss which images it is given."""
 
     latents, hidden = 1.0, None
 
     def __init__(self) -> None:
         self.prior = (0.0, "class")
+
+
+class _ClassConcept:
+    def batch(self, batch_size, generator):
+        return _ClassBatch()
 
 
 def test_against_class_ranks_by_the_targets_gradient_relative_to_the_class_images():
@@ -54,15 +59,11 @@ def test_against_class_ranks_by_the_targets_gradient_relative_to_the_class_image
     classes = torch.tensor([8.0, 0.0, 0.0, 4.0])  # mean |g_c| 3
     w = torch.zeros(4, requires_grad=True)
 
-    class Concept:
-        def batch(self, batch_size, generator):
-            return _ClassBatch()
-
     def loss(batch, generator):
         return ((classes if batch.hidden == "class" else target) * w).sum()
 
-    plain = saliency_masks({"w": w}, loss, [Concept()], share=0.5, batch_size=1, seed=0)
-    relative = saliency_masks({"w": w}, loss, [Concept()], share=0.5, batch_size=1, seed=0, against_class=True)
+    plain = saliency_masks({"w": w}, loss, [_ClassConcept()], share=0.5, batch_size=1, seed=0)
+    relative = saliency_masks({"w": w}, loss, [_ClassConcept()], share=0.5, batch_size=1, seed=0, against_class=True)
     assert plain["w"].tolist() == [True, True, False, False]  # |g| 8, 6
     assert relative["w"].tolist() == [False, True, True, False]  # 8/11, 6/3, 3/3, 0.5/7
 
@@ -71,12 +72,8 @@ def test_against_class_ranks_a_tensor_the_class_does_not_reach_by_the_targets_gr
     w = torch.zeros(3, requires_grad=True)
     target = torch.tensor([1e30, 2e30, 3.0])  # large enough to overflow any division by a tiny stand-in for 0
 
-    class Concept:
-        def batch(self, batch_size, generator):
-            return _ClassBatch()
-
     def loss(batch, generator):
         return (w * 0.0).sum() if batch.hidden == "class" else (target * w).sum()
 
-    masks = saliency_masks({"w": w}, loss, [Concept()], share=0.34, batch_size=1, seed=0, against_class=True)
+    masks = saliency_masks({"w": w}, loss, [_ClassConcept()], share=0.34, batch_size=1, seed=0, against_class=True)
     assert masks["w"].tolist() == [False, True, False]
