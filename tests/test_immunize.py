@@ -150,16 +150,28 @@ def test_upper_lr_scales_set_each_parameters_rate(tiny_model_dir, tmp_path, caps
     assert [entry["kind"] for entry in config["retain_attackers"]] == ["textual-inversion"]
 
 
-def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entries(tiny_model_dir, tmp_path, capsys):
-    """personalize: no erasure moves a weight, so what changed is what the outer steps moved."""
+def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entries(tiny_model_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """personalize: no erasure moves a weight, so what changed is what the outer steps moved: within the masks the
+    loop drew (which entries they hold, tests/test_saliency.py)."""
+    drawn, draw = {}, trainer_module.saliency_masks
+
+    def recorded(*args, **kwargs):
+        drawn.update(draw(*args, **kwargs))
+        return drawn
+
+    monkeypatch.setattr(trainer_module, "saliency_masks", recorded)
     out = tmp_path / "run"
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out", str(out),
                  "--setting", "personalize", "--steps", "2", "--n-images", "4", "--n-class-images", "2",
                  "--batch-size", "2", "--upper-saliency", "0.25", "--upper-saliency-against", "class"])
     assert code == 0, capsys.readouterr().err
     before, after = _unet_weights(tiny_model_dir), _unet_weights(out / "model")
-    moved = {name: int((after[name] != before[name]).sum()) for name in before if ".transformer_blocks." in name}
-    assert all(count <= max(1, round(0.25 * before[name].numel())) for name, count in moved.items())
+    changed = {name: after[name] != before[name] for name in before if ".transformer_blocks." in name}
+    assert drawn.keys() == changed.keys()
+    assert all(not (changed[name] & ~drawn[name]).any() for name in changed)  # nothing outside its mask moved
+    assert all(int(drawn[name].sum()) == max(1, round(0.25 * drawn[name].numel())) for name in drawn)
+    moved = {name: int(mask.sum()) for name, mask in changed.items()}
     large = [name for name in moved if before[name].numel() >= 64]
     assert sum(moved[name] >= 0.2 * before[name].numel() for name in large) >= len(large) // 2  # a share, not none
     assert json.loads((out / "immunization.json").read_text())["config"]["upper_saliency"] == 0.25

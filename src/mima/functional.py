@@ -203,7 +203,7 @@ def unroll(
             leaves = {**_leaves({n: fixed[n] for n in [*(keep or ()), *extra] if n in fixed and n not in phi}),
                       **_leaves(phi)}
             loss = losses.mean_part({**fixed, **leaves}, generator, group)
-            grads = _batch_gradient(loss, leaves, [*phi, *extra], create_graph=keep_graph)
+            grads = batch_gradient(loss, leaves, [*phi, *extra], create_graph=keep_graph)
             kept = (leaves, {n: grads[n] for n in phi}) if keep_graph else kept
             accumulate(mean, {name: grad.detach() for name, grad in grads.items()})  # the kept group is the last
             total += loss.item()
@@ -222,7 +222,7 @@ def unroll(
     return Unrolled(phi, iterates, gradients, states, first, trajectory, kept)
 
 
-def _batch_gradient(loss: torch.Tensor, leaves: Params, names: list[str], *, create_graph: bool) -> Params:
+def batch_gradient(loss: torch.Tensor, leaves: Params, names: list[str], *, create_graph: bool) -> Params:
     """The gradient of a loss on the leaves `names`; zero on a leaf the loss does not read (another concept's token
     in a joint attack)."""
     if not names:
@@ -301,7 +301,7 @@ def _exact_hvp(
         else:
             leaves = {**_leaves({n: fixed[n] for n in extra}), **_leaves(run.iterates[step])}
             loss = losses.mean_part({**fixed, **leaves}, _replay(generator, run.states[step][index]), groups[index])
-            grads = _batch_gradient(loss, leaves, list(lam), create_graph=True)
+            grads = batch_gradient(loss, leaves, list(lam), create_graph=True)
         if u is None:  # one group: its share is the step's mean gradient
             u = _clipped_cotangent(lam, {n: g.detach() for n, g in grads.items()}, max_norm)
         live = [n for n, g in grads.items() if g.requires_grad]  # not a zero for a leaf the loss ignores
@@ -332,7 +332,7 @@ def _difference_hvp(
         for index, group in enumerate(losses.groups()):
             leaves = _leaves({n: params[n] for n in names})  # only these: no weight gradient for the others
             loss = losses.mean_part({**params, **leaves}, _replay(generator, run.states[step][index]), group)
-            accumulate(mean, _batch_gradient(loss, leaves, names, create_graph=False))
+            accumulate(mean, batch_gradient(loss, leaves, names, create_graph=False))
         return mean
 
     iterate, names = run.iterates[step], list(dict.fromkeys([*lam, *targets]))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mima.functional import Params, accumulate
+from mima.functional import Params, accumulate, batch_gradient
 from mima.models.encoding import Batch, EncodedConcept
 
 SALIENCY_BATCHES = 4  # batches per target whose gradients the masks sum
@@ -24,15 +24,19 @@ def saliency_masks(
     images under their class prompt (`Batch.prior`): an entry the class needs as much scores under 1, one it does not
     need scores |g| / mean |g_c|. Drawn from a generator of its own (`seed`): the same masks on every process and
     after a resume."""
-    generator = torch.Generator().manual_seed(seed)
+    generator, names = torch.Generator().manual_seed(seed), list(params)
+
+    def gradient(batch: Batch) -> Params:
+        return batch_gradient(loss(batch, generator), params, names, create_graph=False)
+
     grads: Params = {}
     class_grads: Params = {}
     for concept in concepts:
         for _ in range(SALIENCY_BATCHES):
             batch = concept.batch(batch_size, generator)
-            accumulate(grads, _gradient(params, loss(batch, generator)))
+            accumulate(grads, gradient(batch))
             if against_class:
-                accumulate(class_grads, _gradient(params, loss(Batch(*batch.prior), generator)))
+                accumulate(class_grads, gradient(Batch(*batch.prior)))
     scores = {name: grad.abs() / _scale(class_grads[name]) if against_class else grad.abs()
               for name, grad in grads.items()}
     return {name: _largest(score, share) for name, score in scores.items()}
@@ -43,10 +47,6 @@ def _scale(grad: torch.Tensor) -> torch.Tensor:
     magnitude = grad.abs()
     typical = magnitude.mean()
     return magnitude + torch.where(typical > 0, typical, torch.ones_like(typical))
-
-
-def _gradient(params: Params, value: torch.Tensor) -> Params:
-    return dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
 
 
 def _largest(magnitude: torch.Tensor, share: float) -> torch.Tensor:
