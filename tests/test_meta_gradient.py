@@ -204,6 +204,10 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker", "retain_weight": 0.5,
                                    "retain_target": "original"}),
         ("imma-joint", "first-order", {"inner_clip": 0.05, "retain_weight": 0.5, "retain_target": "original"}),
+        ("mima", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "upper_contrast": 0.5}),
+        ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "upper_contrast": 1.0}),
+        ("imma-joint", "first-order", {"attackers": (LORA,), "upper_contrast": 1.0}),
+        ("imma", "second-order", {"inner_clip": 0.05, "upper_contrast": 0.5}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):

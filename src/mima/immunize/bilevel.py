@@ -101,12 +101,6 @@ class BilevelImmunizer(PreservationTerms):
         call = unet_call_with(self.unet, params)
         return diffusion_loss(call, self.scheduler, batch.latents, batch.hidden, generator=generator)
 
-    def conditioned_loss(
-        self, weights: Params, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
-    ) -> torch.Tensor:
-        """The loss of the UNet with `weights` on `batch` conditioned as the attacker conditions it at `params`."""
-        return self.loss(weights, Batch(batch.latents, self.attacker.hidden(params, batch, concept)), generator)
-
     def attacked_loss(
         self, params: Params, batch: Batch, generator: torch.Generator, concept: int | None
     ) -> torch.Tensor:
@@ -147,17 +141,6 @@ class BilevelImmunizer(PreservationTerms):
         """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
         return {**base, **self.attacker.weights({**base, **phi})}
 
-    def skip_attack(self, base: Params, batch: Batch, concept: int, generator: torch.Generator) -> None:
-        """Draw from `generator` what an attack on `batch` would, without the UNet: so a process skipping another's
-        concept draws the same noise and timesteps as one process doing every concept."""
-        self.distribution.start(base, [concept], generator)
-        self.skip_draws(batch, generator, self.attacker.spec.steps)
-
-    def skip_draws(self, batch: Batch, generator: torch.Generator, times: int = 1) -> None:
-        """Draw from `generator` what `times` losses of `batch` would, without the UNet."""
-        for _ in range(times):
-            draw_noise(self.scheduler, batch.latents, generator)
-
     def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> BatchLosses:
         """The attacker's losses of `batches` as a function of the parameters (`{**base, **phi}`) and the generator,
         `fused` batches to a UNet call (one where the exact product differentiates them twice: `fused` is sized by a
@@ -182,6 +165,20 @@ class BilevelImmunizer(PreservationTerms):
         return denoising_losses(unet_call_with(self.unet, weights), self.scheduler, [
             (batch.latents, *drawn, self.attacker.hidden(params, batch, concept))
             for batch, drawn, params, concept in zip(batches, draws, conditioning, concepts, strict=True)], targets)
+
+    def contrasted_losses(
+        self, weights: Params, conditioning: Sequence[Params], batches: Sequence[Batch],
+        draws: Sequence[tuple[torch.Tensor, torch.Tensor]], concepts: Sequence[int | None], contrast: float,
+        teacher: bool = False,
+    ) -> torch.Tensor:
+        """`fused_losses`, each less `contrast` times the loss of its images under their class prompt (the prior's
+        conditioning) at the same noise and timesteps: what the concept's prompt adds to denoising them."""
+        if not contrast:
+            return self.fused_losses(weights, conditioning, batches, draws, concepts, teacher)
+        classed = [Batch(batch.latents, batch.prior[1]) for batch in batches]
+        both = self.fused_losses(weights, [*conditioning, *conditioning], [*batches, *classed], [*draws, *draws],
+                                 [*concepts, *[None] * len(batches)], teacher)
+        return both[:len(batches)] - contrast * both[len(batches):]
 
     def unroll(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
@@ -241,27 +238,28 @@ class BilevelImmunizer(PreservationTerms):
     def mean_loss_gradient(
         self, params: Params, batches: list[Batch], generator: torch.Generator, wrt: list[str],
         owned: Sequence[bool] | None = None, phis: Sequence[Params] | None = None,
-        concepts: Sequence[int | None] | None = None, cap: float = 0.0, teacher: bool = False,
+        concepts: Sequence[int | None] | None = None, upper: bool = False, teacher: bool = False,
     ) -> tuple[list[float], Params, list[Params]]:
         """Each batch's loss at `params`, the gradient of their mean on the names `wrt` and on each batch's phi.
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
         `phis[n]`. With `owned`, only the owned batches count (the others' draws are made and dropped, their losses
-        are 0.0). With `cap` > 0, each loss counts as min(loss, cap) (`counted`): a batch above the cap gives no
-        gradient. With `teacher`, each loss is against the original model's prediction (`fused_losses`). The batches
-        go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a time.
-        """
+        are 0.0). With `upper`, they are the ascent's: contrasted (`contrasted_losses`) and capped (`counted`: a
+        batch above `upper_cap` gives no gradient). With `teacher`, against the original model's prediction. The
+        batches go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a time."""
+        cap, contrast = (self.config.upper_cap, self.config.upper_contrast) if upper else (0.0, 0.0)
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         weights = {**params, **leaves}
         draws = [draw_noise(self.scheduler, batch.latents, generator) for batch in batches]  # as one call each would
         owned_indices = [index for index in range(len(batches)) if owned is None or owned[index]]
         losses, phi_grads, grads = [0.0] * len(batches), [{} for _ in batches], {}
-        for start in range(0, len(owned_indices), self.fused):
-            group = owned_indices[start:start + self.fused]
+        fused = max(1, self.fused // 2) if contrast else self.fused  # a contrasted batch is two through the UNet
+        for start in range(0, len(owned_indices), fused):
+            group = owned_indices[start:start + fused]
             phi = [{n: p.detach().requires_grad_() for n, p in (phis[i] if phis else {}).items()} for i in group]
-            values = self.fused_losses(weights, [{**weights, **part} for part in phi], [batches[i] for i in group],
-                                       [draws[i] for i in group], [concepts[i] if concepts else None for i in group],
-                                       teacher)
+            values = self.contrasted_losses(
+                weights, [{**weights, **part} for part in phi], [batches[i] for i in group], [draws[i] for i in group],
+                [concepts[i] if concepts else None for i in group], contrast, teacher)
             found = values.tolist()
             counted = [k for k, value in enumerate(found) if not 0 < cap < value]  # above: the constant cap
             for i, value in zip(group, found, strict=True):
@@ -295,11 +293,11 @@ class BilevelImmunizer(PreservationTerms):
 
     def adapted_loss_gradient(
         self, base: Params, lowers: list[Batch], uppers: list[Batch], concepts: Sequence[int | None],
-        generator: torch.Generator, cap: float = 0.0, teacher: bool = False,
+        generator: torch.Generator, upper: bool = False, teacher: bool = False,
     ) -> tuple[list[float], Params, float]:
         """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
         imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss; each
-        averaged over the attack's trajectory points, each loss counted up to `cap`, against the original model's
+        averaged over the attack's trajectory points, the ascent's with `upper`, against the original model's
         prediction with `teacher` (`mean_loss_gradient`)."""
         run = self.unroll(base, lowers, concepts, generator)
         points, losses, grads = len(run.trajectory), [0.0] * len(uppers), {}
@@ -308,8 +306,8 @@ class BilevelImmunizer(PreservationTerms):
             changed = self.attacker.weights({**base, **phi})
             wrt = list(dict.fromkeys([*changed, *self.upper_names]))
             point_losses, point_grads, phi_grads = self.mean_loss_gradient(
-                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, cap=cap,
-                teacher=teacher)
+                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts,
+                upper=upper, teacher=teacher)
             direct = {n: point_grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
             phi_grad = {}
             for more in phi_grads:
@@ -383,7 +381,9 @@ class BilevelImmunizer(PreservationTerms):
         for adapted, phis in points:  # the mean over the trajectory's points of each concept's counted loss
             adapted = {**base, **adapted}
             for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True)):
-                loss = self.counted(self.conditioned_loss(adapted, {**adapted, **phi}, up, generator, n))
+                drawn = draw_noise(self.scheduler, up.latents, generator)
+                loss = self.counted(self.contrasted_losses(adapted, [{**adapted, **phi}], [up], [drawn], [n],
+                                                           self.config.upper_contrast)[0])
                 upper[name] = upper.get(name, 0.0) + loss / len(points)
         logs = {**lower_logs, **{f"upper/{name}": loss.item() for name, loss in upper.items()}}
         terms = []

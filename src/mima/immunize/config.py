@@ -75,28 +75,26 @@ class ImmunizeConfig(Config):
                           "dominate it fuses none; 0: one batch at a time",
                   "absent": 0.0},  # records from before the field: one at a time, so that their runs resume exactly
     )
-    persistent_attacker: bool = field(
-        default=False,
-        metadata={"help": "alternating schedule (the authors' code): each attack starts where the same attacker's "
-                          "attack of the previous outer step ended, instead of afresh (one process only)"},
-    )
-    upper_cap: float = field(
-        default=0.0,
-        metadata={"help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above "
-                          "the cap pushes no further (0: off, the plain -L)"},
-    )
+    persistent_attacker: bool = field(default=False, metadata={
+        "help": "alternating schedule (the authors' code): each attack starts where the same attacker's attack of the "
+                "previous outer step ended, instead of afresh (one process only)"})
+    upper_cap: float = field(default=0.0, metadata={
+        "help": "bounded ascent: each concept's upper loss counts as min(L, upper_cap), so a concept above the cap "
+                "pushes no further (0: off, the plain -L)"})
+    upper_contrast: float = field(default=0.0, metadata={
+        "help": "each concept's upper loss less this times the loss of the same images under their class prompt, at "
+                "the same noise and timesteps: the ascent raises what the concept's prompt adds after the attack, "
+                "not the loss of denoising such images at all (needs class images; 0: off)"})
     upper_saliency: float = field(default=0.0, metadata={
         "help": "the share of each S^u tensor the outer steps move: the entries with the largest gradient of the "
                 "targets' denoising loss on the model as the immunization finds it (SalUn), so that weights every "
                 "concept relies on stay (0: all of S^u)"})
     upper_saliency_against: Literal["none", "class"] = field(default="none", metadata={
         "help": "'class': rank by that gradient over the targets' class images' (weights the class needs stay)"})
-    project_ascent: bool = field(
-        default=False,
-        metadata={"help": "where the ascent's gradient conflicts with the preservation terms' (negative inner "
-                          "product), drop its component along theirs (PCGrad, Yu et al. 2020), so that no step trades "
-                          "the prior, anchor and retain terms for protection to first order"},
-    )
+    project_ascent: bool = field(default=False, metadata={
+        "help": "where the ascent's gradient conflicts with the preservation terms' (negative inner product), drop "
+                "its component along theirs (PCGrad, Yu et al. 2020), so that no step trades the prior, anchor and "
+                "retain terms for protection to first order"})
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(
         default=("*transformer_blocks*",),
@@ -249,8 +247,8 @@ class ImmunizeConfig(Config):
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0 or self.retain_lr_scale <= 0:
             raise ConfigError("outer_lr, inner_lr, ridge and retain_lr_scale must be positive")
         zero_means = {"steps": "by the number of targets"} | dict.fromkeys((
-            "inner_clip", "grad_clip", "upper_cap", "kept_gradients", "fused_batches", "prior_weight",
-            "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
+            "inner_clip", "grad_clip", "upper_cap", "upper_contrast", "kept_gradients", "fused_batches",
+            "prior_weight", "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
         for name, zero in zero_means.items():
             if (getattr(self, name) or 0) < 0:  # None: the setting's default
                 raise ConfigError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
@@ -377,8 +375,9 @@ class ImmunizeConfig(Config):
 
     @property
     def uses_class_images(self) -> bool:
-        """Whether the objective needs class images (prior-preservation, retain or anchor term)."""
-        return self.prior_weight > 0 or self.resolved("retain_weight") > 0 or self.anchor_weight > 0
+        """Whether the objective needs class images (prior-preservation, retain or anchor term, contrast)."""
+        return (self.prior_weight > 0 or self.resolved("retain_weight") > 0 or self.anchor_weight > 0
+                or self.upper_contrast > 0)
 
     @property
     def uses_teacher(self) -> bool:

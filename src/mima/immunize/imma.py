@@ -34,7 +34,7 @@ class IMMAJoint(BilevelImmunizer):
     ) -> tuple[list[float], Params, dict[str, float]]:
         lowers, uppers = [lower for lower, _ in batches.values()], [upper for _, upper in batches.values()]
         losses, grads, first_loss = self.adapted_loss_gradient(base, lowers, uppers, range(len(lowers)), generator,
-                                                               cap=self.config.upper_cap)
+                                                               upper=True)
         return losses, grads, {"lower/joint": first_loss}
 
 

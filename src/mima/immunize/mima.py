@@ -29,9 +29,10 @@ from mima.functional import Params, Unrolled, add_grads, divided, tensor_bytes
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches, immunizers
 from mima.immunize.bilevel import BilevelImmunizer
+from mima.losses import draw_noise
 from mima.merge.plan import MergeInputs, MergePlan, regularizer
 from mima.models.components import Components
-from mima.models.encoding import EncodedConcept
+from mima.models.encoding import Batch, EncodedConcept
 
 
 @immunizers.register("mima")
@@ -111,6 +112,13 @@ class MIMA(BilevelImmunizer):
             losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
         return losses, grads, logs
 
+    def skip_attack(self, base: Params, batch: Batch, concept: int, generator: torch.Generator) -> None:
+        """Draw from `generator` what an attack on `batch` would, without the UNet: so a process skipping another's
+        concept draws the same noise and timesteps as one process doing every concept."""
+        self.distribution.start(base, [concept], generator)
+        for _ in range(self.attacker.spec.steps):
+            draw_noise(self.scheduler, batch.latents, generator)
+
     def merged_upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator, inputs: MergeInputs,
         runs: dict[int, Unrolled], kept: dict[int, Params], owned: list[bool],
@@ -124,7 +132,7 @@ class MIMA(BilevelImmunizer):
         wrt = list(dict.fromkeys([*inputs.names(), *self.upper_names]))
         losses, upper_grads, phi_grads = self.mean_loss_gradient(
             merged, uppers, generator, wrt, owned, phis=[kept.get(n, {}) for n in range(len(uppers))],
-            concepts=range(len(uppers)), cap=self.config.upper_cap)
+            concepts=range(len(uppers)), upper=True)
         upper_grads = shard.sum(upper_grads)
         copy_grad, grads = inputs.pull_back(base, upper_grads, self.upper_names)
         unmerged = {n: upper_grads[n] for n in self.upper_names if n not in inputs.names()}

@@ -164,7 +164,8 @@ class PreservationTerms(Immunizer):
             def retained(phi: Params, upper: Batch, concept: int | None) -> torch.Tensor:
                 weights, params = self.adapted_weights(base, phi), {**base, **phi}
                 if self.config.retain_target == "noise":
-                    return self.conditioned_loss(weights, params, upper, generator, concept)
+                    return self.loss(weights, Batch(upper.latents, self.attacker.hidden(params, upper, concept)),
+                                     generator)
                 return distillation_loss(unet_call_with(self.unet, weights), self.teacher(), self.scheduler,
                                          upper.latents, self.attacker.hidden(params, upper, concept), generator,
                                          teacher_hidden_states=upper.hidden)
