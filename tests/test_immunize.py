@@ -177,12 +177,32 @@ def test_upper_saliency_moves_only_each_tensors_share_of_its_most_salient_entrie
     assert json.loads((out / "immunization.json").read_text())["config"]["upper_saliency"] == 0.25
 
 
+def test_cli_immunize_with_upper_contrast_draws_class_images_for_it_alone(tiny_model_dir, tmp_path, capsys):
+    """`--upper-contrast 1` with every class-image term off: the class images are drawn anyway (the contrast takes
+    their prompt), the record says it, and each logged upper loss is only what the concept's prompt adds: smaller
+    in magnitude than the plain ascent's loss of the same run."""
+    runs = {}
+    for contrast in ("0", "1"):
+        out = tmp_path / f"run{contrast}"
+        code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes,toy:star", "--out",
+                     str(out), "--setting", "personalize", "--steps", "1", "--n-images", "4", "--n-class-images", "2",
+                     "--batch-size", "2", "--prior-weight", "0", "--retain-weight", "0", "--bank-prior-weight", "0",
+                     "--upper-contrast", contrast])
+        assert code == 0, capsys.readouterr().err
+        runs[contrast] = json.loads((out / "immunization.json").read_text())
+        assert any((out / "data").glob("class-*/*.png")) == (contrast == "1")
+    assert runs["1"]["config"]["upper_contrast"] == 1.0
+    for name in ("upper/stripes", "upper/star"):
+        assert abs(runs["1"]["log"][0][name]) < 0.5 * runs["0"]["log"][0][name]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--upper-saliency", "1"], "upper_saliency is a share in [0, 1) (0: all of S^u), got 1.0"),
     (["--upper-saliency", "-0.5"], "upper_saliency is a share in [0, 1) (0: all of S^u), got -0.5"),
     (["--upper-saliency-against", "class"], "upper_saliency_against 'class' needs upper_saliency > 0 and class"),
+    (["--upper-contrast", "-1"], "upper_contrast must be >= 0 (0: off), got -1.0"),
 ])
-def test_a_bad_upper_saliency_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, args, message):
+def test_a_bad_upper_loss_setting_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, args, message):
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out",
                  str(tmp_path / "run"), *args])
     err = capsys.readouterr().err

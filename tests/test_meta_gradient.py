@@ -239,6 +239,43 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_the_contrasted_ascent_takes_only_what_the_concept_prompt_adds(tiny_components, method):
+    """`upper_contrast` c: each upper loss is L(concept prompt) - c L(class prompt) on the same images, noise and
+    timesteps. Where the class prompt is the concept's own, that is (1 - c) L, value and gradient, so at c = 1 the
+    ascent has nothing to climb; under a class prompt of its own the contrast has a gradient."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+
+    def ascent(contrast: float, class_prompt: str | None) -> tuple[float, dict]:
+        concepts = []
+        for i, spec in enumerate(specs):
+            g = torch.Generator().manual_seed(i)
+            instance = _random_images(spec.prompt, components, g)
+            concepts.append(EncodedConcept(spec.name, instance, _random_images(class_prompt or spec.prompt,
+                                                                               components, g)))
+        config = ImmunizeConfig(method=method, inner_lr=0.5, caption_bank="toy", prior_weight=0.0, retain_weight=0.0,
+                                bank_prior_weight=0.0, attackers=(LORA,), upper_contrast=contrast)
+        immunizer = immunizers.get(method)(config)
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        objective, grads, _ = immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1))
+        return objective, grads
+
+    plain, plain_grads = ascent(0.0, None)
+    assert plain < 0 and any(g.abs().sum() > 0 for g in plain_grads.values())
+    quarter, quarter_grads = ascent(0.25, None)
+    assert quarter == pytest.approx(0.75 * plain, rel=1e-9)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(quarter_grads[name], 0.75 * grad, rtol=1e-8, atol=1e-14)
+    whole, whole_grads = ascent(1.0, None)
+    assert abs(whole) < 1e-12 and all(g.abs().max() < 1e-12 for g in whole_grads.values())
+    _, classed_grads = ascent(1.0, "a painting")
+    assert any(g.abs().max() > 1e-6 for g in classed_grads.values())
+
+
 def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does(tiny_components):
     """`retain_prompt: attacker`: under a fresh-token LoRA attacker, the retain term's class images keep their
     latents and take the captions that attacker gives the concept's images ("sks" for the concept's words); under
