@@ -116,7 +116,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, 
     settings = dict(steps=4, save_every=2, upper_lr_scales=("*attn2.to_k.*=0.25",),  # two AdamW groups to restore
                     upper_saliency=0.5,  # the masks drawn again on resume, from the model as the run found it
                     bank_prior_weight=0.5, n_bank_images=4,  # its images drawn once, its batches from the step's draws
-                    bank_prior_target="original")  # the teacher: the weights before step 1, not the checkpoint's
+                    bank_prior_target="original",  # the teacher: the weights before step 1, not the checkpoint's
+                    upper_focus=0.05)  # the weights from the upper losses of every step so far, checkpointed
     full = _run(tiny_model_dir, tmp_path / "full", **settings)
     with interrupted_at(trainer_module._Loop, 2), pytest.raises(KeyboardInterrupt):
         _run(tiny_model_dir, tmp_path / "cut", **settings)
@@ -201,6 +202,7 @@ def test_cli_immunize_with_upper_contrast_draws_class_images_for_it_alone(tiny_m
     (["--upper-saliency", "-0.5"], "upper_saliency is a share in [0, 1) (0: all of S^u), got -0.5"),
     (["--upper-saliency-against", "class"], "upper_saliency_against 'class' needs upper_saliency > 0 and class"),
     (["--upper-contrast", "-1"], "upper_contrast must be >= 0 (0: off), got -1.0"),
+    (["--upper-focus", "-1"], "upper_focus must be >= 0 (0: off), got -1.0"),
 ])
 def test_a_bad_upper_loss_setting_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, args, message):
     code = main(["immunize", "--model", str(tiny_model_dir), "--concepts", "toy:stripes", "--out",

@@ -276,6 +276,37 @@ def test_the_contrasted_ascent_takes_only_what_the_concept_prompt_adds(tiny_comp
     assert any(g.abs().max() > 1e-6 for g in classed_grads.values())
 
 
+@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+def test_the_focused_ascent_weights_each_concept_as_its_focus_says(tiny_components, method):
+    """`upper_focus`: the objective is minus the mean of the counted upper losses, each times its concept's weight
+    (logged unweighted), on both the concept-by-concept and the one-expression path; weights that favour one
+    concept move the gradient away from the plain mean's."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots", "checker")]
+    concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
+    config = ImmunizeConfig(method=method, inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.5,
+                            retain_weight=0.0, bank_prior_weight=0.0, attackers=(LORA,), upper_focus=0.05)
+
+    def batches():
+        g = torch.Generator().manual_seed(SEED)
+        return {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+
+    immunizer = immunizers.get(method)(config)
+    immunizer.prepare(components, specs, concepts)
+    plain, plain_grads, logs = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
+    assert immunizer.focus.weights().tolist() == [1.0, 1.0, 1.0]  # nothing counted yet
+    immunizer.end_step({"upper/stripes": 0.1, "upper/dots": 0.1, "upper/checker": 0.1})
+    immunizer.end_step({"upper/stripes": 0.6, "upper/dots": 0.1, "upper/checker": 0.3})  # dots has not risen
+    weights = immunizer.focus.weights().tolist()
+    assert weights[1] > weights[2] > weights[0] and sum(weights) == pytest.approx(3.0)
+    focused, grads = assert_gradients_equal_the_objectives(immunizer, batches, SEED + 1)
+    uppers = [logs[f"upper/{name}"] for name in ("stripes", "dots", "checker")]
+    ascent = -sum(w * u for w, u in zip(weights, uppers, strict=True)) / 3
+    assert focused == pytest.approx(plain + ascent + sum(uppers) / 3, rel=1e-9)
+    assert any(not torch.allclose(grads[name], plain_grads[name], rtol=1e-3) for name in grads)
+
+
 def test_the_retain_term_can_caption_class_images_as_a_fresh_token_attacker_does(tiny_components):
     """`retain_prompt: attacker`: under a fresh-token LoRA attacker, the retain term's class images keep their
     latents and take the captions that attacker gives the concept's images ("sks" for the concept's words); under

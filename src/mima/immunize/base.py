@@ -52,6 +52,11 @@ class Immunizer(ABC):
         (nothing by default; the bi-level methods sample the step's simulated attacker)."""
         return {}
 
+    def end_step(self, logs: dict[str, float]) -> None:
+        """Called after an outer step's gradients with its logs (nothing by default; the bi-level methods count its
+        upper losses toward the next steps' focus)."""
+        return None
+
     def state(self) -> dict[str, torch.Tensor]:
         """What besides S^u and the optimizer a checkpoint must hold for an exact resume (nothing by default)."""
         return {}

@@ -23,6 +23,7 @@ from mima.functional import (
     unroll,
     unrolled_vjp,
 )
+from mima.immunize.ascent import AscentTerms, Focus
 from mima.immunize.attackers import SimulatedAttacker
 from mima.immunize.base import ConceptBatches
 from mima.immunize.distribution import AttackerDistribution
@@ -34,7 +35,7 @@ from mima.models.encoding import Batch, EncodedConcept
 from mima.utils.device import GraphBytes, peak_memory_bytes
 
 
-class BilevelImmunizer(PreservationTerms):
+class BilevelImmunizer(AscentTerms, PreservationTerms):
     """max over S^u of the upper loss of adapted copies (docs/method.md), minus a prior-preservation term.
 
     Subclasses define `adapted_parameters`: how the simulated attacker's copies are made and combined. The
@@ -67,6 +68,7 @@ class BilevelImmunizer(PreservationTerms):
                                                  [spec for spec, _ in self.retained])
         self.class_of = {spec.name: (spec.class_prompt, spec.class_images) if self.config.class_batches == "per-class"
                          else spec.name for spec in specs}
+        self.focus = Focus(list(self.protected(dict.fromkeys(spec.name for spec in specs))), self.config.upper_focus)
 
     @property
     def attacker(self) -> SimulatedAttacker:
@@ -75,14 +77,17 @@ class BilevelImmunizer(PreservationTerms):
 
     def begin_step(self, step: int) -> dict[str, float]:
         """Sample outer step `step`'s attacker from the distribution; logged as `attacker`, its index in
-        `attacker_specs()`, and `token`, its fresh token's index in its `tokens`."""
-        return self.distribution.sample(step)
+        `attacker_specs()`, `token`, its fresh token's index in its `tokens`, and with `upper_focus` each concept's
+        weight in the ascent (`focus/NAME`)."""
+        return {**self.distribution.sample(step), **self.focus.logs()}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self.distribution.state()
+        return {**self.distribution.state(), **self.focus.state()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.distribution.load(state, self.unet.device)
+        self.focus.load(state)
+        self.distribution.load({name: t for name, t in state.items() if name not in self.focus.state_names},
+                               self.unet.device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.unet.named_parameters())
@@ -166,20 +171,6 @@ class BilevelImmunizer(PreservationTerms):
             (batch.latents, *drawn, self.attacker.hidden(params, batch, concept))
             for batch, drawn, params, concept in zip(batches, draws, conditioning, concepts, strict=True)], targets)
 
-    def contrasted_losses(
-        self, weights: Params, conditioning: Sequence[Params], batches: Sequence[Batch],
-        draws: Sequence[tuple[torch.Tensor, torch.Tensor]], concepts: Sequence[int | None], contrast: float,
-        teacher: bool = False,
-    ) -> torch.Tensor:
-        """`fused_losses`, each less `contrast` times the loss of its images under their class prompt (the prior's
-        conditioning) at the same noise and timesteps: what the concept's prompt adds to denoising them."""
-        if not contrast:
-            return self.fused_losses(weights, conditioning, batches, draws, concepts, teacher)
-        classed = [Batch(batch.latents, batch.prior[1]) for batch in batches]
-        both = self.fused_losses(weights, [*conditioning, *conditioning], [*batches, *classed], [*draws, *draws],
-                                 [*concepts, *[None] * len(batches)], teacher)
-        return both[:len(batches)] - contrast * both[len(batches):]
-
     def unroll(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator, *,
         keep_last: bool = True, keeps_gradients: bool = True,
@@ -244,10 +235,12 @@ class BilevelImmunizer(PreservationTerms):
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
         `phis[n]`. With `owned`, only the owned batches count (the others' draws are made and dropped, their losses
-        are 0.0). With `upper`, they are the ascent's: contrasted (`contrasted_losses`) and capped (`counted`: a
-        batch above `upper_cap` gives no gradient). With `teacher`, against the original model's prediction. The
-        batches go through the UNet in groups of `fused` (`fuse_batches`), one group's graph alive at a time."""
+        are 0.0). With `upper`, they are the ascent's, batch n concept n's: contrasted (`contrasted_losses`), capped
+        (`counted`: a batch above `upper_cap` gives no gradient) and weighted (`focus`). With `teacher`, against the
+        original model's prediction. The batches go through the UNet in groups of `fused` (`fuse_batches`), one
+        group's graph alive at a time."""
         cap, contrast = (self.config.upper_cap, self.config.upper_contrast) if upper else (0.0, 0.0)
+        shares = self.focus.weights() if upper else torch.ones(len(batches), dtype=torch.float64)
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         weights = {**params, **leaves}
         draws = [draw_noise(self.scheduler, batch.latents, generator) for batch in batches]  # as one call each would
@@ -268,8 +261,8 @@ class BilevelImmunizer(PreservationTerms):
                 continue
             named = {**{(None, n): p for n, p in leaves.items()},  # (index in group or None, name)
                      **{(k, n): p for k in counted for n, p in phi[k].items()}}
-            results = torch.autograd.grad(values[counted].sum() / len(batches), list(named.values()),
-                                          allow_unused=True)
+            weighted = values[counted] * shares[group][counted].to(values)
+            results = torch.autograd.grad(weighted.sum() / len(batches), list(named.values()), allow_unused=True)
             for (k, name), grad in zip(named, results, strict=True):
                 if grad is not None and k is None:
                     accumulate(grads, {name: grad})
@@ -344,7 +337,7 @@ class BilevelImmunizer(PreservationTerms):
         if self.splits_concepts:  # each process's share, summed (a name missing from a share counts as zero)
             grads = {name: grads[name] if name in grads else torch.zeros_like(base[name]) for name in self.upper_names}
             uppers, grads, logs = self.shard.sum_floats(uppers), self.shard.sum(grads), self.shard.gather_logs(logs)
-        objective, grads = -sum(uppers) / len(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
+        objective, grads = -self.weighted_mean(uppers), {name: -g for name, g in grads.items()}  # uppers: counted
         logs.update({f"upper/{name}": loss for name, loss in zip(batches, uppers, strict=True)})
         terms = []
         for name, (losses, term_grads) in self.preservation_gradients(base, batches, generator):
@@ -392,9 +385,5 @@ class BilevelImmunizer(PreservationTerms):
                 value = getattr(self, f"{name}_loss")(base, batches, generator)
                 terms.append(weight * value)
                 logs[name] = value.item()
-        return -torch.stack(list(upper.values())).mean(), terms, logs
-
-    def counted(self, loss: torch.Tensor) -> torch.Tensor:
-        """An upper loss as the objective counts it: min(L, upper_cap) when the ascent is bounded (APDM, NeurIPS
-        2025, argues the plain -L does not converge), so a concept above the cap pushes no further."""
-        return torch.clamp(loss, max=self.config.upper_cap) if self.config.upper_cap > 0 else loss
+        ascent = torch.stack(list(upper.values()))
+        return -(ascent * self.focus.weights().to(ascent)).mean(), terms, logs

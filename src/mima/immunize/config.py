@@ -34,8 +34,7 @@ class ImmunizeConfig(Config):
     inner_lr: float = field(default=1.0, metadata={"help": "alpha: SGD step size of the simulated attacker"})
     inner_steps: int = field(default=1, metadata={"help": "unrolled SGD steps of the simulated attacker"})
     inner_clip: float = field(
-        default=1.0,
-        metadata={"help": "max gradient norm of the simulated attacker's step, as attacks clip (0: off)",
+        default=1.0, metadata={"help": "max gradient norm of the simulated attacker's step, as attacks clip (0: off)",
                   "absent": 0.0},  # records from before the field: unclipped
     )
     order: Literal["second-order", "first-order"] = field(
@@ -85,6 +84,9 @@ class ImmunizeConfig(Config):
         "help": "each concept's upper loss less this times the loss of the same images under their class prompt, at "
                 "the same noise and timesteps: the ascent raises what the concept's prompt adds after the attack, "
                 "not the loss of denoising such images at all (needs class images; 0: off)"})
+    upper_focus: float = field(default=0.0, metadata={
+        "help": "send the ascent to the targets it has raised least: each concept's upper loss weighted by N softmax("
+                "-r / upper_focus), r the rise of its counted upper loss since the first step, averaged (group DRO)"})
     upper_saliency: float = field(default=0.0, metadata={
         "help": "the share of each S^u tensor the outer steps move: the entries with the largest gradient of the "
                 "targets' denoising loss on the model as the immunization finds it (SalUn), so that weights every "
@@ -224,8 +226,7 @@ class ImmunizeConfig(Config):
                           "about 1.3-1.5x the time of keeping every concept's graph at once (off)"},
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"}
-    )
+        default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,7 +248,7 @@ class ImmunizeConfig(Config):
         if self.outer_lr <= 0 or self.inner_lr <= 0 or self.ridge <= 0 or self.retain_lr_scale <= 0:
             raise ConfigError("outer_lr, inner_lr, ridge and retain_lr_scale must be positive")
         zero_means = {"steps": "by the number of targets"} | dict.fromkeys((
-            "inner_clip", "grad_clip", "upper_cap", "upper_contrast", "kept_gradients", "fused_batches",
+            "inner_clip", "grad_clip", "upper_cap", "upper_contrast", "upper_focus", "kept_gradients", "fused_batches",
             "prior_weight", "bank_prior_weight", "retain_weight", "anchor_weight", "erase_preserve_weight"), "off")
         for name, zero in zero_means.items():
             if (getattr(self, name) or 0) < 0:  # None: the setting's default

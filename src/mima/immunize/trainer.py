@@ -250,6 +250,7 @@ class _Loop(TrainingLoop):
         with self.placement.autocast():
             objective, grads, logs = self.immunizer.gradients(self._batches(generator), generator)
         self.check_finite(objective)
+        self.immunizer.end_step(logs)
         skipped = self.skipped[int(chosen["attacker"])] if "attacker" in chosen else frozenset()
         kept = {name: g * self.masks[name] if name in self.masks else g for name, g in grads.items()}
         return objective, {name: g for name, g in kept.items() if name not in skipped}, {**chosen, **logs}
