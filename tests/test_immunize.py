@@ -113,7 +113,8 @@ def test_ascent_raises_the_upper_loss_on_a_fixed_batch(tiny_components, tmp_path
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, interrupted_at):
-    settings = dict(steps=4, save_every=2, upper_lr_scales=("*attn2.to_k.*=0.25",),  # two AdamW groups to restore
+    settings = dict(steps=4, save_every=1,  # a checkpoint after the first step too: the focus's state is then new
+                    upper_lr_scales=("*attn2.to_k.*=0.25",),  # two AdamW groups to restore
                     upper_saliency=0.5,  # the masks drawn again on resume, from the model as the run found it
                     bank_prior_weight=0.5, n_bank_images=4,  # its images drawn once, its batches from the step's draws
                     bank_prior_target="original",  # the teacher: the weights before step 1, not the checkpoint's

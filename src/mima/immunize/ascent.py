@@ -45,7 +45,7 @@ class Focus:
             return
         losses = torch.tensor([logs[f"upper/{name}"] for name in self.names], dtype=torch.float64)
         self.first = losses if self.first is None else self.first
-        self.average = losses if self.average is None else DECAY * self.average + (1 - DECAY) * losses
+        self.average = losses.clone() if self.average is None else DECAY * self.average + (1 - DECAY) * losses
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of it, named `state_names` (nothing until the first step ends)."""
