@@ -718,16 +718,21 @@ def test_without_conflict_drops_the_component_against_the_other_gradient_only_wh
 
 
 @pytest.mark.parametrize("concept_by_concept", [True, False])
-def test_project_ascent_removes_the_ascents_conflict_with_the_preservation_terms(tiny_components, concept_by_concept):
+@pytest.mark.parametrize("project_ascent, project_preservation", [(True, False), (False, True), (True, True)])
+def test_projection_removes_the_conflict_between_the_ascent_and_the_preservation_terms(
+    tiny_components, concept_by_concept, project_ascent, project_preservation
+):
     """`project_ascent`: the step's gradient is the preservation terms' plus the ascent's less its component along
-    theirs (autograd of each part of `objective` apart), concept by concept and all at once; here they conflict."""
+    theirs; `project_preservation` the other way round; both: each less its component along the other's (autograd
+    of each part of `objective` apart), concept by concept and all at once; here they conflict."""
     components = copy.deepcopy(tiny_components)
     components.unet.double()
     specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
     concepts = [_random_concept(s.name, components, i, with_prior=True) for i, s in enumerate(specs)]
     config = ImmunizeConfig(inner_lr=0.5, caption_bank="toy", hvp="exact", prior_weight=0.7, retain_weight=0.5,
-                            attackers=DEFAULT_ATTACKERS, retain_prompt="attacker", project_ascent=True,
-                            bank_prior_weight=0.0, concept_by_concept=concept_by_concept)
+                            attackers=DEFAULT_ATTACKERS, retain_prompt="attacker", project_ascent=project_ascent,
+                            project_preservation=project_preservation, bank_prior_weight=0.0,
+                            concept_by_concept=concept_by_concept)
     immunizer = immunizers.get("mima")(config)
     immunizer.prepare(components, specs, concepts)
 
@@ -741,7 +746,9 @@ def test_project_ascent_removes_the_ascents_conflict_with_the_preservation_terms
     parts = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True), strict=True))
              for part in (ascent, sum(terms))]
     assert sum((parts[0][n] * parts[1][n]).sum() for n in params) < 0  # the projection has something to remove
-    expected = functional.add_grads(functional.without_conflict(*parts), parts[1])
+    kept_ascent = functional.without_conflict(*parts) if project_ascent else parts[0]
+    kept_terms = functional.without_conflict(parts[1], parts[0]) if project_preservation else parts[1]
+    expected = functional.add_grads(kept_ascent, kept_terms)
     value, grads, _ = immunizer.gradients(batches(), torch.Generator().manual_seed(SEED + 1))
     assert value == pytest.approx(sum(terms, ascent).item(), rel=1e-10)
     for name in params:
@@ -749,3 +756,6 @@ def test_project_ascent_removes_the_ascents_conflict_with_the_preservation_terms
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-8, atol=1e-9 * scale + 1e-15)
     unprojected = functional.add_grads(*parts)
     assert max((grads[n] - unprojected[n]).abs().max().item() for n in params) > 1e-6
+    if project_preservation:  # to first order, a step on it no longer lowers the upper losses
+        assert abs(sum((kept_terms[n] * parts[0][n]).sum() for n in params)) < 1e-9 * sum(
+            (parts[0][n] ** 2).sum() for n in params) ** 0.5 * sum((parts[1][n] ** 2).sum() for n in params) ** 0.5

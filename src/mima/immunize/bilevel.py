@@ -327,7 +327,7 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
         if not self.config.concept_by_concept:
             ascent, terms, logs = self.objective_parts(batches, generator)
             objective, params = sum(terms, ascent), self.trainable_parameters()
-            parts = [ascent, sum(terms)] if self.config.project_ascent and terms else [objective]
+            parts = [ascent, sum(terms)] if self.projects and terms else [objective]
             grads = [dict(zip(params, torch.autograd.grad(part, list(params.values()), retain_graph=True),
                               strict=True)) for part in parts]
             return objective.item(), self.combined(grads[0], grads[1:]), logs

@@ -97,6 +97,10 @@ class ImmunizeConfig(Config):
         "help": "where the ascent's gradient conflicts with the preservation terms' (negative inner product), drop "
                 "its component along theirs (PCGrad, Yu et al. 2020), so that no step trades the prior, anchor and "
                 "retain terms for protection to first order"})
+    project_preservation: bool = field(default=False, metadata={
+        "help": "the other way round: drop the preservation terms' component along the ascent's gradient where they "
+                "conflict, so that no step gives up protection to keep other concepts (with project_ascent: both, "
+                "each against the other's unprojected gradient, as PCGrad does between two tasks)"})
     lower_params: tuple[str, ...] = field(default=("*",), metadata={"help": "S^l: UNet parameter name globs"})
     upper_params: tuple[str, ...] = field(
         default=("*transformer_blocks*",),
@@ -215,16 +219,12 @@ class ImmunizeConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm of the upper step (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of data, noise and timesteps"})
     save_every: int = field(default=25, metadata={"help": "checkpoint period in outer steps"})
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "recompute UNet activations in the backward instead of keeping them: less memory, "
-                          "about a third more time"},
-    )
-    concept_by_concept: bool = field(
-        default=True,
-        metadata={"help": "compute the meta-gradient one concept at a time: memory flat in the number of concepts, "
-                          "about 1.3-1.5x the time of keeping every concept's graph at once (off)"},
-    )
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute UNet activations in the backward instead of keeping them: less memory, about a third more "
+                "time"})
+    concept_by_concept: bool = field(default=True, metadata={
+        "help": "compute the meta-gradient one concept at a time: memory flat in the number of concepts, about "
+                "1.3-1.5x the time of keeping every concept's graph at once (off)"})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "autocast precision, float32 weights (fp16 is refused: use bf16)"})
 

@@ -23,12 +23,20 @@ class PreservationTerms(Immunizer):
     one subclass."""
 
     def combined(self, ascent: Params, terms: list[Params]) -> Params:
-        """The step's gradient: the ascent's plus each weighted preservation term's, in that order, or with
-        `project_ascent` the ascent's less its conflict with their sum, plus that sum."""
-        if self.config.project_ascent and terms:
-            preservation = functools.reduce(add_grads, terms)
-            return add_grads(without_conflict(ascent, preservation), preservation)
-        return functools.reduce(add_grads, terms, ascent)
+        """The step's gradient: the ascent's plus each weighted preservation term's, in that order; with
+        `project_ascent` the ascent less its conflict with the terms' sum, with `project_preservation` that sum less
+        its conflict with the ascent (each against the other's gradient as computed)."""
+        if not (self.projects and terms):
+            return functools.reduce(add_grads, terms, ascent)
+        preservation = functools.reduce(add_grads, terms)
+        kept_ascent = without_conflict(ascent, preservation) if self.config.project_ascent else ascent
+        kept_terms = without_conflict(preservation, ascent) if self.config.project_preservation else preservation
+        return add_grads(kept_ascent, kept_terms)
+
+    @property
+    def projects(self) -> bool:
+        """Whether a step projects the ascent and the preservation terms apart (needs their gradients apart)."""
+        return self.config.project_ascent or self.config.project_preservation
 
     def preservation_gradients(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
