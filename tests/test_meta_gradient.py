@@ -208,6 +208,10 @@ def test_a_clipped_inner_step_has_the_clip_norm_and_exact_second_order_gradients
         ("mima", "second-order", {"attackers": DEFAULT_ATTACKERS, "upper_contrast": 1.0}),
         ("imma-joint", "first-order", {"attackers": (LORA,), "upper_contrast": 1.0}),
         ("imma", "second-order", {"inner_clip": 0.05, "upper_contrast": 0.5}),
+        ("imma-each", "second-order", {"inner_clip": 0.05, "prior_weight": 0.7, "retain_weight": 0.5}),
+        ("imma-each", "first-order", {"attackers": ({**LORA, "steps": 2, "trajectory_points": 2},)}),
+        ("imma-each", "second-order", {"attackers": DEFAULT_ATTACKERS, "retain_prompt": "attacker",
+                                        "retain_weight": 0.5, "upper_contrast": 0.5}),
     ],
 )
 def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components, method, order, overrides):
@@ -276,7 +280,7 @@ def test_the_contrasted_ascent_takes_only_what_the_concept_prompt_adds(tiny_comp
     assert any(g.abs().max() > 1e-6 for g in classed_grads.values())
 
 
-@pytest.mark.parametrize("method", ["mima", "imma-joint"])
+@pytest.mark.parametrize("method", ["mima", "imma-joint", "imma-each"])
 def test_the_focused_ascent_weights_each_concept_as_its_focus_says(tiny_components, method):
     """`upper_focus`: the objective is minus the mean of the counted upper losses, each times its concept's weight
     (logged unweighted), on both the concept-by-concept and the one-expression path; weights that favour one

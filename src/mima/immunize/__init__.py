@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mima.registry import lazy_package
 
-_METHOD_MODULES = ("mima.immunize.erase", "mima.immunize.imma", "mima.immunize.mima")
+_METHOD_MODULES = ("mima.immunize.erase", "mima.immunize.imma", "mima.immunize.imma_each", "mima.immunize.mima")
 _EXPORTS = {
     "ImmunizeConfig": "mima.immunize.config",
     "Immunizer": "mima.immunize.base",

@@ -235,12 +235,14 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
 
         With `phis` and `concepts`, batch n is conditioned as the attacker conditions concept `concepts[n]` at
         `phis[n]`. With `owned`, only the owned batches count (the others' draws are made and dropped, their losses
-        are 0.0). With `upper`, they are the ascent's, batch n concept n's: contrasted (`contrasted_losses`), capped
-        (`counted`: a batch above `upper_cap` gives no gradient) and weighted (`focus`). With `teacher`, against the
-        original model's prediction. The batches go through the UNet in groups of `fused` (`fuse_batches`), one
-        group's graph alive at a time."""
+        are 0.0). With `upper`, they are the ascent's, batch n concept `concepts[n]`'s: contrasted
+        (`contrasted_losses`), capped (`counted`: a batch above `upper_cap` gives no gradient) and weighted (`focus`).
+        With `teacher`, against the original model's prediction. The batches go through the UNet in groups of `fused`
+        (`fuse_batches`), one group's graph alive at a time."""
         cap, contrast = (self.config.upper_cap, self.config.upper_contrast) if upper else (0.0, 0.0)
-        shares = self.focus.weights() if upper else torch.ones(len(batches), dtype=torch.float64)
+        shares = torch.ones(len(batches), dtype=torch.float64)
+        if upper:
+            shares = self.focus.weights()[list(concepts) if concepts is not None else slice(None)]
         leaves = {name: params[name].detach().requires_grad_() for name in wrt}
         weights = {**params, **leaves}
         draws = [draw_noise(self.scheduler, batch.latents, generator) for batch in batches]  # as one call each would
@@ -350,10 +352,10 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
     @abstractmethod
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
-        """At each point of the attacker's trajectory (`AttackerSpec.trajectory_steps`, the end last): theta' (the
-        weights after the attack and, for MIMA, the Merge) and each protected concept's phi (what conditions its
-        upper loss); and the lower-level losses to log."""
+    ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
+        """At each point of the attacker's trajectory (`AttackerSpec.trajectory_steps`, the end last): each protected
+        concept's theta' (the weights its upper loss is taken at: after the attack and, for MIMA, the Merge) and
+        phi (what conditions its upper loss); and the lower-level losses to log."""
 
     def protected(self, batches: ConceptBatches) -> ConceptBatches:
         """The concepts whose upper loss is maximised (all of them, except for single-concept IMMA)."""
@@ -371,9 +373,9 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
         base = self.base_parameters()
         points, lower_logs = self.adapted_parameters(base, batches, generator)
         upper: dict[str, torch.Tensor] = {}
-        for adapted, phis in points:  # the mean over the trajectory's points of each concept's counted loss
-            adapted = {**base, **adapted}
-            for n, ((name, (_, up)), phi) in enumerate(zip(batches.items(), phis, strict=True)):
+        for thetas, phis in points:  # the mean over the trajectory's points of each concept's counted loss
+            for n, ((name, (_, up)), theta, phi) in enumerate(zip(batches.items(), thetas, phis, strict=True)):
+                adapted = {**base, **theta}
                 drawn = draw_noise(self.scheduler, up.latents, generator)
                 loss = self.counted(self.contrasted_losses(adapted, [{**adapted, **phi}], [up], [drawn], [n],
                                                            self.config.upper_contrast)[0])

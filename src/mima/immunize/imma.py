@@ -23,10 +23,11 @@ class IMMAJoint(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+    ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
         lowers = [lower for lower, _ in batches.values()]
         trajectory, loss = self.adapt_trajectory(base, lowers, range(len(batches)), generator)
-        points = [(self.attacker.weights({**base, **phi}), [phi] * len(batches)) for phi in trajectory]
+        count = len(batches)
+        points = [([self.attacker.weights({**base, **phi})] * count, [phi] * count) for phi in trajectory]
         return points, {"lower/joint": loss}
 
     def upper_gradient(

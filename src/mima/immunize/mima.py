@@ -64,7 +64,7 @@ class MIMA(BilevelImmunizer):
 
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
-    ) -> tuple[list[tuple[Params, list[Params]]], dict[str, float]]:
+    ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
         trajectories, logs = [], {}
         for n, (name, (lower, _)) in enumerate(batches.items()):
             trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
@@ -72,7 +72,7 @@ class MIMA(BilevelImmunizer):
         points = []  # at each trajectory point, the copies there merged
         for phis in zip(*trajectories, strict=True):
             copies = [self.attacker.weights({**base, **phi}) for phi in phis]
-            points.append((self.plan.merge(base, copies), list(phis)))
+            points.append(([self.plan.merge(base, copies)] * len(phis), list(phis)))
         return points, logs
 
     def upper_gradient(

@@ -1,0 +1,58 @@
+"""imma-each: IMMA on each concept at once. One adapted copy per concept, as MIMA makes them, and each concept's
+upper loss taken at its own copy (no Merge): the mean over concepts of IMMA's objective."""
+
+from __future__ import annotations
+
+import torch
+
+from mima.functional import Params, add_grads, divided
+from mima.immunize.base import ConceptBatches, immunizers
+from mima.immunize.bilevel import BilevelImmunizer
+
+
+@immunizers.register("imma-each")
+class IMMAEach(BilevelImmunizer):
+    """theta'_n = theta - alpha grad L(x^l_n, c_n; theta); the ascent on mean_n L(x^u_n, c_n; theta'_n).
+
+    Where MIMA's Merge keeps each copy's keys and values on its own concept's prompts and averages the rest (so each
+    copy's update outside the keys and values counts 1/N in the weights its upper loss is taken at), here each copy
+    counts whole, as each real attack on one concept does."""
+
+    def adapted_parameters(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
+        trajectories, logs = [], {}
+        for n, (name, (lower, _)) in enumerate(batches.items()):
+            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
+            trajectories.append(trajectory)
+        return [([self.attacker.weights({**base, **phi}) for phi in phis], list(phis))
+                for phis in zip(*trajectories, strict=True)], logs
+
+    def upper_gradient(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[float], Params, dict[str, float]]:
+        """Concept by concept: adapt each copy, keeping its trajectory's values (the attacker's phi: LoRA factors or
+        a token are small; a `full` copy is S^l) and what replaying it needs; then, at each point and for each
+        concept, the upper loss at its own copy, carried back through its attack (one graph alive at a time)."""
+        lowers, uppers = [lower for lower, _ in batches.values()], [upper for _, upper in batches.values()]
+        runs, trajectories, logs = [], [], {}
+        for n, (name, lower) in enumerate(zip(batches, lowers, strict=True)):
+            run = self.unroll(base, [lower], [n], generator, keep_last=False, keeps_gradients=False)
+            trajectories.append(run.trajectory)
+            runs.append(run.for_replay())
+            logs[f"lower/{name}"] = run.first_loss
+        count, points = len(lowers), len(self.attacker.spec.trajectory_steps)
+        losses, grads = [0.0] * count, {}
+        for p in range(points):
+            for n, run in enumerate(runs):
+                kept = self.attacker.kept(trajectories[n][p])
+                changed = self.attacker.weights({**base, **trajectories[n][p]})
+                wrt = list(dict.fromkeys([*changed, *self.upper_names]))
+                (loss,), point_grads, (phi_grad,) = self.mean_loss_gradient(
+                    {**base, **changed}, [uppers[n]], generator, wrt, phis=[kept], concepts=[n], upper=True)
+                direct = {name: point_grads[name] for name in self.upper_names if name not in changed}
+                pulled = self.attack_gradient(run, base, kept, [lowers[n]], [n], generator,
+                                              {name: point_grads[name] for name in changed}, phi_grad)
+                grads = add_grads(grads, divided(add_grads(pulled, direct), points * count))
+                losses[n] += loss / points
+        return losses, grads, logs
