@@ -243,6 +243,53 @@ def test_concept_by_concept_gradient_equals_the_whole_objectives(tiny_components
     assert all_at_once.gradients(batches(), torch.Generator().manual_seed(SEED + 1))[0] == objective
 
 
+def test_imma_each_with_one_concept_is_imma(tiny_components):
+    """One concept: its own copy is the only copy, so imma-each's value and gradient are IMMA's."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec("stripes")]
+    concepts = [_random_concept("stripes", components, 0, with_prior=True)]
+    config = ImmunizeConfig(caption_bank="toy", hvp="exact", prior_weight=0.5, retain_weight=0.0,
+                            bank_prior_weight=0.0, attackers=(LORA,))
+    results = []
+    for method in ("imma-each", "imma"):
+        immunizer = immunizers.get(method)(config.with_overrides(method=method))
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        results.append(immunizer.gradients(batches, torch.Generator().manual_seed(SEED + 1)))
+    (each, each_grads, _), (imma, imma_grads, _) = results
+    assert each == pytest.approx(imma, rel=1e-12)
+    for name, grad in imma_grads.items():
+        torch.testing.assert_close(each_grads[name], grad, rtol=1e-10, atol=1e-14)
+
+
+def test_imma_each_takes_each_upper_loss_at_its_own_copy_where_mima_averages_them(tiny_components):
+    """The copies are MIMA's (same draws); MIMA takes every upper loss at their Merge, which outside the keys and
+    values is their mean, and imma-each takes concept n's at copy n."""
+    components = copy.deepcopy(tiny_components)
+    components.unet.double()
+    specs = [toy_concept_spec(name) for name in ("stripes", "dots")]
+    concepts = [_random_concept(s.name, components, i) for i, s in enumerate(specs)]
+    config = ImmunizeConfig(caption_bank="toy", prior_weight=0.0, retain_weight=0.0, bank_prior_weight=0.0,
+                            attackers=({**LORA, "clip": 0.0},))
+    points = {}
+    for method in ("imma-each", "mima"):
+        immunizer = immunizers.get(method)(config.with_overrides(method=method))
+        immunizer.prepare(components, specs, concepts)
+        g = torch.Generator().manual_seed(SEED)
+        batches = {c.name: (c.batch(2, g), c.batch(2, g)) for c in concepts}
+        base = immunizer.base_parameters()
+        [points[method]], _ = immunizer.adapted_parameters(base, batches, torch.Generator().manual_seed(SEED + 1))
+    (own, _), (merged, _) = points["imma-each"], points["mima"]
+    key_values = set(key_value_parameter_names(components.unet))
+    averaged = [name for name in merged[0] if name not in key_values]
+    assert averaged and merged[0] is merged[1]  # MIMA: one theta' for every concept
+    for name in averaged:
+        assert not torch.allclose(own[0][name], own[1][name])  # each copy its own update
+        torch.testing.assert_close(merged[0][name], (own[0][name] + own[1][name]) / 2, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("method", ["mima", "imma-joint"])
 def test_the_contrasted_ascent_takes_only_what_the_concept_prompt_adds(tiny_components, method):
     """`upper_contrast` c: each upper loss is L(concept prompt) - c L(class prompt) on the same images, noise and
