@@ -90,8 +90,7 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
                                self.unet.device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        params = dict(self.unet.named_parameters())
-        return {name: params[name] for name in self.upper_names}
+        return {name: p for name, p in self.unet.named_parameters() if name in self.upper_names}  # upper_names' order
 
     def base_parameters(self) -> Params:
         """theta^{k-1} restricted to S^l and S^u: upper parameters as they are, other lower ones as fresh leaves."""
@@ -121,6 +120,16 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
         weights = {name: p for name, p in params.items() if name in self.unet_names}
         return self.fused_losses({**weights, **self.attacker.weights(params)}, [params] * len(batches), batches,
                                  draws, concepts)
+
+    def own_copies(
+        self, base: Params, batches: ConceptBatches, generator: torch.Generator
+    ) -> tuple[list[list[Params]], dict[str, float]]:
+        """Each concept's own copy (the attacker on its lower batch alone): every copy's phi at each point, logs."""
+        trajectories, logs = [], {}
+        for n, (name, (lower, _)) in enumerate(batches.items()):
+            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
+            trajectories.append(trajectory)
+        return [list(phis) for phis in zip(*trajectories, strict=True)], logs
 
     def adapt_trajectory(
         self, base: Params, batches: list[Batch], concepts: Sequence[int | None], generator: torch.Generator

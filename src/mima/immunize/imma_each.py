@@ -21,12 +21,8 @@ class IMMAEach(BilevelImmunizer):
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
-        trajectories, logs = [], {}
-        for n, (name, (lower, _)) in enumerate(batches.items()):
-            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
-            trajectories.append(trajectory)
-        return [([self.attacker.weights({**base, **phi}) for phi in phis], list(phis))
-                for phis in zip(*trajectories, strict=True)], logs
+        points, logs = self.own_copies(base, batches, generator)
+        return [([self.attacker.weights({**base, **phi}) for phi in phis], phis) for phis in points], logs
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator

@@ -65,15 +65,9 @@ class MIMA(BilevelImmunizer):
     def adapted_parameters(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
     ) -> tuple[list[tuple[list[Params], list[Params]]], dict[str, float]]:
-        trajectories, logs = [], {}
-        for n, (name, (lower, _)) in enumerate(batches.items()):
-            trajectory, logs[f"lower/{name}"] = self.adapt_trajectory(base, [lower], [n], generator)
-            trajectories.append(trajectory)
-        points = []  # at each trajectory point, the copies there merged
-        for phis in zip(*trajectories, strict=True):
-            copies = [self.attacker.weights({**base, **phi}) for phi in phis]
-            points.append(([self.plan.merge(base, copies)] * len(phis), list(phis)))
-        return points, logs
+        points, logs = self.own_copies(base, batches, generator)
+        merged = [self.plan.merge(base, [self.attacker.weights({**base, **phi}) for phi in phis]) for phis in points]
+        return [([theta] * len(phis), phis) for theta, phis in zip(merged, points, strict=True)], logs
 
     def upper_gradient(
         self, base: Params, batches: ConceptBatches, generator: torch.Generator
