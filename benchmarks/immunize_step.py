@@ -16,7 +16,7 @@ over peak memory at the smallest N, and how many batches at one set of weights w
 (`fused`, `--fused-batches`). Prints a table and writes JSON:
 
     python benchmarks/immunize_step.py [--model toy|sd15-shaped|sd15-half-width|FOLDER] [--concepts 1 3 8 16]
-        [--steps 2] [--methods mima-2nd mima-1st imma-joint] [--batch-size 4] [--device cpu]
+        [--steps 2] [--methods mima-2nd mima-1st imma-joint imma-each] [--batch-size 4] [--device cpu]
         [--mixed-precision no|bf16] [--threads 1]
         [--gradient-checkpointing] [--with-prior] [--kept-gradients F] [--fused-batches F]
         [--retain-order attacker|first-order]
@@ -112,7 +112,7 @@ def _with_bank_prior(immunizer, components, caption: str, g, device) -> None:
 
 
 def _immunizer(args: argparse.Namespace, components, specs, concepts, g, device):
-    """The immunizer of `--methods` entry `args.child` (mima-2nd, mima-1st, imma-joint), prepared."""
+    """The immunizer of `--methods` entry `args.child` (mima-2nd, mima-1st, imma-joint, imma-each), prepared."""
     from mima.immunize import ImmunizeConfig, immunizers
 
     config = ImmunizeConfig(
@@ -319,7 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="forward passes under autocast in bf16, as `mima immunize --mixed-precision bf16`")
-    parser.add_argument("--methods", nargs="+", default=["mima-2nd"], choices=["mima-2nd", "mima-1st", "imma-joint"])
+    parser.add_argument("--methods", nargs="+", default=["mima-2nd"],
+                        choices=["mima-2nd", "mima-1st", "imma-joint", "imma-each"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--with-prior", action="store_true", help="class images: prior and retain terms on")
     parser.add_argument("--hvp", choices=["exact", "finite-difference"], help="second order's Hessian-vector "
