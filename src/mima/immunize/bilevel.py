@@ -1,7 +1,8 @@
-"""Shared machinery of the bi-level immunizers (MIMA, IMMA, imma-joint): S^l / S^u, inner step, objective."""
+"""Shared machinery of the bi-level immunizers (MIMA, IMMA, imma-joint, imma-each): S^l, S^u, inner step, objective."""
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -151,10 +152,6 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
         self.distribution.carry(concepts, phi, base)
         return trajectory, losses[0]
 
-    def adapted_weights(self, base: Params, phi: Params) -> Params:
-        """The UNet's S^l-and-S^u weights after an attack that ended at `phi`."""
-        return {**base, **self.attacker.weights({**base, **phi})}
-
     def batch_losses(self, batches: list[Batch], concepts: Sequence[int | None]) -> BatchLosses:
         """The attacker's losses of `batches` as a function of the parameters (`{**base, **phi}`) and the generator,
         `fused` batches to a UNet call (one where the exact product differentiates them twice: `fused` is sized by a
@@ -283,9 +280,8 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
 
     def fuse_batches(self, concepts: list[EncodedConcept]) -> int:
         """How many batches at one set of weights go through the UNet together (`mean_loss_gradient`): as many as
-        their graph, measured on one batch, fits in `fused_batches` times the UNet parameters' memory, and at least
-        one. The parameters', not the peak memory: so that a model and its data fuse alike in every process, and a
-        resumed run computes as the uninterrupted one did."""
+        their graph, measured on one batch, fits in `fused_batches` times the UNet parameters' memory (not the peak:
+        so every process and a resumed run fuse alike), and at least one."""
         if self.config.fused_batches == 0 or not concepts:
             return 1
         batch = concepts[0].batch(self.config.batch_size, torch.Generator().manual_seed(0))
@@ -300,27 +296,31 @@ class BilevelImmunizer(AscentTerms, PreservationTerms):
         generator: torch.Generator, upper: bool = False, teacher: bool = False,
     ) -> tuple[list[float], Params, float]:
         """The losses of `uppers` after one simulated attack on all of `lowers` (of `concepts`, the same for both;
-        imma-joint, the retain term), the gradient of their mean on S^u, and the first lower-level loss; each
-        averaged over the attack's trajectory points, the ascent's with `upper`, against the original model's
-        prediction with `teacher` (`mean_loss_gradient`)."""
+        imma-joint, the retain term), the gradient of their mean on S^u (`point_gradient`), and the first
+        lower-level loss; each averaged over the attack's trajectory points."""
         run = self.unroll(base, lowers, concepts, generator)
         points, losses, grads = len(run.trajectory), [0.0] * len(uppers), {}
         for phi in run.trajectory:
-            kept = self.attacker.kept(phi)
-            changed = self.attacker.weights({**base, **phi})
-            wrt = list(dict.fromkeys([*changed, *self.upper_names]))
-            point_losses, point_grads, phi_grads = self.mean_loss_gradient(
-                {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts,
-                upper=upper, teacher=teacher)
-            direct = {n: point_grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
-            phi_grad = {}
-            for more in phi_grads:
-                phi_grad = add_grads(phi_grad, more)
-            pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator,
-                                          {n: point_grads[n] for n in changed}, phi_grad)
-            grads = add_grads(grads, divided(add_grads(pulled, direct), points))
+            point_losses, point_grads = self.point_gradient(run, base, phi, lowers, uppers, concepts, generator,
+                                                            upper, teacher)
+            grads = add_grads(grads, divided(point_grads, points))
             losses = [total + loss / points for total, loss in zip(losses, point_losses, strict=True)]
         return losses, grads, run.first_loss
+
+    def point_gradient(
+        self, run: Unrolled, base: Params, phi: Params, lowers: list[Batch], uppers: list[Batch],
+        concepts: Sequence[int | None], generator: torch.Generator, upper: bool = False, teacher: bool = False,
+    ) -> tuple[list[float], Params]:
+        """At `phi` of `run` (an attack on `lowers`): the losses of `uppers`, their mean's gradient on S^u with it."""
+        kept, changed = self.attacker.kept(phi), self.attacker.weights({**base, **phi})
+        wrt = list(dict.fromkeys([*changed, *self.upper_names]))
+        losses, grads, phi_grads = self.mean_loss_gradient(
+            {**base, **changed}, uppers, generator, wrt, phis=[kept] * len(uppers), concepts=concepts, upper=upper,
+            teacher=teacher)
+        direct = {n: grads[n] for n in self.upper_names if n not in changed}  # S^u the attack leaves
+        pulled = self.attack_gradient(run, base, kept, lowers, concepts, generator, {n: grads[n] for n in changed},
+                                      functools.reduce(add_grads, phi_grads, {}))
+        return losses, add_grads(pulled, direct)
 
     @abstractmethod
     def upper_gradient(

@@ -41,14 +41,8 @@ class IMMAEach(BilevelImmunizer):
         losses, grads = [0.0] * count, {}
         for p in range(points):
             for n, run in enumerate(runs):
-                kept = self.attacker.kept(trajectories[n][p])
-                changed = self.attacker.weights({**base, **trajectories[n][p]})
-                wrt = list(dict.fromkeys([*changed, *self.upper_names]))
-                (loss,), point_grads, (phi_grad,) = self.mean_loss_gradient(
-                    {**base, **changed}, [uppers[n]], generator, wrt, phis=[kept], concepts=[n], upper=True)
-                direct = {name: point_grads[name] for name in self.upper_names if name not in changed}
-                pulled = self.attack_gradient(run, base, kept, [lowers[n]], [n], generator,
-                                              {name: point_grads[name] for name in changed}, phi_grad)
-                grads = add_grads(grads, divided(add_grads(pulled, direct), points * count))
+                (loss,), point_grads = self.point_gradient(run, base, trajectories[n][p], [lowers[n]], [uppers[n]],
+                                                           [n], generator, upper=True)
+                grads = add_grads(grads, divided(point_grads, points * count))
                 losses[n] += loss / points
         return losses, grads, logs

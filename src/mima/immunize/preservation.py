@@ -170,7 +170,8 @@ class PreservationTerms(Immunizer):
             trajectory, _ = self.adapt_trajectory(base, list(lowers), list(concepts), generator)
 
             def retained(phi: Params, upper: Batch, concept: int | None) -> torch.Tensor:
-                weights, params = self.adapted_weights(base, phi), {**base, **phi}
+                params = {**base, **phi}
+                weights = {**base, **self.attacker.weights(params)}
                 if self.config.retain_target == "noise":
                     return self.loss(weights, Batch(upper.latents, self.attacker.hidden(params, upper, concept)),
                                      generator)
