@@ -809,5 +809,8 @@ def test_projection_removes_the_conflict_between_the_ascent_and_the_preservation
     assert max((grads[n] - unprojected[n]).abs().max().item() for n in params) > 1e-6
     if project_preservation:  # the step's part for the terms no longer lowers the upper losses, to first order
         terms_part = {n: grads[n] - kept_ascent[n] for n in params}
-        norm = lambda g: sum((g[n] ** 2).sum() for n in params) ** 0.5  # noqa: E731
+
+        def norm(g: dict) -> torch.Tensor:
+            return sum((g[n] ** 2).sum() for n in params) ** 0.5
+
         assert abs(sum((terms_part[n] * parts[0][n]).sum() for n in params)) < 1e-6 * norm(parts[0]) * norm(parts[1])
